@@ -1,0 +1,198 @@
+"""Capture the residual stream after every block, at the tokens a token mode selects.
+
+Forward hooks on the blocks read each block's output (before the final norm); a pre-hook on
+the first block reads its input (the embeddings). The hook on the last block stops the
+forward, so the final norm and the LM head never run and logits are never computed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CritlayerError
+from .models import LanguageModel
+from .probes import Probes
+
+TOKEN_MODES = ("last", "all", "mean")
+SINK_RATIO = 20.0  # a token whose norm exceeds this multiple of the layer's median is an attention sink
+
+
+@dataclass
+class Batch:
+    """The captured rows of one probe batch.
+
+    ``states[0]`` is the input of block 0 (the embeddings) and ``states[i + 1]`` the output of
+    block ``i``, as float32 of shape ``(L + 1, rows, hidden)``. ``keys`` are deterministic
+    per-row numbers in [0, 1) used to subsample rows independently of batching.
+    """
+
+    states: torch.Tensor
+    keys: torch.Tensor
+
+
+@dataclass
+class CaptureStats:
+    samples: int = 0
+    rows: int = 0
+    sinks_dropped: int = 0
+    too_short: int = 0
+    tokens: int = 0
+    per_layer_sinks: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "rows": self.rows, "tokens": self.tokens,
+                "sinks_dropped": self.sinks_dropped, "too_short": self.too_short}
+
+
+class _StopForward(Exception):
+    """Raised by the last block's hook: nothing after it is needed."""
+
+
+@contextmanager
+def block_outputs(lm: LanguageModel):
+    """Hook the blocks; yields a list that each forward fills with ``L + 1`` hidden states."""
+    outputs: list[torch.Tensor] = []
+    last = len(lm.blocks) - 1
+
+    def before_first(module, args, kwargs):
+        outputs.clear()
+        outputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def after(index):
+        def hook(module, args, output):
+            outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+            if index == last:
+                raise _StopForward
+        return hook
+
+    handles = [lm.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [block.register_forward_hook(after(i)) for i, block in enumerate(lm.blocks)]
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+        lm.model.train(was_training)
+
+
+def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One forward through the blocks only (inside ``block_outputs``); returns the L + 1 states."""
+    try:
+        lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    if len(outputs) != lm.num_layers + 1:
+        raise CritlayerError(f"captured {len(outputs)} hidden states, expected {lm.num_layers + 1}")
+    return list(outputs)
+
+
+def row_keys(seed: int, samples: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    """A splitmix64 hash of (seed, sample, position) mapped to [0, 1)."""
+    with np.errstate(over="ignore"):
+        x = (samples.astype(np.uint64) << np.uint64(24)) ^ positions.astype(np.uint64)
+        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+
+
+class Capture:
+    """Iterate over probe batches, yielding the captured rows of each (see ``Batch``).
+
+    Token modes: ``last`` takes the last non-pad token of each sample; ``all`` every non-pad
+    token except attention sinks (position 0 and massive-activation tokens); ``mean`` the mean
+    over the same tokens as ``all``. Batches are sorted by length to spend little on padding.
+    """
+
+    def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = 32,
+                 seed: int = 0, sink_ratio: float = SINK_RATIO, progress: bool = True):
+        if token_mode not in TOKEN_MODES:
+            raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
+        if batch_size < 1:
+            raise CritlayerError(f"batch size must be at least 1, got {batch_size}")
+        self.lm, self.token_mode, self.batch_size = lm, token_mode, batch_size
+        self.seed, self.sink_ratio, self.progress = seed, sink_ratio, progress
+        self.stats = CaptureStats()
+        usable = [i for i, ids in enumerate(probes.token_ids) if len(ids) >= 2]
+        self.stats.too_short = len(probes) - len(usable)
+        if len(usable) < 2:
+            raise CritlayerError(f"sequences too short for token mode {token_mode!r}: {len(usable)} of "
+                                 f"{len(probes)} probes have the 2 tokens it needs; raise --max-tokens")
+        self.order = sorted(usable, key=lambda i: (-len(probes.token_ids[i]), i))
+        self.token_ids = probes.token_ids
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        lm = self.lm
+        total = sum(len(self.token_ids[i]) for i in self.order)
+        bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
+        with block_outputs(lm) as outputs, torch.inference_mode(), bar:
+            for start in range(0, len(self.order), self.batch_size):
+                samples = self.order[start:start + self.batch_size]
+                ids, mask = self._pad(samples)
+                states = run_blocks(lm, ids, mask, outputs)
+                outputs.clear()
+                batch = self._select(states, mask, np.array(samples))
+                self.stats.samples += len(samples)
+                self.stats.tokens += int(mask.sum())
+                self.stats.rows += batch.states.shape[1]
+                bar.update(int(mask.sum()))
+                yield batch
+
+    def _pad(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(self.token_ids[i]) for i in samples)
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width, dtype=torch.long)
+        for row, i in enumerate(samples):
+            seq = self.token_ids[i]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        return ids.to(self.lm.device), mask.to(self.lm.device)
+
+    def _select(self, states: list[torch.Tensor], mask: torch.Tensor, samples: np.ndarray) -> Batch:
+        """Gather the token mode's rows from every layer as float32."""
+        batch, width = mask.shape
+        lengths = mask.sum(1)
+        if self.token_mode == "last":
+            flat = torch.arange(batch, device=mask.device) * width + lengths - 1
+        else:
+            keep = mask.bool().clone()
+            keep[:, 0] = False  # position 0 is an attention sink in every model we measured
+            flat = keep.flatten().nonzero().squeeze(1)
+        rows = torch.stack([h.reshape(batch * width, -1).index_select(0, flat).float() for h in states])
+        row_sample, row_pos = (flat // width).cpu().numpy(), (flat % width).cpu().numpy()
+        if self.token_mode != "last":
+            keep_rows = ~self._sinks(rows)
+            rows, row_sample, row_pos = rows[:, keep_rows], row_sample[keep_rows.cpu().numpy()], row_pos[keep_rows.cpu().numpy()]
+        if self.token_mode == "mean":
+            rows, row_sample, row_pos = self._mean_per_sample(rows, row_sample, batch)
+        return Batch(rows, row_keys(self.seed, samples[row_sample], row_pos))
+
+    def _sinks(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows whose norm exceeds ``sink_ratio`` times the layer's median at any layer."""
+        norms = rows.norm(dim=-1)
+        median = norms.median(dim=1, keepdim=True).values
+        sinks = (norms > self.sink_ratio * median).any(0)
+        self.stats.sinks_dropped += int(sinks.sum())
+        return sinks
+
+    @staticmethod
+    def _mean_per_sample(rows, row_sample, batch):
+        index = torch.from_numpy(row_sample).to(rows.device)
+        sums = torch.zeros(rows.shape[0], batch, rows.shape[2], device=rows.device).index_add_(1, index, rows)
+        counts = torch.bincount(index, minlength=batch)
+        present = counts > 0
+        means = sums[:, present] / counts[present, None].to(rows.dtype)
+        kept = present.nonzero().squeeze(1).cpu().numpy()
+        return means, kept, np.zeros_like(kept)

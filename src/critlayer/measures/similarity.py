@@ -1,0 +1,39 @@
+"""Block influence and angular distance: how far each block turns its input (ShortGPT; Gromov et al.)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..capture import Batch
+
+
+class BlockSimilarity:
+    """Streaming mean cosine between every block's input and output over the captured rows.
+
+    ``block_influence`` is 1 - mean cosine; ``angular_distance`` is the mean of arccos(cosine)/pi.
+    Both are high for blocks that change the residual stream most.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.cos_sum = self.angle_sum = None
+        self.count = 0
+
+    def update(self, batch: Batch) -> None:
+        cos = torch.nn.functional.cosine_similarity(batch.states[:-1], batch.states[1:], dim=-1).double()
+        angle = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+        cos_sum, angle_sum = cos.sum(1).cpu(), angle.sum(1).cpu()
+        self.cos_sum = cos_sum if self.cos_sum is None else self.cos_sum + cos_sum
+        self.angle_sum = angle_sum if self.angle_sum is None else self.angle_sum + angle_sum
+        self.count += cos.shape[1]
+
+    def compute(self) -> dict[str, np.ndarray]:
+        if not self.count:
+            raise ValueError("no rows captured")
+        return {"block_influence": (1.0 - self.cos_sum / self.count).numpy(),
+                "angular_distance": (self.angle_sum / self.count).numpy()}

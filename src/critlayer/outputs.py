@@ -1,0 +1,44 @@
+"""Output folders: refuse to clobber earlier results, and never leave one half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import CritlayerError
+
+
+def check_output_folder(folder: Path, marker: str, force: bool) -> None:
+    """Refuse to overwrite a folder holding earlier results unless ``force``."""
+    if folder.exists() and not folder.is_dir():
+        raise CritlayerError(f"output path {folder} exists and is not a folder")
+    if (folder / marker).exists() and not force:
+        raise CritlayerError(f"{folder} already holds a {marker}; pass --force to overwrite it")
+
+
+class staged_folder:
+    """Write into a hidden sibling folder, then move it into place: never a half-written output."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __enter__(self) -> Path:
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}-"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.folder.exists():  # an earlier run's folder (with --force): replace our files only
+            for item in self.tmp.iterdir():
+                target = self.folder / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            self.tmp.rmdir()
+        else:
+            os.replace(self.tmp, self.folder)

@@ -1,0 +1,64 @@
+"""One self-contained HTML page per scan: settings, plots, table, and the chosen layers with why."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from ..measures import DIRECTION
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+tr.crit{background:#fde2e2}th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}
+img{max-width:100%}.kv td{text-align:left}"""
+
+HOW_TO_READ = (
+    "Each block's <b>delta</b> is the mean linear CKA between its output and the outputs of the blocks within "
+    "the window around it: a low delta means the representation shifts sharply there. The heatmap shows CKA "
+    "for every pair of blocks; bright squares along the diagonal are runs of blocks that barely change the "
+    "representation, and dark bands crossing them mark the shifts. Block influence and angular distance measure "
+    "how far a block turns its own input (high = important); the spectral scores ask whether a block's top "
+    "principal components match its neighbours' (low = a shift). Edge blocks have clipped windows and are "
+    "greyed out unless the scan was run with edges eligible."
+)
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+
+
+def write_html(result, folder: Path, images: list[Path]) -> Path:
+    esc = html.escape
+    settings = {**{f"model.{k}": v for k, v in result.model.items()},
+                **{f"probes.{k}": v for k, v in result.probes.items()},
+                **{f"capture.{k}": v for k, v in result.capture.items()},
+                **{f"timing.{k} (s)": v for k, v in result.timing.items()}}
+    rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v) if isinstance(v, (list, dict)) else str(v))}</td></tr>"
+                   for k, v in settings.items())
+    names = list(result.scores)
+    head = "".join(f"<th>{esc(n)}<br><small>{'low' if DIRECTION.get(n, -1) < 0 else 'high'} = critical</small></th>"
+                   for n in names)
+    body = "".join(
+        f"<tr class='{'crit' if i in result.critical else ''}'><td>{i}</td>"
+        + "".join(f"<td>{result.scores[n][i]:.4f}</td>" for n in names)
+        + f"<td>{'critical' if i in result.critical else ''}</td></tr>"
+        for i in result.layers)
+    sel = result.selection
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer scan: {esc(result.model['name'])}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Critical layers of {esc(result.model['name'])}</h1>
+<p><b>Critical blocks: {esc(str(result.critical))}</b>, chosen by rule <code>{esc(sel.get('rule', ''))}</code>
+on <code>{esc(sel.get('score', ''))}</code>: {esc(sel.get('reason', ''))}.</p>
+<p>{HOW_TO_READ}</p>
+{''.join(_image(p) for p in images)}
+<h2>Per-layer scores</h2><table><tr><th>block</th>{head}<th></th></tr>{body}</table>
+<h2>Settings</h2><table class="kv">{rows}</table>
+<p><small>critlayer {esc(result.versions.get('critlayer', ''))}; selection parameters
+<code>{esc(json.dumps(sel.get('params', {})))}</code></small></p>
+</body></html>"""
+    path = folder / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

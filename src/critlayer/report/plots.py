@@ -1,0 +1,58 @@
+"""Figures of a scan: the CKA heatmap and the per-layer profile of every score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..measures import DIRECTION  # noqa: E402
+
+CRITICAL_COLOR = "#d62728"
+
+
+def plot_cka(result, path: Path) -> None:
+    """Heatmap of the L x L CKA matrix; critical blocks are outlined on the diagonal."""
+    cka = result.cka
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    image = ax.imshow(cka, cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    for i in result.critical:
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CRITICAL_COLOR, lw=1.6))
+    ax.set_xlabel("block (output of)")
+    ax.set_ylabel("block (output of)")
+    ax.set_title(f"{result.model['name']}: CKA between block outputs\n"
+                 f"{result.probes['source']} probes, {result.probes['token_mode']} token, n={result.probes['n']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_profile(result, path: Path) -> None:
+    """One panel per score against block index; critical blocks shaded, ineligible edges greyed."""
+    names = list(result.scores)
+    fig, axes = plt.subplots(len(names), 1, figsize=(7.5, 1.7 * len(names) + 0.8), sharex=True, squeeze=False)
+    layers = np.array(result.layers)
+    eligible = set(result.selection.get("params", {}).get("eligible", result.layers))
+    for ax, name in zip(axes[:, 0], names):
+        for i in result.layers:
+            if i in result.critical:
+                ax.axvspan(i - 0.5, i + 0.5, color=CRITICAL_COLOR, alpha=0.18, lw=0)
+            elif i not in eligible:
+                ax.axvspan(i - 0.5, i + 0.5, color="0.85", alpha=0.6, lw=0)
+        ax.plot(layers, result.scores[name], marker="o", ms=3, lw=1.3, color="C0")
+        arrow = "low = critical" if DIRECTION.get(name, -1) < 0 else "high = critical"
+        ax.set_ylabel(f"{name}\n({arrow})", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("block")
+    axes[-1, 0].set_xticks(layers[:: max(1, len(layers) // 15)])
+    rule = result.selection.get("rule", "")
+    fig.suptitle(f"{result.model['name']}: per-layer scores; critical blocks {result.critical} (red, rule {rule}); "
+                 "grey: edge blocks not eligible", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
