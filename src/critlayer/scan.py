@@ -81,6 +81,8 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
             scores.update(similarity.compute())
         if "spectral" in measures:
             scores.update(spectral_scores(outputs))
+    if not all(np.isfinite(v).all() for v in scores.values()):
+        raise CritlayerError("the probes give identical hidden states (no variance across rows); use more varied probes")
     select_by = select_by or ("delta" if "delta" in scores else next(iter(scores)))
     if select_by not in scores:
         raise CritlayerError(f"cannot select by {select_by!r}; the scan computed {', '.join(scores)}")

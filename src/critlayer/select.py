@@ -1,10 +1,13 @@
 """Choose the critical layers from a per-layer score.
 
-Automatic rule (``band``): split the score profile of the eligible blocks into
-piecewise-constant segments by optimal change-point detection (least squares with a BIC
-penalty, solved exactly by dynamic programming); the critical layers are the segment whose
-mean is most critical (lowest delta). With ``k`` the rule is ``top-k``: the k most critical
-eligible blocks, contiguous or not.
+Automatic rule (``band``): the critical layers are the band(s) around the most prominent
+valleys of the score profile (for delta: the sharpest dips below the surrounding blocks).
+A valley is a strict local minimum of the eligible profile; its prominence is how far it
+lies below the lower of the two highest points that separate it from any deeper block;
+its band is the contiguous run of blocks below half that prominence. Every valley with at
+least half the largest prominence is kept. With no valley (a monotone profile) the single
+most critical eligible block is taken. With ``k`` the rule is ``top-k``: the k most
+critical eligible blocks, contiguous or not.
 
 Edge blocks (the first and last ``window``) have clipped windows and sit next to the
 embeddings or the head, so delta is low there for other reasons; like the paper, the rule
@@ -18,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import CritlayerError
+
+MIN_RELATIVE_PROMINENCE = 0.5
 
 
 @dataclass
@@ -62,42 +67,47 @@ def select_critical(score: np.ndarray, *, direction: int = -1, score_name: str =
         return Selection(chosen, "top-k", score_name, {**params, "k": k},
                          f"the {k} blocks with the most critical {score_name}"
                          + ("" if k <= len(eligible) else " (more than the eligible blocks: edges added)"))
-    values = criticality[eligible]
-    segments = segment_profile(values)
-    best = max(segments, key=lambda seg: (values[seg[0]:seg[1]].mean(), -seg[0]))
-    chosen = eligible[best[0]:best[1]]
-    reason = (f"change-point segmentation of {score_name} over blocks {eligible[0]}-{eligible[-1]} found "
-              f"{len(segments)} segment(s); blocks {chosen[0]}-{chosen[-1]} form the most critical one")
-    return Selection(chosen, "band", score_name, {**params, "segments": [[eligible[a], eligible[b - 1]] for a, b in segments]},
-                     reason)
+    valleys = find_valleys(-criticality[eligible])  # valleys of the "low = critical" profile
+    if not valleys:
+        best = rank_blocks(criticality, eligible)[0]
+        return Selection([best], "band", score_name, {**params, "valleys": []},
+                         f"the {score_name} profile has no valley; took the most critical eligible block")
+    top = max(v["prominence"] for v in valleys)
+    kept = [v for v in valleys if v["prominence"] >= MIN_RELATIVE_PROMINENCE * top]
+    chosen = sorted({eligible[i] for v in kept for i in range(v["start"], v["end"])})
+    bands = ", ".join(f"{eligible[v['start']]}-{eligible[v['end'] - 1]} (prominence {v['prominence']:.3f})" for v in kept)
+    found = [{"block": eligible[v["index"]], "prominence": round(v["prominence"], 6),
+              "band": [eligible[v["start"]], eligible[v["end"] - 1]]} for v in valleys]
+    return Selection(chosen, "band", score_name,
+                     {**params, "min_relative_prominence": MIN_RELATIVE_PROMINENCE, "valleys": found},
+                     f"band(s) around the most prominent {score_name} valleys among blocks "
+                     f"{eligible[0]}-{eligible[-1]}: {bands}")
 
 
-def segment_profile(values: np.ndarray, penalty: float | None = None) -> list[tuple[int, int]]:
-    """Optimal piecewise-constant segmentation of ``values`` as half-open (start, end) pairs.
+def find_valleys(values: np.ndarray) -> list[dict]:
+    """Strict local minima with their prominence and half-prominence band (half-open indices)."""
+    values = np.asarray(values, dtype=float)
+    n, found = len(values), []
+    for i in range(1, n - 1):
+        if not (values[i] < values[i - 1] and values[i] <= values[i + 1]):
+            continue
+        left = _highest_until_deeper(values, i, -1)
+        right = _highest_until_deeper(values, i, 1)
+        prominence = min(left, right) - values[i]
+        level = values[i] + prominence / 2
+        start, end = i, i + 1
+        while start > 0 and values[start - 1] < level:
+            start -= 1
+        while end < n and values[end] < level:
+            end += 1
+        found.append({"index": i, "prominence": float(prominence), "start": start, "end": end})
+    return found
 
-    Minimises the within-segment squared error plus ``penalty`` per segment. The default
-    penalty is BIC-like, 2 sigma^2 log n, with the noise sigma estimated robustly from the
-    median absolute difference of neighbouring values.
-    """
-    n = len(values)
-    if n < 3:
-        return [(0, n)]
-    if penalty is None:
-        sigma = np.median(np.abs(np.diff(values))) / (0.6745 * np.sqrt(2)) + 1e-12
-        penalty = 2.0 * sigma ** 2 * np.log(n)
-    csum, csq = np.concatenate([[0], np.cumsum(values)]), np.concatenate([[0], np.cumsum(values ** 2)])
 
-    def cost(a: int, b: int) -> float:
-        return csq[b] - csq[a] - (csum[b] - csum[a]) ** 2 / (b - a)
-
-    best = np.full(n + 1, np.inf)
-    best[0], back = -penalty, np.zeros(n + 1, dtype=int)
-    for end in range(1, n + 1):
-        options = [best[s] + cost(s, end) + penalty for s in range(end)]
-        back[end] = int(np.argmin(options))
-        best[end] = options[back[end]]
-    bounds, end = [], n
-    while end > 0:
-        bounds.append((back[end], end))
-        end = back[end]
-    return bounds[::-1]
+def _highest_until_deeper(values: np.ndarray, i: int, step: int) -> float:
+    """The highest value met walking from ``i`` until a lower value or the end of the profile."""
+    highest, j = values[i], i + step
+    while 0 <= j < len(values) and values[j] >= values[i]:
+        highest = max(highest, values[j])
+        j += step
+    return highest

@@ -1,0 +1,33 @@
+"""Every supported architecture, built tiny from its config, scans end to end and reloads."""
+
+import numpy as np
+import pytest
+
+from critlayer import LanguageModel, ScanResult, scan
+from critlayer.probes import Probes, random_probes
+
+from conftest import TINY, tiny_model
+
+EXPECTED_BLOCKS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "bert": "encoder.layer"}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_scan_end_to_end(arch, tmp_path):
+    lm = LanguageModel.wrap(tiny_model(arch), name=f"tiny-{arch}")
+    assert lm.blocks_path == EXPECTED_BLOCKS.get(arch, "model.layers")
+    probes = Probes("random", random_probes(lm, 12, 16, 0))
+    result = scan(lm, probes, token_mode="all", progress=False, batch_size=5)
+    L = lm.num_layers
+    assert result.cka.shape == (L, L)
+    np.testing.assert_allclose(np.diag(result.cka), 1.0, atol=1e-5)
+    assert set(result.scores) == {"delta", "block_influence", "angular_distance",
+                                  "spectral_k1", "spectral_k3", "spectral_k10"}
+    assert all(len(v) == L and np.isfinite(v).all() for v in result.scores.values())
+    assert result.critical and all(0 <= i < L for i in result.critical)
+    result.save(tmp_path / "out")
+    for name in ("scan.json", "layers.csv", "cka.png", "profile.png", "report.html"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    again = ScanResult.load(tmp_path / "out")
+    assert again.critical == result.critical
+    np.testing.assert_allclose(again.cka, result.cka, atol=1e-7)
+    np.testing.assert_allclose(again.scores["delta"], result.scores["delta"], atol=1e-7)

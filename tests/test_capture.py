@@ -1,0 +1,86 @@
+"""Capture: padding is masked, sinks are dropped, logits are never computed, hooks are cleaned up."""
+
+import numpy as np
+import pytest
+import torch
+
+from critlayer.capture import Capture
+from critlayer.errors import CritlayerError
+from critlayer.probes import Probes
+
+
+def _states(lm, token_ids, mode, **kw):
+    capture = Capture(lm, Probes("test", token_ids), token_mode=mode, progress=False, sink_ratio=0, **kw)
+    batches = list(capture)
+    return torch.cat([b.states for b in batches], 1), torch.cat([b.keys for b in batches]), capture
+
+
+def test_padding_does_not_change_a_sample(tiny_lm):
+    short, long = [1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15]
+    for mode in ("last", "mean"):
+        alone, _, _ = _states(tiny_lm, [short, short], mode, batch_size=1)
+        padded, keys, _ = _states(tiny_lm, [short, long], mode, batch_size=2)
+        # the batch is sorted longest first: the short sample is the second row
+        torch.testing.assert_close(padded[:, 1], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_all_mode_takes_every_real_token_but_position_zero(tiny_lm):
+    states, _, capture = _states(tiny_lm, [[1, 5, 6, 7], [1, 8, 9]], "all", batch_size=2)
+    assert states.shape[1] == 3 + 2
+    assert capture.stats.tokens == 7
+
+
+def test_massive_activation_tokens_are_dropped(tiny_lm):
+    def inflate(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, 3] *= 1000.0  # token 3 of every sample becomes a massive activation
+
+    handle = tiny_lm.blocks[2].register_forward_hook(inflate)
+    try:
+        probes = Probes("test", [[1, 5, 6, 7, 8, 9, 10]] * 4)
+        capture = Capture(tiny_lm, probes, token_mode="all", progress=False, batch_size=4)
+        rows = sum(b.states.shape[1] for b in capture)
+    finally:
+        handle.remove()
+    assert capture.stats.sinks_dropped == 4
+    assert rows == 4 * (7 - 1 - 1)
+
+
+def test_forward_stops_before_the_head_and_restores_the_model(tiny_lm):
+    tiny_lm.model.train()
+    head = tiny_lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda *a: pytest.fail("the LM head ran"))
+    norm = tiny_lm.model.model.norm
+    handle2 = norm.register_forward_hook(lambda *a: pytest.fail("the final norm ran"))
+    try:
+        states, _, _ = _states(tiny_lm, [[1, 5, 6], [1, 7, 8]], "last")
+    finally:
+        handle.remove()
+        handle2.remove()
+    assert states.shape == (tiny_lm.num_layers + 1, 2, tiny_lm.hidden_size)
+    assert tiny_lm.model.training
+    tiny_lm.model.eval()
+    hooks = [b._forward_hooks for b in tiny_lm.blocks] + [tiny_lm.blocks[0]._forward_pre_hooks]
+    assert all(len(h) == 0 for h in hooks)
+
+
+def test_states_are_the_residual_stream_before_the_final_norm(tiny_lm):
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
+    states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 5, 6, 7]], "last", batch_size=2)
+    # hidden_states[l] is the input of block l; the last one has the final norm applied in Llama
+    for layer in range(tiny_lm.num_layers):
+        torch.testing.assert_close(states[layer, 0], out.hidden_states[layer][0, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(states[-1, 0], out.hidden_states[-1][0, -1], atol=1e-3)
+
+
+def test_too_short_sequences_are_an_error(tiny_lm):
+    with pytest.raises(CritlayerError, match="too short"):
+        Capture(tiny_lm, Probes("test", [[1], [1], [1, 2]]), token_mode="all", progress=False)
+
+
+def test_keys_do_not_depend_on_batching(tiny_lm):
+    token_ids = [[1] + list(range(4, 4 + n)) for n in (3, 7, 5, 2)]
+    _, keys1, _ = _states(tiny_lm, token_ids, "all", batch_size=1)
+    _, keys4, _ = _states(tiny_lm, token_ids, "all", batch_size=4)
+    np.testing.assert_array_equal(np.sort(keys1.numpy()), np.sort(keys4.numpy()))

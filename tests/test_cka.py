@@ -1,0 +1,76 @@
+"""Linear CKA: the properties that define it, and exactness of the streaming scan."""
+
+import numpy as np
+import pytest
+import torch
+
+from critlayer import scan
+from critlayer.measures import cka_matrix, delta_scores, linear_cka
+from critlayer.probes import Probes, random_probes
+
+
+def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al.'s formula written out in numpy, float64."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+@pytest.fixture
+def xy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 20, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(20, 30, generator=g, dtype=torch.float64) + 0.5 * torch.randn(50, 30, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def test_identical_inputs_give_one(xy):
+    x, _ = xy
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert cka_matrix(torch.stack([x, x]))[0, 1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_symmetric(xy):
+    x, y = xy
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
+    states = torch.randn(5, 40, 16)
+    m = cka_matrix(states)
+    np.testing.assert_allclose(m, m.T, atol=1e-12)
+
+
+def test_invariant_to_orthogonal_transforms_and_isotropic_scaling(xy):
+    x, y = xy
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x, y @ q) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(3.7 * x, y) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(x, 0.01 * y) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(x, y) < 0.999  # the test data are not trivially identical
+
+
+def test_matrix_equals_direct_reference_on_random_data():
+    g = torch.Generator().manual_seed(2)
+    states = torch.randn(6, 64, 24, generator=g).cumsum(0)  # correlated layers, like a residual stream
+    m = cka_matrix(states)
+    for i in range(6):
+        for j in range(6):
+            ref = _reference_cka(states[i].double().numpy(), states[j].double().numpy())
+            assert m[i, j] == pytest.approx(ref, abs=1e-6)
+
+
+def test_delta_is_window_mean_clipped_at_the_ends():
+    m = np.arange(25, dtype=float).reshape(5, 5)
+    d = delta_scores(m, window=2)
+    assert d[0] == pytest.approx(m[0, 0:3].mean())
+    assert d[2] == pytest.approx(m[2, 0:5].mean())
+    assert d[4] == pytest.approx(m[4, 2:5].mean())
+    assert delta_scores(m, window=1)[1] == pytest.approx(m[1, 0:3].mean())
+
+
+@pytest.mark.parametrize("token_mode", ["last", "all", "mean"])
+def test_scan_is_identical_whatever_the_batch_size(tiny_lm, token_mode):
+    probes = Probes("random", [ids[: 5 + i % 9] for i, ids in enumerate(random_probes(tiny_lm, 23, 16, 0))])
+    results = [scan(tiny_lm, probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 4, 23)]
+    for other in results[1:]:
+        np.testing.assert_allclose(other.cka, results[0].cka, atol=1e-6)
+        for name, values in results[0].scores.items():
+            np.testing.assert_allclose(other.scores[name], values, atol=1e-6)

@@ -1,0 +1,85 @@
+"""The command line: a full scan of a saved tiny model, compare, and one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from critlayer.cli import main
+
+OUTPUTS = ("scan.json", "layers.csv", "cka.png", "profile.png", "report.html")
+
+
+def _scan(folder, out, *extra):
+    return main(["scan", str(folder), "--n", "12", "--max-tokens", "12", "--out", str(out), "--quiet", *extra])
+
+
+def test_scan_writes_every_output_and_compare_reads_them(tiny_folder, tmp_path, capsys, prompt_file):
+    assert _scan(tiny_folder, tmp_path / "a") == 0
+    assert _scan(tiny_folder, tmp_path / "b", "--probes", str(prompt_file), "--token-mode", "all", "--k", "2") == 0
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    data = json.loads((tmp_path / "b" / "scan.json").read_text())
+    for key in ("model", "probes", "layers", "cka", "scores", "critical", "selection", "timing", "versions"):
+        assert key in data
+    assert data["model"]["num_layers"] == 6 and len(data["cka"]) == 6
+    assert len(data["critical"]) == 2 and data["selection"]["rule"] == "top-k"
+    assert data["probes"]["token_mode"] == "all" and data["probes"]["source"] == str(prompt_file)
+    assert "critical layers of" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b" / "scan.json"), "--out", str(tmp_path / "c")]) == 0
+    comparison = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert comparison["spearman"][0][0] == pytest.approx(1.0)
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 0
+
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("critlayer: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--probes", "missing.txt"], "not found"),
+    (["--probes", "bad.csv"], "unsupported"),
+    (["--n", "1"], "at least 2"),
+    (["--k", "7"], "larger than the 6 layers"),
+    (["--max-tokens", "1"], "at least 2 tokens"),
+    (["--measures", "cka,nope"], "unknown measure"),
+])
+def test_bad_scan_options(tiny_folder, tmp_path, capsys, extra, message):
+    (tmp_path / "bad.csv").write_text("x")
+    err = _error(capsys, ["scan", str(tiny_folder), "--n", "4", "--out", str(tmp_path / "out"), "--quiet",
+                          *[str(tmp_path / e) if e.endswith((".txt", ".csv")) else e for e in extra]])
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_probe_file_and_probes_without_variance(tiny_folder, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert "empty" in _error(capsys, ["scan", str(tiny_folder), "--probes", str(empty), "--out", str(tmp_path / "o")])
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(["w1 w2"] * 5))
+    assert "identical" in _error(capsys, ["scan", str(tiny_folder), "--probes", str(same), "--out", str(tmp_path / "o"),
+                                          "--quiet"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_and_corrupt_gguf(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CRITLAYER_HOME", str(tmp_path / "home"))
+    assert "unknown model" in _error(capsys, ["scan", "no-such-model", "--out", str(tmp_path / "o")])
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 13)
+    assert "cannot read GGUF" in _error(capsys, ["scan", str(bad), "--out", str(tmp_path / "o")])
+    assert "no such GGUF" in _error(capsys, ["scan", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    assert not any((tmp_path / "home" / "models").glob("gguf-*/config.json"))
+
+
+def test_existing_scan_needs_force(tiny_folder, tmp_path, capsys):
+    assert _scan(tiny_folder, tmp_path / "o") == 0
+    before = (tmp_path / "o" / "scan.json").read_text()
+    assert "--force" in _error(capsys, ["scan", str(tiny_folder), "--out", str(tmp_path / "o")])
+    assert (tmp_path / "o" / "scan.json").read_text() == before
+    assert _scan(tiny_folder, tmp_path / "o", "--force", "--seed", "1") == 0
+    assert (tmp_path / "o" / "scan.json").read_text() != before

