@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     scan.add_argument("--batch-size", type=_positive, default=32)
     scan.add_argument("--max-rows", type=int, default=2048, help="rows kept for CKA and spectra (default 2048)")
+    scan.add_argument("--sink-ratio", type=float, default=5.0,
+                      help="drop tokens whose norm exceeds this multiple of the layer median (0: keep all)")
     scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
     scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
@@ -75,7 +77,8 @@ def cmd_scan(args) -> None:
     result = scan(lm, args.probes, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
                   chat_template=args.chat_template, token_mode=args.token_mode, window=args.window,
                   measures=args.measures, k=args.k, edges=args.edges, select_by=args.select_by,
-                  batch_size=args.batch_size, max_rows=args.max_rows, progress=not args.quiet)
+                  batch_size=args.batch_size, max_rows=args.max_rows, sink_ratio=args.sink_ratio,
+                  progress=not args.quiet)
     result.timing = {"load": round(load_seconds, 3), **result.timing,
                      "total": round(time.perf_counter() - start, 3)}
     result.save(args.out, force=args.force)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import Capture
+from .capture import SINK_RATIO, Capture
 from .errors import CritlayerError
 from .measures import DIRECTION, MEASURES, BlockSimilarity, RowSample, cka_matrix, delta_scores, spectral_scores
 from .models import DEFAULT_MODEL, LanguageModel, load
@@ -42,6 +42,7 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
          max_tokens: int = 64, seed: int = 0, chat_template: bool = False, token_mode: str = "last",
          window: int = 2, measures: str | tuple[str, ...] = DEFAULT_MEASURES, k: int | None = None,
          edges: bool = False, select_by: str | None = None, batch_size: int = 32, max_rows: int = 2048,
+         sink_ratio: float = SINK_RATIO,
          dtype: str = "auto", device: str | None = None, progress: bool = True) -> ScanResult:
     """Find the critical layers of a model without task data.
 
@@ -63,7 +64,8 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
         with _timed(timing, "probes"):
             probes = make_probes(lm, probes, n=n, max_tokens=max_tokens, seed=seed,
                                  chat_template=chat_template, progress=progress)
-    capture = Capture(lm, probes, token_mode=token_mode, batch_size=batch_size, seed=seed, progress=progress)
+    capture = Capture(lm, probes, token_mode=token_mode, batch_size=batch_size, seed=seed, sink_ratio=sink_ratio,
+                      progress=progress)
     sample = RowSample(max_rows) if {"cka", "spectral"} & set(measures) else None
     similarity = BlockSimilarity() if "influence" in measures else None
     with _timed(timing, "capture"):
@@ -91,7 +93,7 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
     return ScanResult(
         model=lm.describe(),
         probes={**probes.describe(), "max_tokens": max_tokens, "token_mode": token_mode, "seed": seed,
-                "chat_template": chat_template, "batch_size": batch_size},
+                "chat_template": chat_template, "batch_size": batch_size, "sink_ratio": sink_ratio},
         layers=list(range(lm.num_layers)), cka=cka, scores=scores, critical=selection.critical,
         selection={**selection.as_dict(), "measures": list(measures)},
         timing=timing, versions=_versions(),
