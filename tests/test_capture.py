@@ -19,8 +19,7 @@ def test_padding_does_not_change_a_sample(tiny_lm):
     short, long = [1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15]
     for mode in ("last", "mean"):
         alone, _, _ = _states(tiny_lm, [short, short], mode, batch_size=1)
-        padded, keys, _ = _states(tiny_lm, [short, long], mode, batch_size=2)
-        # the batch is sorted longest first: the short sample is the second row
+        padded, keys, _ = _states(tiny_lm, [long, short], mode, batch_size=2)
         torch.testing.assert_close(padded[:, 1], alone[:, 0], atol=1e-5, rtol=1e-5)
 
 

@@ -74,3 +74,20 @@ def test_scan_is_identical_whatever_the_batch_size(tiny_lm, token_mode):
         np.testing.assert_allclose(other.cka, results[0].cka, atol=1e-6)
         for name, values in results[0].scores.items():
             np.testing.assert_allclose(other.scores[name], values, atol=1e-6)
+
+
+@pytest.mark.parametrize("token_mode", ["last", "all"])
+def test_massive_activation_filter_does_not_depend_on_batch_size(tiny_lm, token_mode):
+    token_ids = random_probes(tiny_lm, 40, 12, 0)
+    massive = 7  # this token's embedding is made 100x too large; every 5th probe ends in it
+    for ids in token_ids[::5]:
+        ids[-1] = massive
+    embeddings = tiny_lm.model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[massive] *= 100.0
+    probes = Probes("random", token_ids)
+    results = [scan(tiny_lm, probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 7, 40)]
+    dropped = {r.capture["sinks_dropped"] for r in results}
+    assert len(dropped) == 1 and dropped.pop() >= 8
+    for other in results[1:]:
+        np.testing.assert_allclose(other.cka, results[0].cka, atol=1e-6)

@@ -83,3 +83,14 @@ def test_existing_scan_needs_force(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "o" / "scan.json").read_text() == before
     assert _scan(tiny_folder, tmp_path / "o", "--force", "--seed", "1") == 0
     assert (tmp_path / "o" / "scan.json").read_text() != before
+
+
+def test_usage_errors_and_unreadable_scans_are_one_line(tmp_path, capsys):
+    assert "--seed" in _error(capsys, ["scan", "--seed", "-1"])
+    assert "--window" in _error(capsys, ["scan", "--window", "0"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "scan.json").write_text("[1, 2]")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "scan.json").write_bytes(b"\xff\xfe\x00")
+    assert "not a critlayer scan" in _error(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "no scan found" in _error(capsys, ["compare", str(tmp_path / "missing"), str(tmp_path / "b")])

@@ -41,3 +41,7 @@ def test_k_out_of_range_is_an_error():
 def test_valley_prominence():
     valleys = find_valleys(np.array([1.0, 0.0, 0.5, 0.2, 1.0]))
     assert [(v["index"], v["prominence"]) for v in valleys] == [(1, 1.0), (3, 0.3)]
+
+
+def test_a_flat_stretch_at_the_end_is_no_valley():
+    assert find_valleys(np.array([1.0, 0.0, 0.0])) == []

@@ -1,4 +1,4 @@
-"""critlayer: find the critical layers of any Hugging Face language model, and put them to work."""
+"""critlayer: find the critical layers of any Hugging Face language model, without task data."""
 
 __version__ = "0.1.0"
 

@@ -23,6 +23,9 @@ TOKEN_MODES = ("last", "all", "mean")
 # smollm2-135m about 2% of tokens sit above 5x (and 3 of 64 last tokens, which alone made the CKA
 # of blocks 0-11 look "critical"), with a gap below; normal tokens stay under 3x.
 SINK_RATIO = 5.0
+# The medians that ratio refers to come from the rows of the first probes in (length-sorted) order,
+# so the filter does not depend on batch size.
+REFERENCE_SAMPLES = 32
 
 
 @dataclass
@@ -113,7 +116,8 @@ class Capture:
     Token modes: ``last`` takes the last non-pad token of each sample; ``all`` every non-pad
     token but position 0 (an attention sink); ``mean`` the mean over the same tokens as ``all``.
     In every mode, massive-activation tokens (norm above ``sink_ratio`` times the layer's median
-    at any layer; 0 disables) are dropped and counted. Batches are sorted by length to spend
+    row norm over the first ``REFERENCE_SAMPLES`` probes, at any layer; 0 disables) are dropped
+    and counted. Batches are sorted by length to spend
     little on padding.
     """
 
@@ -129,32 +133,37 @@ class Capture:
         usable = [i for i, ids in enumerate(probes.token_ids) if len(ids) >= 2]
         self.stats.too_short = len(probes) - len(usable)
         if len(usable) < 2:
-            raise CritlayerError(f"sequences too short for token mode {token_mode!r}: {len(usable)} of "
-                                 f"{len(probes)} probes have the 2 tokens it needs; raise --max-tokens")
+            raise CritlayerError(f"sequences too short: {len(usable)} of {len(probes)} probes have 2 tokens "
+                                 "(position 0 is an attention sink and never measured); need 2 such probes")
         self.order = sorted(usable, key=lambda i: (-len(probes.token_ids[i]), i))
         self.token_ids = probes.token_ids
 
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
-
     def __iter__(self):
-        lm = self.lm
+        lm, pending = self.lm, []
+        self.reference = None
         total = sum(len(self.token_ids[i]) for i in self.order)
+        enough = min(len(self.order), REFERENCE_SAMPLES)
         bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
         with block_outputs(lm) as outputs, torch.inference_mode(), bar:
             for start in range(0, len(self.order), self.batch_size):
-                samples = self.order[start:start + self.batch_size]
+                samples = np.array(self.order[start:start + self.batch_size])
                 ids, mask = self._pad(samples)
-                states = run_blocks(lm, ids, mask, outputs)
+                pending.append(self._gather(run_blocks(lm, ids, mask, outputs), mask, samples))
                 outputs.clear()
-                batch = self._select(states, mask, np.array(samples))
                 self.stats.samples += len(samples)
                 self.stats.tokens += int(mask.sum())
-                self.stats.rows += batch.states.shape[1]
                 bar.update(int(mask.sum()))
-                yield batch
+                if self.sink_ratio > 0 and self.reference is None:
+                    if start + len(samples) < enough:
+                        continue  # hold batches until the reference probes have been seen
+                    self.reference = self._reference_norms(pending, set(self.order[:enough]))
+                for raw in pending:
+                    batch = self._finish(*raw)
+                    self.stats.rows += batch.states.shape[1]
+                    yield batch
+                pending = []
 
-    def _pad(self, samples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(self.token_ids[i]) for i in samples)
         ids = torch.zeros(len(samples), width, dtype=torch.long)
         mask = torch.zeros(len(samples), width, dtype=torch.long)
@@ -164,40 +173,38 @@ class Capture:
             mask[row, :len(seq)] = 1
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
-    def _select(self, states: list[torch.Tensor], mask: torch.Tensor, samples: np.ndarray) -> Batch:
-        """Gather the token mode's rows from every layer as float32."""
+    def _gather(self, states: list[torch.Tensor], mask: torch.Tensor, samples: np.ndarray):
+        """The token mode's rows from every layer as float32, with their (sample, position)."""
         batch, width = mask.shape
-        lengths = mask.sum(1)
         if self.token_mode == "last":
-            flat = torch.arange(batch, device=mask.device) * width + lengths - 1
+            flat = torch.arange(batch, device=mask.device) * width + mask.sum(1) - 1
         else:
             keep = mask.bool().clone()
             keep[:, 0] = False  # position 0 is an attention sink in every model we measured
             flat = keep.flatten().nonzero().squeeze(1)
         rows = torch.stack([h.reshape(batch * width, -1).index_select(0, flat).float() for h in states])
-        row_sample, row_pos = (flat // width).cpu().numpy(), (flat % width).cpu().numpy()
-        if self.sink_ratio > 0:
-            keep_rows = ~self._sinks(rows)
-            kept = keep_rows.cpu().numpy()
-            rows, row_sample, row_pos = rows[:, keep_rows], row_sample[kept], row_pos[kept]
-        if self.token_mode == "mean":
-            rows, row_sample, row_pos = self._mean_per_sample(rows, row_sample, batch)
-        return Batch(rows, row_keys(self.seed, samples[row_sample], row_pos))
+        return rows, samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
 
-    def _sinks(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows whose norm exceeds ``sink_ratio`` times the layer's median at any layer."""
-        norms = rows.norm(dim=-1)
-        median = norms.median(dim=1, keepdim=True).values
-        sinks = (norms > self.sink_ratio * median).any(0)
-        self.stats.sinks_dropped += int(sinks.sum())
-        return sinks
+    def _reference_norms(self, pending: list, reference: set[int]) -> torch.Tensor:
+        """Per-layer median row norm over the reference probes (the first, longest ones in order)."""
+        norms = [rows.norm(dim=-1)[:, np.isin(row_sample, list(reference))] for rows, row_sample, _ in pending]
+        return torch.cat(norms, dim=1).median(dim=1, keepdim=True).values
+
+    def _finish(self, rows: torch.Tensor, row_sample: np.ndarray, row_pos: np.ndarray) -> Batch:
+        """Drop massive-activation rows, average per sample in ``mean`` mode, and key the rows."""
+        if self.sink_ratio > 0:
+            sinks = (rows.norm(dim=-1) > self.sink_ratio * self.reference).any(0)
+            self.stats.sinks_dropped += int(sinks.sum())
+            kept = (~sinks).cpu().numpy()
+            rows, row_sample, row_pos = rows[:, ~sinks], row_sample[kept], row_pos[kept]
+        if self.token_mode == "mean":
+            rows, row_sample, row_pos = self._mean_per_sample(rows, row_sample)
+        return Batch(rows, row_keys(self.seed, row_sample, row_pos))
 
     @staticmethod
-    def _mean_per_sample(rows, row_sample, batch):
-        index = torch.from_numpy(row_sample).to(rows.device)
-        sums = torch.zeros(rows.shape[0], batch, rows.shape[2], device=rows.device).index_add_(1, index, rows)
-        counts = torch.bincount(index, minlength=batch)
-        present = counts > 0
-        means = sums[:, present] / counts[present, None].to(rows.dtype)
-        kept = present.nonzero().squeeze(1).cpu().numpy()
-        return means, kept, np.zeros_like(kept)
+    def _mean_per_sample(rows: torch.Tensor, row_sample: np.ndarray):
+        samples, index = np.unique(row_sample, return_inverse=True)
+        index = torch.from_numpy(index).to(rows.device)
+        sums = torch.zeros(rows.shape[0], len(samples), rows.shape[2], device=rows.device).index_add_(1, index, rows)
+        counts = torch.bincount(index, minlength=len(samples)).to(rows.dtype)
+        return sums / counts[None, :, None], samples, np.zeros_like(samples)

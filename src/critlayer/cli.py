@@ -14,18 +14,28 @@ from .probes import SOURCES
 EXIT_USAGE = 2
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end in one line too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"critlayer: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .capture import TOKEN_MODES
     from .measures import MEASURES
 
-    parser = argparse.ArgumentParser(prog="critlayer", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="critlayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     scan = sub.add_parser("scan", help="find a model's critical layers without task data")
@@ -34,19 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--probes", default="generated", help=f"{', '.join(SOURCES)}, or a .txt/.jsonl file (default generated)")
     scan.add_argument("--n", type=int, default=256, help="number of probe samples (default 256)")
     scan.add_argument("--max-tokens", type=int, default=64, help="tokens per probe at most (default 64)")
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=_at_least(0), default=0)
     scan.add_argument("--chat-template", action="store_true", help="wrap text probes in the model's chat template")
     scan.add_argument("--token-mode", choices=TOKEN_MODES, default="last",
                       help="last non-pad token (default), all tokens but attention sinks, or their mean")
-    scan.add_argument("--window", type=_positive, default=2, help="delta averages CKA over |j - l| <= window (default 2)")
+    scan.add_argument("--window", type=_at_least(1), default=2, help="delta averages CKA over |j - l| <= window (default 2)")
     scan.add_argument("--measures", default="all", help=f"comma list of {', '.join(MEASURES)}, or all (default)")
     scan.add_argument("--k", type=int, default=None, help="choose exactly K critical layers (default: automatic band)")
     scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
     scan.add_argument("--select-by", default=None, help="score the selection uses (default delta)")
     scan.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    scan.add_argument("--batch-size", type=_positive, default=32)
-    scan.add_argument("--max-rows", type=int, default=2048, help="rows kept for CKA and spectra (default 2048)")
+    scan.add_argument("--batch-size", type=_at_least(1), default=32)
+    scan.add_argument("--max-rows", type=_at_least(2), default=2048, help="rows kept for CKA and spectra (default 2048)")
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="drop tokens whose norm exceeds this multiple of the layer median (0: keep all)")
     scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
@@ -85,7 +95,7 @@ def cmd_scan(args) -> None:
     print(result.table())
     print(f"\ncritical layers of {result.model['name']}: {result.critical}  "
           f"(rule {result.selection['rule']}: {result.selection['reason']})")
-    print(f"wrote {args.out}/: scan.json layers.csv cka.png profile.png report.html "
+    print(f"wrote {args.out}/: {' '.join(sorted(p.name for p in args.out.iterdir()))} "
           f"in {result.timing['total']:.1f} s")
 
 
@@ -112,11 +122,17 @@ def cmd_models(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed in one line
+        return int(exc.code or 0)
     _quiet_transformers()
     try:
         {"scan": cmd_scan, "compare": cmd_compare, "models": cmd_models}[args.command](args)
     except CritlayerError as exc:
+        print(f"critlayer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # an output folder we cannot write, a full disk, ...
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -126,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_transformers() -> None:
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

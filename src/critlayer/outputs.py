@@ -27,6 +27,9 @@ class staged_folder:
     def __enter__(self) -> Path:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -29,7 +29,6 @@ class Probes:
 
     source: str
     token_ids: list[list[int]]
-    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -58,7 +57,7 @@ def make_probes(lm: LanguageModel, source: str = "generated", *, n: int = 256, m
         texts = read_prompt_file(source)[:n]
     if len(texts) < 2:
         raise CritlayerError(f"probe source {source!r} has {len(texts)} prompt(s); need at least 2")
-    return Probes(source, tokenize(lm, texts, max_tokens, chat_template), texts)
+    return Probes(source, tokenize(lm, texts, max_tokens, chat_template))
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -92,17 +91,20 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def tokenize(lm: LanguageModel, texts: list[str], max_tokens: int, chat_template: bool = False) -> list[list[int]]:
-    """Token ids of each text with the model's special tokens (Gemma needs its BOS), truncated."""
+    """Token ids of each text with the model's special tokens (Gemma needs its BOS).
+
+    ``max_tokens`` bounds the text; a chat template adds its own tokens around it.
+    """
     tok = _tokenizer(lm)
-    if chat_template:
-        if not getattr(tok, "chat_template", None):
-            raise CritlayerError(f"{lm.name} has no chat template")
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                         add_generation_prompt=True) for t in texts]
-        encoded = tok(texts, add_special_tokens=False)["input_ids"]
-    else:
-        encoded = tok(texts, add_special_tokens=True)["input_ids"]
-    return [list(ids[:max_tokens]) for ids in encoded]
+    if not chat_template:
+        return [list(ids[:max_tokens]) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    if not getattr(tok, "chat_template", None):
+        raise CritlayerError(f"{lm.name} has no chat template")
+    # cut the prompt, not the template: the last token stays the template's own ending
+    cut = [tok.decode(ids[:max_tokens]) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    wrapped = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+               for t in cut]
+    return [list(ids) for ids in tok(wrapped, add_special_tokens=False)["input_ids"]]
 
 
 def random_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int) -> list[list[int]]:
@@ -129,7 +131,8 @@ def generate_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int, progr
         raise CritlayerError(f"{lm.name} has neither a BOS nor an EOS token to generate from")
     eos = _eos_ids(lm)
     sequences: list[list[int]] = []
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         for begin in tqdm(range(0, n, batch_size), desc="generating probes", unit="batch", disable=not progress):
             size = min(batch_size, n - begin)

@@ -79,8 +79,11 @@ class ScanResult:
         if not file.is_file():
             raise CritlayerError(f"no scan found at {path}")
         try:
-            return cls.from_json(json.loads(file.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
             raise CritlayerError(f"{file} is not a critlayer scan: {exc}") from None
 
     def table(self) -> str:

@@ -54,13 +54,16 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
     measures = parse_measures(measures)
     if window < 1:
         raise CritlayerError(f"--window must be at least 1, got {window}")
+    if max_rows < 2:
+        raise CritlayerError(f"--max-rows must be at least 2, got {max_rows}")
     if isinstance(lm, str):
         with _timed(timing, "load"):
             lm = load(lm, dtype=dtype, device=device)
     if k is not None and not 1 <= k <= lm.num_layers:
         raise CritlayerError(f"--k {k} is larger than the {lm.num_layers} layers of {lm.name}" if k > 0
                              else f"--k must be at least 1, got {k}")
-    if isinstance(probes, str):
+    built_here = isinstance(probes, str)
+    if built_here:
         with _timed(timing, "probes"):
             probes = make_probes(lm, probes, n=n, max_tokens=max_tokens, seed=seed,
                                  chat_template=chat_template, progress=progress)
@@ -73,6 +76,9 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
             for accumulator in (sample, similarity):
                 if accumulator is not None:
                     accumulator.update(batch)
+    if capture.stats.rows < 2:
+        raise CritlayerError(f"only {capture.stats.rows} row(s) left after dropping massive activations; "
+                             "raise --sink-ratio or use more probes")
     with _timed(timing, "measures"):
         scores, cka = {}, None
         outputs = sample.compute()[1:] if sample is not None else None  # block outputs only
@@ -92,8 +98,9 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
                                 k=k, window=window, edges=edges)
     return ScanResult(
         model=lm.describe(),
-        probes={**probes.describe(), "max_tokens": max_tokens, "token_mode": token_mode, "seed": seed,
-                "chat_template": chat_template, "batch_size": batch_size, "sink_ratio": sink_ratio},
+        probes={**probes.describe(), "max_tokens": max_tokens if built_here else None, "token_mode": token_mode,
+                "seed": seed, "chat_template": chat_template if built_here else None, "batch_size": batch_size,
+                "sink_ratio": sink_ratio},
         layers=list(range(lm.num_layers)), cka=cka, scores=scores, critical=selection.critical,
         selection={**selection.as_dict(), "measures": list(measures)},
         timing=timing, versions=_versions(),

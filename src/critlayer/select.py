@@ -94,6 +94,8 @@ def find_valleys(values: np.ndarray) -> list[dict]:
         left = _highest_until_deeper(values, i, -1)
         right = _highest_until_deeper(values, i, 1)
         prominence = min(left, right) - values[i]
+        if prominence <= 0:  # a flat stretch running to the end of the profile is no valley
+            continue
         level = values[i] + prominence / 2
         start, end = i, i + 1
         while start > 0 and values[start - 1] < level:

@@ -1,4 +1,4 @@
-"""Small statistics helpers shared across commands."""
+"""Rank statistics: Spearman correlation and set overlap."""
 
 from __future__ import annotations
 

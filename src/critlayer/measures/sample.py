@@ -11,7 +11,7 @@ class RowSample:
     """Keep the ``max_rows`` rows with the smallest keys (a bottom-k sketch).
 
     Keys depend only on (seed, sample, position), so the rows kept, and their order, do not
-    depend on batch size or batch order; memory never exceeds ``max_rows`` rows per layer.
+    depend on batch size or batch order; it holds at most ``max_rows`` rows plus one batch.
     With no more rows than ``max_rows`` (the default ``last`` mode) every row is kept.
     """
 

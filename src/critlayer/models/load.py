@@ -28,7 +28,6 @@ class LanguageModel:
     tokenizer: object
     blocks: nn.ModuleList
     blocks_path: str
-    folder: Path | None = None
 
     @classmethod
     def wrap(cls, model: nn.Module, tokenizer: object = None, name: str | None = None) -> "LanguageModel":
@@ -126,11 +125,11 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = _model_class(config).from_pretrained(source, config=config, dtype=torch_dtype, **kwargs)
+        model = model.to(device).eval()
     except CritlayerError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unusable sources
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise CritlayerError(f"cannot load model {spec!r}: {first}") from None
     path, blocks = find_blocks(model)
-    folder = Path(source) if isinstance(source, Path) else None
-    return LanguageModel(name, model.to(device).eval(), tokenizer, blocks, path, folder)
+    return LanguageModel(name, model, tokenizer, blocks, path)
