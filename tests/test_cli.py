@@ -94,3 +94,23 @@ def test_usage_errors_and_unreadable_scans_are_one_line(tmp_path, capsys):
     (tmp_path / "b" / "scan.json").write_bytes(b"\xff\xfe\x00")
     assert "not a critlayer scan" in _error(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert "no scan found" in _error(capsys, ["compare", str(tmp_path / "missing"), str(tmp_path / "b")])
+
+
+def test_tune_and_validate_commands(tiny_folder, tmp_path, capsys, prompt_file):
+    _scan(tiny_folder, tmp_path / "scan")
+    common = ["--data", str(prompt_file), "--steps", "2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10",
+              "--scan", str(tmp_path / "scan" / "scan.json"), "--quiet"]
+    assert main(["tune", str(tiny_folder), "--layers", "critical:2", "--out", str(tmp_path / "t"), *common]) == 0
+    tuned = json.loads((tmp_path / "t" / "tune.json").read_text())
+    scan = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert len(tuned["run"]["layers"]) == 2 and (tmp_path / "t" / "model" / "model.safetensors").exists()
+    assert set(tuned["run"]["layers"]) <= set(scan["selection"]["params"]["eligible"])
+    assert main(["tune", str(tiny_folder), "--compare", "critical:1,random:1", "--lora",
+                 "--out", str(tmp_path / "c"), *common]) == 0
+    assert "held-out loss before tuning" in (tmp_path / "c" / "compare.txt").read_text()
+    assert main(["validate", str(tiny_folder), "--tuned", str(tmp_path / "t" / "model"), "--out", str(tmp_path / "v"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "v" / "validate.json").read_text())["train"]["tuned"] == "given checkpoint"
+    assert "unknown block 9" in _error(capsys, ["tune", str(tiny_folder), "--layers", "1,9",
+                                                "--out", str(tmp_path / "e"), *common])
+    assert not (tmp_path / "e").exists()

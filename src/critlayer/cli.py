@@ -1,4 +1,4 @@
-"""The ``critlayer`` command: ``scan``, ``compare`` and ``models``; bad input ends in one line."""
+"""The ``critlayer`` command: ``scan``, ``compare``, ``tune``, ``validate`` and ``models``; bad input ends in one line."""
 
 from __future__ import annotations
 
@@ -70,8 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", type=Path, default=Path("critlayer-compare"))
     comp.add_argument("--force", action="store_true")
 
+    tune = sub.add_parser("tune", help="fine-tune chosen blocks only (full or LoRA), or compare layer choices")
+    _training_arguments(tune)
+    tune.add_argument("--layers", default="critical:4",
+                      help="critical:K, noncritical:K, random:K, all, or indices like 3,7-9 (default critical:4)")
+    tune.add_argument("--compare", default=None, help="comma list of specs to run side by side, e.g. critical:4,noncritical:4")
+    tune.add_argument("--seeds", type=_at_least(1), default=1, help="repeat a --compare over N seeds (default 1)")
+    tune.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) on the chosen blocks")
+    tune.add_argument("--out", type=Path, default=Path("critlayer-tune"))
+
+    val = sub.add_parser("validate", help="do the scan's critical layers predict what fine-tuning changes?")
+    _training_arguments(val)
+    val.add_argument("--tuned", default=None, help="a fine-tuned checkpoint of MODEL (default: fine-tune all blocks)")
+    val.add_argument("--window", type=_at_least(1), default=3, help="blocks restored together (default 3)")
+    val.add_argument("--out", type=Path, default=Path("critlayer-validate"))
+
     sub.add_parser("models", help="list the built-in models and what is cached")
     return parser
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
+    p.add_argument("--data", default="bbc", help="wiki, bbc, sharegpt, or a .txt/.jsonl file (default bbc)")
+    p.add_argument("--scan", type=Path, default=None, help="a scan.json to take critical layers from (default: scan now)")
+    p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--max-tokens", type=_at_least(2), default=128, help="tokens per text at most (default 128)")
+    p.add_argument("--n-eval", type=int, default=32, help="held-out texts (default 32)")
+    p.add_argument("--n-train", type=_at_least(1), default=None, help="training texts at most (default: all the rest)")
+    p.add_argument("--eval-every", type=_at_least(1), default=20, help="steps between held-out evaluations")
+    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="float32 (default) or bfloat16; auto as for scan")
+    p.add_argument("--device", default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--quiet", action="store_true")
 
 
 def cmd_scan(args) -> None:
@@ -108,6 +141,65 @@ def cmd_compare(args) -> None:
     print(f"\nwrote {args.out}/: compare.json compare.png")
 
 
+def _training_setup(args):
+    """Load the model and data, and the scan that ranks its blocks (read, or run now if needed)."""
+    from .data import load_data
+    from .models import load
+    from .result import ScanResult
+    from .train import TrainConfig
+
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    data = load_data(lm, args.data, n_eval=args.n_eval, n_train=args.n_train, max_tokens=args.max_tokens)
+    config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
+                         seed=args.seed, lora=getattr(args, "lora", False))
+    return lm, data, config, (ScanResult.load(args.scan) if args.scan else None)
+
+
+def cmd_tune(args) -> None:
+    from .outputs import check_output_folder
+    from .scan import scan
+    from .tune import COMPARE_FILE, TUNE_FILE, needs_ranking, tune, tune_compare
+
+    specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare else [args.layers]
+    check_output_folder(args.out, COMPARE_FILE if args.compare else TUNE_FILE, args.force)
+    lm, data, config, scan_result = _training_setup(args)
+    if scan_result is None and any(needs_ranking(s) for s in specs):
+        print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
+        scan_result = scan(lm, progress=not args.quiet)
+    if args.compare:
+        comparison = tune_compare(lm, data, specs, config, seeds=args.seeds, scan_result=scan_result,
+                                  progress=not args.quiet)
+        comparison.save(args.out, force=args.force)
+        print(comparison.table())
+        print(f"\nwrote {args.out}/: compare.json compare.txt compare.png")
+        return
+    result = tune(lm, data, args.layers, config, scan_result=scan_result, progress=not args.quiet)
+    result.save(args.out, force=args.force, tokenizer=lm.tokenizer)
+    run = result.run
+    print(f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
+          f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
+          f"peak {run.peak_memory_mb:.0f} MB above the loaded model")
+    print(f"wrote {args.out}/: tune.json loss.png {'adapter/' if config.lora else 'model/'}")
+
+
+def cmd_validate(args) -> None:
+    from .models import load
+    from .outputs import check_output_folder
+    from .scan import scan
+    from .validate import VALIDATE_FILE, validate
+
+    check_output_folder(args.out, VALIDATE_FILE, args.force)
+    lm, data, config, scan_result = _training_setup(args)
+    tuned = load(args.tuned, dtype=args.dtype, device=args.device).model if args.tuned else None
+    if scan_result is None:
+        print("critlayer: scanning first (default scan; pass --scan to reuse one)", flush=True)
+        scan_result = scan(lm, progress=not args.quiet)
+    result = validate(lm, data, scan_result, config, tuned=tuned, window=args.window, progress=not args.quiet)
+    result.save(args.out, force=args.force)
+    print(result.table())
+    print(f"\nwrote {args.out}/: validate.json validate.png validate.html")
+
+
 def cmd_models(args) -> None:
     from .fetch import home
     from .models import BUILTIN_MODELS
@@ -128,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     _quiet_transformers()
     try:
-        {"scan": cmd_scan, "compare": cmd_compare, "models": cmd_models}[args.command](args)
+        commands = {"scan": cmd_scan, "compare": cmd_compare, "tune": cmd_tune, "validate": cmd_validate,
+                    "models": cmd_models}
+        commands[args.command](args)
     except CritlayerError as exc:
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -86,6 +86,15 @@ class ScanResult:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
             raise CritlayerError(f"{file} is not a critlayer scan: {exc}") from None
 
+    def ranking(self) -> list[int]:
+        """Blocks from most to least critical by the selection's score: eligible ones first, then edges."""
+        from .measures import DIRECTION
+        from .select import rank_blocks
+
+        score = self.selection.get("score", "delta")
+        eligible = self.selection.get("params", {}).get("eligible", self.layers)
+        return rank_blocks(DIRECTION.get(score, -1) * np.asarray(self.scores[score]), eligible)
+
     def table(self) -> str:
         """A plain-text summary table, one row per layer."""
         names = list(self.scores)

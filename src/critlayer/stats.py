@@ -29,3 +29,28 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def jaccard(a: list[int], b: list[int]) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def permutation_pvalue(a: np.ndarray, b: np.ndarray, statistic, n: int = 5000, seed: int = 0) -> float:
+    """Two-sided p-value of ``statistic(a, b)`` against random pairings of a and b."""
+    observed = abs(statistic(a, b))
+    if np.isnan(observed):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    hits = sum(abs(statistic(rng.permutation(a), b)) >= observed - 1e-12 for _ in range(n))
+    return (hits + 1) / (n + 1)
+
+
+def residualise(values: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """What is left of ``values`` after least squares on ``covariates`` (plus an intercept)."""
+    design = np.column_stack([np.ones(len(values)), covariates])
+    coef, *_ = np.linalg.lstsq(design, values, rcond=None)
+    return values - design @ coef
+
+
+def partial_spearman(a: np.ndarray, b: np.ndarray, covariates: np.ndarray) -> float:
+    """Spearman correlation of a and b with the covariates regressed out of both sets of ranks."""
+    ra, rb = residualise(ranks(a), covariates), residualise(ranks(b), covariates)
+    if ra.std() < 1e-12 or rb.std() < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])

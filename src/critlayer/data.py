@@ -1,0 +1,67 @@
+"""Text for fine-tuning and evaluation: a built-in corpus or a file, split once into train and held-out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .corpora import CORPORA, corpus_texts
+from .errors import CritlayerError
+from .models import LanguageModel
+from .probes import read_prompt_file, tokenize
+
+SPLIT_SEED = 1234  # the held-out part never depends on a run's seed, so runs stay comparable
+
+
+@dataclass
+class TextData:
+    """Tokenised train and held-out sequences (BOS included), with where they came from."""
+
+    source: str
+    train: list[list[int]]
+    heldout: list[list[int]]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "n_train": len(self.train), "n_heldout": len(self.heldout),
+                "train_tokens": sum(map(len, self.train)), "heldout_tokens": sum(map(len, self.heldout))}
+
+
+def load_texts(source: str) -> list[str]:
+    texts = list(corpus_texts(source)) if source in CORPORA else read_prompt_file(source)
+    if not texts:
+        raise CritlayerError(f"data source {source!r} is empty")
+    return texts
+
+
+def load_data(lm: LanguageModel, source: str, *, n_eval: int = 32, n_train: int | None = None,
+              max_tokens: int = 128) -> TextData:
+    """Shuffle ``source`` once (fixed seed) and split it: the first ``n_eval`` texts are held out."""
+    texts = load_texts(source)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
+    heldout = [texts[i] for i in order[:n_eval]]
+    train = [texts[i] for i in order[n_eval:]][:n_train]
+    if n_eval < 2 or len(heldout) < n_eval:
+        raise CritlayerError(f"held-out data too small to evaluate: {len(heldout)} text(s) of {source!r}, "
+                             f"need at least {max(2, n_eval)}")
+    if not train:
+        raise CritlayerError(f"data source {source!r} leaves no training text after holding out {n_eval}")
+    data = TextData(source, tokenize(lm, train, max_tokens), tokenize(lm, heldout, max_tokens))
+    data.train = [ids for ids in data.train if len(ids) >= 2]
+    data.heldout = [ids for ids in data.heldout if len(ids) >= 2]
+    if len(data.heldout) < 2 or not data.train:
+        raise CritlayerError(f"data source {source!r} has too few texts of 2 tokens or more")
+    return data
+
+
+def collate(sequences: list[list[int]], device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 on padding) for a causal-LM loss."""
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

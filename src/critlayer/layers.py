@@ -1,0 +1,107 @@
+"""Name a set of blocks (a layer spec) and turn it into a training setup.
+
+Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (from a scan's ranking),
+``random:K`` (seeded), or explicit indices such as ``3,7-9``. The blocks then become a freeze
+mask, a PEFT ``LoraConfig`` targeting only them, or an axolotl ``unfrozen_parameters`` list.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from torch import nn
+
+from .errors import CritlayerError
+from .models import LanguageModel
+
+_RANKED = re.compile(r"^(critical|noncritical|random):(-?\d+)$")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_layers(spec: str, num_layers: int, *, ranking: list[int] | None = None, eligible: int | None = None,
+                 seed: int = 0) -> list[int]:
+    """The sorted block indices a spec names.
+
+    ``ranking`` lists blocks from most to least critical, eligible ones first (see
+    ``ScanResult.ranking``); ``eligible`` says how many of its first entries are eligible, so that
+    ``noncritical:K`` takes the least critical *eligible* blocks, like the paper's comparison.
+    """
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "none":
+        return []
+    ranked = _RANKED.match(spec)
+    if ranked:
+        kind, k = ranked.group(1), int(ranked.group(2))
+        if not 1 <= k <= num_layers:
+            raise CritlayerError(f"{spec}: K must be between 1 and the {num_layers} blocks")
+        if kind == "random":
+            return sorted(np.random.default_rng(seed).choice(num_layers, size=k, replace=False).tolist())
+        if ranking is None:
+            raise CritlayerError(f"{spec} needs a scan's ranking of the blocks")
+        if kind == "critical":
+            return sorted(ranking[:k])
+        pool = ranking[:eligible or len(ranking)][::-1] + ranking[eligible or len(ranking):]
+        return sorted(pool[:k])
+    blocks: set[int] = set()
+    for part in spec.split(","):
+        match = _RANGE.match(part.strip())
+        if not match:
+            raise CritlayerError(f"bad layer spec {spec!r}: use all, none, critical:K, noncritical:K, random:K or 3,7-9")
+        start, end = int(match.group(1)), int(match.group(2) or match.group(1))
+        if end < start:
+            raise CritlayerError(f"bad layer range {part!r} in {spec!r}")
+        blocks.update(range(start, end + 1))
+    unknown = sorted(i for i in blocks if i >= num_layers)
+    if unknown:
+        raise CritlayerError(f"unknown block {unknown[0]} in {spec!r}: the model has blocks 0-{num_layers - 1}")
+    return sorted(blocks)
+
+
+def block_prefixes(lm: LanguageModel, blocks: list[int]) -> list[str]:
+    """Parameter-name prefixes of the given blocks, e.g. ``model.layers.3.``."""
+    return [f"{lm.blocks_path}.{i}." for i in blocks]
+
+
+def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> list[str]:
+    """Make only the given blocks trainable; returns the names of the trainable parameters."""
+    prefixes = tuple(block_prefixes(lm, blocks))
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def lora_targets(lm: LanguageModel, blocks: list[int]) -> list[str]:
+    """Full names of the linear layers inside the given blocks (what LoRA adapts)."""
+    prefixes = tuple(block_prefixes(lm, blocks))
+    linear = (nn.Linear,) + _conv1d()
+    return [name for name, module in lm.model.named_modules() if name.startswith(prefixes) and isinstance(module, linear)]
+
+
+def lora_config(lm: LanguageModel, blocks: list[int], *, r: int = 8, alpha: int = 16, dropout: float = 0.0):
+    """A PEFT ``LoraConfig`` that adapts the linear layers of the given blocks only."""
+    from peft import LoraConfig
+
+    targets = lora_targets(lm, blocks)
+    if not targets:
+        raise CritlayerError(f"no linear layers found in blocks {blocks}")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def unfrozen_parameters(lm: LanguageModel, blocks: list[int]) -> list[str]:
+    """An axolotl ``unfrozen_parameters`` list (regular expressions) for the given blocks."""
+    return [f"^{re.escape(prefix)}.*" for prefix in block_prefixes(lm, blocks)]
+
+
+def _conv1d() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+    except ImportError:  # pragma: no cover
+        return ()
+    return (Conv1D,)

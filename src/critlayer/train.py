@@ -1,0 +1,136 @@
+"""Causal-LM fine-tuning of chosen blocks only (full weights or LoRA), with held-out loss.
+
+Frozen parameters never require gradients and the optimizer is built from trainable
+parameters only, so frozen blocks hold neither gradients nor optimizer state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import TextData, collate
+from .layers import freeze_except, lora_config
+from .memory import PeakMemory
+from .models import LanguageModel
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float | None = None  # default: 1e-4 for full weights, 1e-3 for LoRA
+    batch_size: int = 8
+    eval_every: int = 20
+    eval_batch_size: int = 8
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 8
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.lora else 1e-4)
+
+
+@dataclass
+class TrainRun:
+    """What one fine-tuning run did and measured."""
+
+    layers: list[int]
+    trainable_parameters: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    heldout_loss: list[tuple[int, float]] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    peak_memory_mb: float = 0.0
+
+    @property
+    def loss_before(self) -> float:
+        return self.heldout_loss[0][1]
+
+    @property
+    def loss_after(self) -> float:
+        return self.heldout_loss[-1][1]
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "trainable_parameters": self.trainable_parameters,
+                "heldout_loss_before": self.loss_before, "heldout_loss_after": self.loss_after,
+                "train_loss": self.train_loss, "heldout_loss": self.heldout_loss,
+                "seconds_per_step": self.seconds_per_step, "peak_memory_mb": self.peak_memory_mb}
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, sequences: list[list[int]], batch_size: int = 8) -> float:
+    """Mean next-token loss per predicted token, over small batches so logits stay small."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        batch = collate(sequences[start:start + batch_size], device)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch, use_cache=False).loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count
+
+
+def prepare(lm: LanguageModel, model: torch.nn.Module, layers: list[int], config: TrainConfig):
+    """Freeze all but ``layers`` (or wrap them in LoRA); returns the model to train."""
+    if config.lora:
+        from peft import get_peft_model
+
+        model.requires_grad_(False)
+        return get_peft_model(model, lora_config(lm, layers, r=config.lora_r))
+    freeze_except(model, lm, layers)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only: frozen ones never get optimizer state."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data: TextData,
+             config: TrainConfig, *, progress: bool = True, label: str = "") -> tuple[torch.nn.Module, TrainRun]:
+    """Fine-tune ``model`` (a copy of ``lm.model``) on ``data.train``; returns it and its run record."""
+    model = prepare(lm, model, layers, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = TrainRun(layers, sum(p.numel() for p in params))
+    run.heldout_loss.append((0, heldout_loss(model, data.heldout, config.eval_batch_size)))
+    if not params:
+        return model, run
+    optimizer = make_optimizer(model, config.learning_rate)
+    order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
+    device = next(model.parameters()).device
+    model.train()
+    elapsed = 0.0
+    bar = tqdm(range(1, config.steps + 1), desc=f"tuning {label}".strip(), unit="step", disable=not progress)
+    with PeakMemory(device) as peak:
+        for step in bar:
+            batch = collate([data.train[i] for i in order[(step - 1) * config.batch_size:step * config.batch_size]],
+                            device)
+            start = time.perf_counter()
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed += time.perf_counter() - start
+            value = float(loss.detach())
+            run.train_loss.append((step, value))
+            bar.set_postfix(loss=f"{value:.3f}")
+            if step % config.eval_every == 0 or step == config.steps:
+                run.heldout_loss.append((step, heldout_loss(model, data.heldout, config.eval_batch_size)))
+    model.eval()
+    run.seconds_per_step = round(elapsed / config.steps, 4)
+    run.peak_memory_mb = peak.megabytes
+    return model, run
+
+
+def _data_order(n: int, needed: int, seed: int) -> np.ndarray:
+    """A seeded order over the training texts, reshuffled each epoch."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-needed // n)
+    return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:needed]

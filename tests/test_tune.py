@@ -1,0 +1,146 @@
+"""Fine-tuning chosen blocks, comparing layer choices, and validating a scan against fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import critlayer
+from critlayer.data import collate, load_data
+from critlayer.errors import CritlayerError
+from critlayer.layers import freeze_except, lora_config, parse_layers, unfrozen_parameters
+from critlayer.train import TrainConfig, heldout_loss, make_optimizer
+from critlayer.tune import tune, tune_compare
+from critlayer.validate import restore_windows, validate
+
+FAST = TrainConfig(steps=3, batch_size=4, eval_every=2, lr=1e-2)
+
+
+@pytest.fixture
+def lm(tiny_folder):
+    return critlayer.load(str(tiny_folder))
+
+
+@pytest.fixture
+def data(lm, prompt_file):
+    return load_data(lm, str(prompt_file), n_eval=6, max_tokens=12)
+
+
+@pytest.fixture
+def scanned(lm):
+    return critlayer.scan(lm, "random", n=12, max_tokens=10, progress=False)
+
+
+def test_layer_specs(scanned):
+    ranking = scanned.ranking()
+    assert parse_layers("3,0-1", 6) == [0, 1, 3]
+    assert parse_layers("all", 6) == list(range(6)) and parse_layers("none", 6) == []
+    assert parse_layers("critical:2", 6, ranking=ranking) == sorted(ranking[:2])
+    eligible = len(scanned.selection["params"]["eligible"])
+    non = parse_layers("noncritical:1", 6, ranking=ranking, eligible=eligible)
+    assert non == [ranking[eligible - 1]]
+    assert parse_layers("random:3", 6, seed=1) == parse_layers("random:3", 6, seed=1)
+    for spec, message in [("9", "unknown block 9"), ("critical:7", "between 1 and the 6"), ("x", "bad layer spec"),
+                          ("critical:2", "needs a scan")]:
+        with pytest.raises(CritlayerError, match=message):
+            parse_layers(spec, 6)
+
+
+def test_only_named_blocks_change_and_frozen_ones_get_no_grads_or_state(lm, data):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    result = tune(lm, data, "1,4", FAST, progress=False)
+    after = result.model.state_dict()
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        assert changed == name.startswith(("model.layers.1.", "model.layers.4.")), name
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    assert result.run.heldout_loss[-1][1] < result.run.heldout_loss[0][1]
+    model = lm.model
+    trainable = freeze_except(model, lm, [2])
+    optimizer = make_optimizer(model, 1e-3)
+    loss = model(**collate(data.train[:2], "cpu")).loss
+    loss.backward()
+    optimizer.step()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    state = {id(p) for p in optimizer.state}
+    assert grads == set(trainable) and all(n.startswith("model.layers.2.") for n in trainable)
+    assert state == {id(p) for n, p in model.named_parameters() if n in trainable}
+    model.requires_grad_(True)
+
+
+def test_saved_model_and_adapter_reload(lm, data, tmp_path):
+    result = tune(lm, data, "2", FAST, progress=False)
+    result.save(tmp_path / "full", tokenizer=lm.tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key])
+    tune_json = json.loads((tmp_path / "full" / "tune.json").read_text())
+    assert tune_json["run"]["layers"] == [2] and (tmp_path / "full" / "loss.png").stat().st_size > 0
+
+    lora = tune(lm, data, "2,3", TrainConfig(**{**FAST.__dict__, "lora": True}), progress=False)
+    lora.save(tmp_path / "lora")
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    base.load_state_dict(lm.model.state_dict())
+    adapted = PeftModel.from_pretrained(base, tmp_path / "lora" / "adapter")
+    names = [n for n, _ in adapted.named_parameters() if "lora_" in n]
+    assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
+    assert heldout_loss(adapted, data.heldout) == pytest.approx(heldout_loss(lora.model, data.heldout), abs=1e-5)
+
+
+def test_lora_config_and_axolotl_list_target_the_blocks(lm):
+    config = lora_config(lm, [1])
+    assert config.target_modules and all(t.startswith("model.layers.1.") for t in config.target_modules)
+    assert unfrozen_parameters(lm, [1, 3]) == [r"^model\.layers\.1\..*", r"^model\.layers\.3\..*"]
+
+
+def test_compare_runs_every_spec_from_the_same_start(lm, data, scanned, tmp_path):
+    comparison = tune_compare(lm, data, ["critical:2", "noncritical:2", "random:2"], FAST, seeds=2,
+                              scan_result=scanned, progress=False)
+    starts = {runs[0].loss_before for runs in comparison.runs.values()}
+    assert len(starts) == 1  # the same weights and held-out data before every run
+    assert len(comparison.runs["random:2"]) == 2 and len(comparison.verdicts()) == 3
+    comparison.save(tmp_path / "cmp")
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["summary"]["critical:2"]["heldout_loss_after_std"] is not None
+
+
+def test_restoring_every_block_gives_back_the_pretrained_loss(lm, data):
+    result = tune(lm, data, "all", FAST, progress=False)
+    tuned_blocks = critlayer.models.find_blocks(result.model)[1]
+    pretrained = heldout_loss(lm.model, data.heldout)
+    assert heldout_loss(result.model, data.heldout) != pytest.approx(pretrained, abs=1e-6)
+    restored = restore_windows(lm, result.model, tuned_blocks, data, lm.num_layers, 8, progress=False)
+    assert restored == [pretrained]
+
+
+def test_validate_reports_every_score_with_depth_baselines(lm, data, scanned, tmp_path):
+    v = validate(lm, data, scanned, FAST, permutations=200, progress=False)
+    assert len(v.importance) == lm.num_layers and np.isfinite(v.importance).all()
+    rows = v.correlations["importance"]
+    assert {"delta", "block_influence", "depth", "depth_u_shape"} <= set(rows)
+    assert all(0 < rows[n]["all_p"] <= 1 for n in rows)
+    v.save(tmp_path / "v")
+    for name in ("validate.json", "validate.png", "validate.html"):
+        assert (tmp_path / "v" / name).stat().st_size > 0
+
+
+def test_tuned_checkpoint_of_another_architecture_is_refused(lm, data, scanned):
+    from conftest import tiny_model
+
+    with pytest.raises(CritlayerError, match="same model"):
+        validate(lm, data, scanned, FAST, tuned=tiny_model("qwen2"), progress=False)
+
+
+def test_bad_data(lm, tmp_path):
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n")
+    with pytest.raises(CritlayerError, match="empty"):
+        load_data(lm, str(empty))
+    few = tmp_path / "few.txt"
+    few.write_text("w1 w2\nw3 w4\nw5\n")
+    with pytest.raises(CritlayerError, match="held-out data too small"):
+        load_data(lm, str(few), n_eval=32)
