@@ -24,6 +24,13 @@ def _at_least(minimum: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors end in one line too."""
 
@@ -94,7 +101,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="bbc", help="wiki, bbc, sharegpt, or a .txt/.jsonl file (default bbc)")
     p.add_argument("--scan", type=Path, default=None, help="a scan.json to take critical layers from (default: scan now)")
     p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps (default 100)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--max-tokens", type=_at_least(2), default=128, help="tokens per text at most (default 128)")
     p.add_argument("--n-eval", type=int, default=32, help="held-out texts (default 32)")
@@ -160,13 +167,15 @@ def cmd_tune(args) -> None:
     from .scan import scan
     from .tune import COMPARE_FILE, TUNE_FILE, needs_ranking, tune, tune_compare
 
-    specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare else [args.layers]
-    check_output_folder(args.out, COMPARE_FILE if args.compare else TUNE_FILE, args.force)
+    if args.seeds > 1 and not args.compare:
+        raise CritlayerError("--seeds repeats a --compare; give --compare SPEC,SPEC,...")
+    specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else [args.layers]
+    check_output_folder(args.out, COMPARE_FILE if args.compare is not None else TUNE_FILE, args.force)
     lm, data, config, scan_result = _training_setup(args)
     if scan_result is None and any(needs_ranking(s) for s in specs):
         print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
         scan_result = scan(lm, progress=not args.quiet)
-    if args.compare:
+    if args.compare is not None:
         comparison = tune_compare(lm, data, specs, config, seeds=args.seeds, scan_result=scan_result,
                                   progress=not args.quiet)
         comparison.save(args.out, force=args.force)

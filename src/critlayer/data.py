@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,10 +30,14 @@ class TextData:
 
 
 def load_texts(source: str) -> list[str]:
-    texts = list(corpus_texts(source)) if source in CORPORA else read_prompt_file(source)
-    if not texts:
-        raise CritlayerError(f"data source {source!r} is empty")
-    return texts
+    """The distinct texts of a corpus or file (duplicates would leak into the held-out part)."""
+    if source in CORPORA:
+        texts = corpus_texts(source)
+    elif Path(source).suffix in (".txt", ".jsonl") or Path(source).exists():
+        texts = read_prompt_file(source)
+    else:
+        raise CritlayerError(f"unknown data source {source!r}; choose one of {', '.join(CORPORA)} or a .txt/.jsonl file")
+    return list(dict.fromkeys(texts))
 
 
 def load_data(lm: LanguageModel, source: str, *, n_eval: int = 32, n_train: int | None = None,

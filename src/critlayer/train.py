@@ -96,6 +96,7 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data: TextData,
              config: TrainConfig, *, progress: bool = True, label: str = "") -> tuple[torch.nn.Module, TrainRun]:
     """Fine-tune ``model`` (a copy of ``lm.model``) on ``data.train``; returns it and its run record."""
+    torch.manual_seed(config.seed)  # LoRA initialisation and dropout, like the data order, follow the seed
     model = prepare(lm, model, layers, config)
     params = [p for p in model.parameters() if p.requires_grad]
     run = TrainRun(layers, sum(p.numel() for p in params))
@@ -117,6 +118,8 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - start
             value = float(loss.detach())
             run.train_loss.append((step, value))

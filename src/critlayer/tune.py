@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import TextData
 from .errors import CritlayerError
-from .layers import parse_layers
+from .layers import lora_config, parse_layers
 from .models import LanguageModel
 from .outputs import check_output_folder, staged_folder
 from .result import ScanResult
@@ -105,20 +105,23 @@ class TuneComparison:
         return out
 
     def verdicts(self) -> list[str]:
-        """Is each pairwise difference in final held-out loss larger than the seed-to-seed spread?"""
+        """Is each pairwise difference in final held-out loss larger than the seed-to-seed spread?
+
+        Runs with the same seed share the data order, so the differences are paired by seed:
+        a difference counts when its mean exceeds two standard errors of the per-seed differences.
+        """
         if len(self.seeds) < 2:
             return ["one seed only: the seed-to-seed spread is unknown, so no difference can be called real "
                     "(use --seeds 3 or more)"]
-        lines, summary = [], self.summary()
+        lines = []
         for i, a in enumerate(self.specs):
             for b in self.specs[i + 1:]:
-                sa, sb = summary[a], summary[b]
-                diff = sa["heldout_loss_after_mean"] - sb["heldout_loss_after_mean"]
-                noise = 2 * np.sqrt((sa["heldout_loss_after_std"] ** 2 + sb["heldout_loss_after_std"] ** 2) / len(self.seeds))
-                better, worse = (a, b) if diff < 0 else (b, a)
-                verdict = "larger than" if abs(diff) > noise else "within"
-                lines.append(f"{better} beats {worse} by {abs(diff):.4f} held-out loss, {verdict} the seed spread "
-                             f"(2 standard errors = {noise:.4f})")
+                diffs = np.array([ra.loss_after - rb.loss_after for ra, rb in zip(self.runs[a], self.runs[b])])
+                mean, noise = diffs.mean(), 2 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+                better, worse = (a, b) if mean < 0 else (b, a)
+                verdict = "larger than" if abs(mean) > noise else "within"
+                lines.append(f"{better} beats {worse} by {abs(mean):.4f} held-out loss, {verdict} the seed spread "
+                             f"(2 standard errors of the paired differences = {noise:.4f})")
         return lines
 
     def table(self) -> str:
@@ -154,9 +157,16 @@ def tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: Tr
     """Run every spec from the same pre-trained weights, with the same data order, for each seed."""
     if seeds < 1:
         raise CritlayerError(f"--seeds must be at least 1, got {seeds}")
+    if not specs or len(set(specs)) != len(specs):
+        raise CritlayerError(f"--compare needs distinct layer specs, got {','.join(specs) or 'none'}")
     seed_list = [config.seed + i for i in range(seeds)]
-    for spec in specs:  # check every spec before any training
-        resolve_layers(lm, spec, scan_result, config.seed)
+    for spec in specs:  # check every spec (and seed) before any training
+        for seed in seed_list:
+            layers = resolve_layers(lm, spec, scan_result, seed)
+            if not layers:
+                raise CritlayerError(f"{spec} names no block to train")
+            if config.lora:
+                lora_config(lm, layers)
     runs: dict[str, list[TrainRun]] = {spec: [] for spec in specs}
     for seed in seed_list:
         for spec in specs:

@@ -141,6 +141,9 @@ def validate(lm: LanguageModel, data: TextData, scan_result: ScanResult, config:
     """Measure fine-tuning importance per block and correlate the scan's scores with it."""
     if not 1 <= window <= lm.num_layers:
         raise CritlayerError(f"--window must be between 1 and the {lm.num_layers} blocks, got {window}")
+    if lm.num_layers < 2 * edge + 2:
+        raise CritlayerError(f"validate needs at least {2 * edge + 2} blocks (interior ones to correlate), "
+                             f"{lm.name} has {lm.num_layers}")
     if scan_result.model.get("num_layers") != lm.num_layers:
         raise CritlayerError(f"the scan has {scan_result.model.get('num_layers')} layers, the model {lm.num_layers}")
     given = tuned is not None
@@ -161,9 +164,10 @@ def validate(lm: LanguageModel, data: TextData, scan_result: ScanResult, config:
     interior = list(range(edge, lm.num_layers - edge))
     correlations = correlate(scan_result.scores, {"importance": importance, "weight_change": change}, interior,
                              permutations)
-    settings = {"model": lm.describe(), "data": data.describe(), "train": {"steps": config.steps,
-                "lr": config.learning_rate, "batch_size": config.batch_size, "seed": config.seed,
-                "tuned": "given checkpoint" if given else "all blocks fine-tuned"},
+    train = ({"tuned": "given checkpoint"} if given else
+             {"tuned": "all blocks fine-tuned", "steps": config.steps, "lr": config.learning_rate,
+              "batch_size": config.batch_size, "seed": config.seed})
+    settings = {"model": lm.describe(), "data": data.describe(), "train": train, "permutations": permutations,
                 "scan": {"probes": scan_result.probes, "critical": scan_result.critical}}
     return Validation(settings, loss_pretrained, loss_tuned, window, rise.tolist(), importance, change,
                       dict(scan_result.scores), interior, correlations)

@@ -59,6 +59,7 @@ def write_validation_report(v, folder: Path) -> None:
 Each block's importance is the mean rise of held-out loss when a window of {v.window} blocks containing it is set
 back to its pre-trained weights. A score is worth using only where it beats the depth baselines, holds on interior
 blocks (blocks {v.interior[0]}-{v.interior[-1]}), and survives with depth regressed out. Low delta should mean high
-importance: a useful delta correlates negatively. p-values are from 5,000 random permutations.</p>
+importance: a useful delta correlates negatively. p-values are from {v.settings['permutations']:,} random
+permutations.</p>
 {_image(folder / 'validate.png')}{''.join(tables)}</body></html>"""
     (folder / "validate.html").write_text(page, encoding="utf-8")
