@@ -117,8 +117,7 @@ class Capture:
     token but position 0 (an attention sink); ``mean`` the mean over the same tokens as ``all``.
     In every mode, massive-activation tokens (norm above ``sink_ratio`` times the layer's median
     row norm over the first ``REFERENCE_SAMPLES`` probes, at any layer; 0 disables) are dropped
-    and counted. Batches are sorted by length to spend
-    little on padding.
+    and counted. Batches are sorted by length to spend little on padding.
     """
 
     def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = 32,
