@@ -86,6 +86,11 @@ class ScanResult:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
             raise CritlayerError(f"{file} is not a critlayer scan: {exc}") from None
 
+    def require_layers(self, num_layers: int) -> None:
+        """Refuse to apply this scan to a model with another number of blocks."""
+        if self.model.get("num_layers") != num_layers:
+            raise CritlayerError(f"the scan has {self.model.get('num_layers')} layers, the model {num_layers}")
+
     def ranking(self) -> list[int]:
         """Blocks from most to least critical by the selection's score: eligible ones first, then edges."""
         from .measures import DIRECTION

@@ -34,8 +34,7 @@ def resolve_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None,
     if needs_ranking(spec):
         if scan_result is None:
             raise CritlayerError(f"{spec} needs a scan")
-        if scan_result.model.get("num_layers") != lm.num_layers:
-            raise CritlayerError(f"the scan has {scan_result.model.get('num_layers')} layers, the model {lm.num_layers}")
+        scan_result.require_layers(lm.num_layers)
         ranking = scan_result.ranking()
         eligible = len(scan_result.selection.get("params", {}).get("eligible", ranking))
     return parse_layers(spec, lm.num_layers, ranking=ranking, eligible=eligible, seed=seed)

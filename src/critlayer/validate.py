@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import TextData
 from .errors import CritlayerError
-from .models import LanguageModel
+from .models import LanguageModel, find_blocks
 from .outputs import check_output_folder, staged_folder
 from .result import ScanResult
 from .stats import partial_spearman, permutation_pvalue, spearman
@@ -144,16 +144,13 @@ def validate(lm: LanguageModel, data: TextData, scan_result: ScanResult, config:
     if lm.num_layers < 2 * edge + 2:
         raise CritlayerError(f"validate needs at least {2 * edge + 2} blocks (interior ones to correlate), "
                              f"{lm.name} has {lm.num_layers}")
-    if scan_result.model.get("num_layers") != lm.num_layers:
-        raise CritlayerError(f"the scan has {scan_result.model.get('num_layers')} layers, the model {lm.num_layers}")
+    scan_result.require_layers(lm.num_layers)
     given = tuned is not None
     if not given:
         tuned, _ = finetune(lm, copy.deepcopy(lm.model), list(range(lm.num_layers)), data, config,
                             progress=progress, label="all blocks")
     else:
         check_same_architecture(lm, tuned)
-    from .models import find_blocks
-
     tuned_blocks = find_blocks(tuned)[1]
     loss_pretrained = heldout_loss(lm.model, data.heldout, config.eval_batch_size)
     loss_tuned = heldout_loss(tuned, data.heldout, config.eval_batch_size)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import CritlayerError
+from ..errors import CritlayerError, first_line
 from ..fetch import home, sha256_file
 
 
@@ -25,7 +25,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many kinds for a bad file
-        raise CritlayerError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from None
+        raise CritlayerError(f"cannot read GGUF file {gguf}: {first_line(exc)}") from None
     model.hf_quantizer = None
     model.is_quantized = False
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -53,8 +53,3 @@ def cached_gguf_folder(gguf: Path) -> Path:
     if not (folder / "config.json").exists():
         convert_gguf(gguf, folder)
     return folder
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

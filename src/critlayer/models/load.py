@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CritlayerError
+from ..errors import CritlayerError, first_line
 from .blocks import find_blocks
 from .builtin import BUILTIN_MODELS, builtin_folder
 from .gguf import cached_gguf_folder
@@ -129,7 +129,6 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
     except CritlayerError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unusable sources
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise CritlayerError(f"cannot load model {spec!r}: {first}") from None
+        raise CritlayerError(f"cannot load model {spec!r}: {first_line(exc)}") from None
     path, blocks = find_blocks(model)
     return LanguageModel(name, model, tokenizer, blocks, path)
