@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned torch takes the local CPU wheel on our machines; elsewhere override TORCH= to keep your own build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,5 +21,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The benchmark's own environment: the peers it compares against never enter the project's.
+BENCH_VENV := .bench-venv
+PEERS := pytorch-cka==1.1.3 short-transformers==1.0.0
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(BENCH_VENV)/bin/pip install --quiet -e . $(PEERS)
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) critlayer-demo
+	rm -rf $(VENV) $(BENCH_VENV) critlayer-demo bench-results

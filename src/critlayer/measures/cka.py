@@ -19,14 +19,19 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-def cka_matrix(states: torch.Tensor, chunk: int = 1 << 20) -> np.ndarray:
-    """The L x L linear CKA matrix of ``states`` shaped ``(L, rows, hidden)``."""
+def cka_matrix(states: torch.Tensor, budget: int = 1 << 24) -> np.ndarray:
+    """The L x L linear CKA matrix of ``states`` shaped ``(L, rows, hidden)``.
+
+    The Grams are built a slab of rows at a time (at most ``budget`` float32 entries), so memory
+    stays bounded however many rows there are; their products accumulate in float64.
+    """
     x = states.double()
     x = (x - x.mean(1, keepdim=True)).float()
-    grams = torch.bmm(x, x.transpose(1, 2)).flatten(1)  # (L, rows * rows), float32
-    hsic = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
-    for begin in range(0, grams.shape[1], chunk):  # accumulate the products in float64
-        part = grams[:, begin:begin + chunk].double()
+    layers, rows = x.shape[:2]
+    slab = max(1, budget // (layers * rows))
+    hsic = torch.zeros(layers, layers, dtype=torch.float64, device=x.device)
+    for begin in range(0, rows, slab):
+        part = torch.matmul(x[:, begin:begin + slab], x.transpose(1, 2)).flatten(1).double()  # rows of the Grams
         hsic += part @ part.T
     norms = hsic.diagonal().sqrt()
     return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()

@@ -26,8 +26,12 @@ class RowSample:
         self.keys = torch.empty(0, dtype=torch.float64)
 
     def update(self, batch: Batch) -> None:
-        states = batch.states if self.states is None else torch.cat([self.states, batch.states], dim=1)
-        keys = torch.cat([self.keys, batch.keys])
+        states, keys = batch.states, batch.keys
+        if self.keys.numel() >= self.max_rows:  # once full, only rows with smaller keys can get in
+            fresh = keys < self.keys.max()
+            states, keys = states[:, fresh.to(states.device)], keys[fresh]
+        states = states if self.states is None else torch.cat([self.states, states], dim=1)
+        keys = torch.cat([self.keys, keys])
         if keys.numel() > self.max_rows:
             keep = keys.topk(self.max_rows, largest=False).indices
             states, keys = states[:, keep.to(states.device)], keys[keep]

@@ -3,7 +3,8 @@
 For each block, centre its features and keep the top-K principal-component scores; run CCA
 between those of block l and of each neighbour l +- 1, l +- 2; average the canonical
 correlations. PC scores U_K S_K span the same space as the left singular vectors U_K, so
-the canonical correlations are the singular values of U_K(l)^T U_K(j).
+the canonical correlations are the singular values of U_K(l)^T U_K(j). U_K comes from the
+eigenvectors of the smaller of X X^T and X^T X (no full SVD of the tall feature matrix).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int =
     """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical)."""
     x = states.double()
     x = x - x.mean(1, keepdim=True)
-    u = torch.linalg.svd(x, full_matrices=False).U  # (L, rows, min(rows, hidden))
+    u = top_left_singular_vectors(x, max(ks))
     n = len(x)
     scores = {}
     for k in ks:
@@ -32,3 +33,18 @@ def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int =
             count[offset:] += 1
         scores[f"spectral_k{k}"] = (total / count.clamp(min=1)).numpy()
     return scores
+
+
+def top_left_singular_vectors(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` left singular vectors of each ``(rows, hidden)`` matrix in ``x``, largest first.
+
+    The small Gram is multiplied in float32 and decomposed in float64.
+    """
+    rows, hidden = x.shape[1:]
+    k = min(k, rows, hidden)
+    x32 = x.float()
+    if rows <= hidden:
+        return torch.linalg.eigh((x32 @ x32.transpose(1, 2)).double()).eigenvectors[:, :, -k:].flip(-1)
+    v = torch.linalg.eigh((x32.transpose(1, 2) @ x32).double()).eigenvectors[:, :, -k:].flip(-1)
+    u = x @ v
+    return u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
