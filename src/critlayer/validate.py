@@ -113,11 +113,9 @@ def correlate(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], int
     predictors = {**scores, "depth": depth, "depth_u_shape": np.abs(depth - 0.5)}
     covariates = np.column_stack([depth, (depth - 0.5) ** 2])
     inner = np.array(interior)
-    def partial(a, b):
-        return partial_spearman(a, b, covariates)
 
-    def pvalue(a, b, statistic):
-        return permutation_pvalue(a, b, statistic, n=permutations)
+    def pvalue(a, b, partial=False):
+        return permutation_pvalue(a, b, covariates if partial else None, n=permutations)
 
     out = {}
     for target_name, target in targets.items():
@@ -125,11 +123,11 @@ def correlate(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], int
         for name, values in predictors.items():
             values = np.asarray(values, dtype=float)
             rows[name] = {
-                "all": spearman(values, target), "all_p": pvalue(values, target, spearman),
+                "all": spearman(values, target), "all_p": pvalue(values, target),
                 "interior": spearman(values[inner], target[inner]),
-                "interior_p": pvalue(values[inner], target[inner], spearman),
-                "partial": np.nan if name.startswith("depth") else partial(values, target),
-                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial),
+                "interior_p": pvalue(values[inner], target[inner]),
+                "partial": np.nan if name.startswith("depth") else partial_spearman(values, target, covariates),
+                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial=True),
             }
         out[target_name] = {k: {m: round(float(v), 4) for m, v in r.items()} for k, r in rows.items()}
     return out
