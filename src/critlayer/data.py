@@ -70,3 +70,10 @@ def collate(sequences: list[list[int]], device) -> dict[str, torch.Tensor]:
         mask[row, :len(seq)] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def sample_texts(lm: LanguageModel, source: str, n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """``n`` texts of ``source`` drawn with ``seed``, tokenised (for the measures that need a loss)."""
+    texts = load_texts(source)
+    chosen = sorted(np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False))
+    return tokenize(lm, [texts[i] for i in chosen], max_tokens)
