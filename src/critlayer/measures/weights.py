@@ -26,14 +26,16 @@ from ..models import LanguageModel
 
 
 @lru_cache(maxsize=64)
-def mp_median(beta: float, points: int = 4097) -> float:
+def mp_median(beta: float, steps: int = 4096) -> float:
     """Median of the Marchenko-Pastur law with ratio ``beta`` in (0, 1] and unit variance."""
     lo, hi = (1 - np.sqrt(beta)) ** 2, (1 + np.sqrt(beta)) ** 2
-    theta = np.linspace(0.0, np.pi, points)  # x = lo + (hi - lo)(1 - cos theta)/2 removes the edge singularities
-    x = lo + (hi - lo) * (1 - np.cos(theta)) / 2
-    density = ((hi - lo) / 2 * np.sin(theta)) ** 2 / (2 * np.pi * beta * np.maximum(x, 1e-300))
-    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(theta))])
-    return float(np.interp(0.5 * cdf[-1], cdf, x))
+    # x = lo + (hi - lo)(1 - cos theta)/2 turns the density's edge singularities into a smooth integrand
+    x_of = lambda theta: lo + (hi - lo) * (1 - np.cos(theta)) / 2  # noqa: E731
+    edges = np.linspace(0.0, np.pi, steps + 1)
+    mids = (edges[1:] + edges[:-1]) / 2
+    mass = ((hi - lo) / 2 * np.sin(mids)) ** 2 / (2 * np.pi * beta * x_of(mids)) * (np.pi / steps)
+    cdf = np.concatenate([[0.0], np.cumsum(mass)])
+    return float(np.interp(0.5 * cdf[-1], cdf, x_of(edges)))
 
 
 def matrix_snr(matrix: torch.Tensor) -> float:
