@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: the probes, unless random)")
     scan.add_argument("--text-n", type=_at_least(2), default=32, help="texts ablation and gradient use (default 32)")
     scan.add_argument("--ablate", default="block", help="what ablation skips: comma list of block, attn, mlp (default block)")
-    scan.add_argument("--bootstrap", type=_at_least(0), default=100,
-                      help="bootstrap replicates over probe samples for P(critical) (default 100; 0: none)")
+    scan.add_argument("--bootstrap", type=_at_least(0), default=None,
+                      help="bootstrap replicates over probe samples for P(critical) (default 100 with more than "
+                           "the default measures, else 0)")
     scan.add_argument("--k", type=int, default=None, help="choose exactly K critical layers (default: automatic band)")
     scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
     scan.add_argument("--select-by", default=None,

@@ -24,11 +24,15 @@ def criticality_rank(values: np.ndarray, direction: int) -> np.ndarray:
     return (r - 1) / max(1, len(r) - 1)
 
 
+def measure_ranks(scores: dict[str, np.ndarray], groups: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Each measure's (``groups``: measure -> its score names) mean criticality rank over its scores."""
+    return {measure: np.mean([criticality_rank(scores[s], DIRECTION[s]) for s in names], axis=0)
+            for measure, names in groups.items() if names}
+
+
 def consensus(scores: dict[str, np.ndarray], groups: dict[str, list[str]]) -> np.ndarray:
-    """Mean over measures (``groups``: measure -> its score names) of their mean criticality rank."""
-    per_measure = [np.mean([criticality_rank(scores[s], DIRECTION[s]) for s in names], axis=0)
-                   for names in groups.values() if names]
-    return np.mean(per_measure, axis=0)
+    """Mean over measures of their criticality ranks: every measure weighs the same."""
+    return np.mean(list(measure_ranks(scores, groups).values()), axis=0)
 
 
 def agreement(scores: dict[str, np.ndarray], names: list[str]) -> np.ndarray:

@@ -21,6 +21,7 @@ from .result import ScanResult
 from .select import select_critical
 
 TEXT_N = 32  # texts the loss measures use: ablation runs about L/2 forwards over them per part
+BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's SVDs) and ablation
 
 
 def parse_measures(measures: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -67,7 +68,7 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
          window: int = 2, measures: str | tuple[str, ...] = DEFAULT_MEASURES, k: int | None = None,
          edges: bool = False, select_by: str | None = None, batch_size: int = 32, max_rows: int = 2048,
          sink_ratio: float = SINK_RATIO, data: str | None = None, text_n: int = TEXT_N,
-         ablate: str | tuple[str, ...] = ("block",), bootstrap: int = 100,
+         ablate: str | tuple[str, ...] = ("block",), bootstrap: int | None = None,
          dtype: str = "auto", device: str | None = None, progress: bool = True) -> ScanResult:
     """Find the critical layers of a model: every chosen measure, their consensus and its bootstrap.
 
@@ -75,9 +76,14 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
     >>> result = critlayer.scan(lm, probes="generated", n=256, token_mode="last")
     >>> result.critical, result.scores["delta"][:3], result.scores["consensus"][:3]
     >>> everything = critlayer.scan(lm, measures="all", data="bbc")       # ablation, gradient, ...
+
+    ``bootstrap`` replicates give ``p_critical``; by default 100 when more than the default measures
+    run and none otherwise, so the default scan costs what it did.
     """
     timing: dict = {}
     measures, ablate = parse_measures(measures), parse_parts(ablate)
+    if bootstrap is None:
+        bootstrap = 0 if set(measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
     check_text_source(measures, probes, data)
     for name, value, least in (("--window", window, 1), ("--max-rows", max_rows, 2), ("--text-n", text_n, 2),
                                ("--bootstrap", bootstrap, 0)):

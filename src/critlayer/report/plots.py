@@ -59,25 +59,24 @@ def plot_profile(result, path: Path) -> None:
 
 
 def plot_measures(result, path: Path) -> None:
-    """Every ranked score as min-max normalised criticality (1 = most critical) on one axis, the consensus
-    and P(critical); beside it, the signed Spearman agreement of every pair of scores."""
+    """Every measure's criticality rank scaled to [0, 1] (what the consensus averages) on one axis, with the
+    consensus and P(critical); beside it, the signed Spearman agreement of every pair of scores."""
+    from ..consensus import measure_ranks
+
     names = result.consensus["scores"]
-    fig, (ax, heat) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (ax, heat) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
     layers = np.array(result.layers)
     if "p_critical" in result.scores:
-        ax.bar(layers, result.scores["p_critical"], color=CRITICAL_COLOR, alpha=0.25, width=0.8,
+        ax.bar(layers, result.scores["p_critical"], color=CRITICAL_COLOR, alpha=0.22, width=0.8,
                label=f"P(critical), {result.consensus['bootstrap']} bootstrap replicates")
-    for c, name in enumerate(names):
-        crit = DIRECTION[name] * np.asarray(result.scores[name], dtype=float)
-        span = crit.max() - crit.min()
-        ax.plot(layers, (crit - crit.min()) / span if span > 0 else crit * 0, lw=1, alpha=0.75, color=f"C{c % 10}",
-                marker=".", ms=3, label=name)
-    ax.plot(layers, result.scores["consensus"], color="black", lw=2.4, label="consensus (mean normalised rank)")
-    ax.set(xlabel="block", ylabel="criticality, normalised (1 = most critical)", ylim=(-0.03, 1.03),
+    for c, (measure, rank) in enumerate(measure_ranks(result.scores, result.consensus["groups"]).items()):
+        ax.plot(layers, rank, lw=1.1, alpha=0.8, color=f"C{c % 10}", marker=".", ms=4, label=measure)
+    ax.plot(layers, result.scores["consensus"], color="black", lw=2.6, label="consensus (mean of the ranks)")
+    ax.set(xlabel="block", ylabel="criticality rank, scaled (1 = most critical)", ylim=(-0.03, 1.03),
            title=f"{result.model['name']}: every measure on one axis; critical blocks {result.critical}")
     ax.set_xticks(layers[:: max(1, len(layers) // 15)])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper center", framealpha=0.85)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), framealpha=0.9)
     agree = np.array(result.consensus["agreement"], dtype=float)
     image = heat.imshow(agree, cmap="RdBu", vmin=-1, vmax=1)
     for i in range(len(names)):
