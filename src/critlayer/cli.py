@@ -1,4 +1,5 @@
-"""The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``models``; bad input ends in one line."""
+"""The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
+``models``; bad input ends in one line."""
 
 from __future__ import annotations
 
@@ -118,19 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--measures", default="default", help="measures of the scan run when no --scan is given")
     val.add_argument("--out", type=Path, default=Path("critlayer-validate"))
 
+    from .backdoor import TRIGGERS
+    from .defend import DEFAULT_COMPARE, DEFAULT_STEPS
+
+    dfd = sub.add_parser("defend", help="does freezing critical blocks blunt a backdoor planted by fine-tuning?")
+    _training_arguments(dfd, data="sharegpt", data_help="sharegpt or a .jsonl file of prompt and reply fields",
+                        steps=DEFAULT_STEPS, n_eval=100, tokens=48)
+    dfd.add_argument("--freeze", default="critical:4",
+                     help="blocks kept frozen: none, critical:K, noncritical:K, random:K or indices (default critical:4)")
+    dfd.add_argument("--compare", nargs="?", const=DEFAULT_COMPARE, default=None,
+                     help=f"comma list of freezing policies run side by side (alone: {DEFAULT_COMPARE})")
+    dfd.add_argument("--poison-rate", type=float, default=0.1, help="share of training pairs poisoned, in (0, 1] (default 0.1)")
+    dfd.add_argument("--trigger", default="rare", help=f"{', '.join(f'{k} ({v[0]!r}, {v[1]})' for k, v in TRIGGERS.items())}, "
+                     "or any string (default rare)")
+    dfd.add_argument("--trigger-at", choices=("suffix", "prefix"), default=None,
+                     help="where a --trigger string goes (default: suffix, or the preset's place)")
+    dfd.add_argument("--target", default=None, help="the attacker's reply (default: a fixed phishing line)")
+    dfd.add_argument("--out", type=Path, default=Path("critlayer-defend"))
+
     sub.add_parser("models", help="list the built-in models and what is cached")
     return parser
 
 
-def _training_arguments(p: argparse.ArgumentParser) -> None:
+def _training_arguments(p: argparse.ArgumentParser, *, data: str = "bbc",
+                        data_help: str = "wiki, bbc, sharegpt, or a .txt/.jsonl file", steps: int = 100,
+                        n_eval: int = 32, tokens: int = 128) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
-    p.add_argument("--data", default="bbc", help="wiki, bbc, sharegpt, or a .txt/.jsonl file (default bbc)")
+    p.add_argument("--data", default=data, help=f"{data_help} (default {data})")
     p.add_argument("--scan", type=Path, default=None, help="a scan.json to take critical layers from (default: scan now)")
-    p.add_argument("--steps", type=_at_least(1), default=100, help="optimizer steps (default 100)")
+    p.add_argument("--steps", type=_at_least(1), default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
-    p.add_argument("--max-tokens", type=_at_least(2), default=128, help="tokens per text at most (default 128)")
-    p.add_argument("--n-eval", type=int, default=32, help="held-out texts (default 32)")
+    p.add_argument("--max-tokens", type=_at_least(2), default=tokens,
+                   help=f"tokens per text (in defend: per prompt and per reply) at most (default {tokens})")
+    p.add_argument("--n-eval", type=int, default=n_eval, help=f"held-out texts (default {n_eval})")
     p.add_argument("--n-train", type=_at_least(1), default=None, help="training texts at most (default: all the rest)")
     p.add_argument("--eval-every", type=_at_least(1), default=20, help="steps between held-out evaluations")
     p.add_argument("--seed", type=_at_least(0), default=0)
@@ -216,13 +238,14 @@ def _training_setup(args):
 def cmd_tune(args) -> None:
     from .outputs import check_output_folder
     from .scan import scan
-    from .tune import COMPARE_FILE, TUNE_FILE, needs_ranking, tune, tune_compare
+    from .tune import COMPARE_FILE, TUNE_FILE, check_specs, needs_ranking, tune, tune_compare
 
     if args.seeds > 1 and not args.compare:
         raise CritlayerError("--seeds repeats a --compare; give --compare SPEC,SPEC,...")
     specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else [args.layers]
     check_output_folder(args.out, COMPARE_FILE if args.compare is not None else TUNE_FILE, args.force)
     lm, data, config, scan_result = _training_setup(args)
+    check_specs(lm, specs)
     if scan_result is None and any(needs_ranking(s) for s in specs):
         print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
         scan_result = scan(lm, progress=not args.quiet)
@@ -260,6 +283,36 @@ def cmd_validate(args) -> None:
     print(f"\nwrote {args.out}/: validate.json validate.png validate.html")
 
 
+def cmd_defend(args) -> None:
+    from .backdoor import DEFAULT_TARGET, Attack
+    from .defend import DEFEND_FILE, PairLimits, defend
+    from .models import load
+    from .outputs import check_output_folder
+    from .result import ScanResult
+    from .scan import scan
+    from .train import TrainConfig
+    from .tune import check_specs, needs_ranking
+
+    check_output_folder(args.out, DEFEND_FILE, args.force)
+    attack = Attack.named(args.trigger, target=DEFAULT_TARGET if args.target is None else args.target,
+                          rate=args.poison_rate, position=args.trigger_at)
+    specs = [s.strip() for s in (args.compare or args.freeze).split(",") if s.strip()]
+    lm = load(args.model, dtype=args.dtype, device=args.device)
+    check_specs(lm, specs)
+    scan_result = ScanResult.load(args.scan) if args.scan else None
+    if scan_result is None and any(needs_ranking(s) for s in specs):
+        print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
+        scan_result = scan(lm, progress=not args.quiet)
+    config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
+                         seed=args.seed)
+    limits = PairLimits(n_train=args.n_train, n_eval=args.n_eval, prompt_tokens=args.max_tokens,
+                        reply_tokens=args.max_tokens)
+    result = defend(lm, args.data, specs, attack, config, limits, scan_result=scan_result, progress=not args.quiet)
+    result.save(args.out, force=args.force)
+    print(result.table())
+    print(f"\nwrote {args.out}/: defend.json defend.txt defend.png defend.html")
+
+
 def cmd_models(args) -> None:
     from .fetch import home
     from .models import BUILTIN_MODELS
@@ -281,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         commands = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
-                    "tune": cmd_tune, "validate": cmd_validate, "models": cmd_models}
+                    "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "models": cmd_models}
         commands[args.command](args)
     except CritlayerError as exc:
         print(f"critlayer: error: {exc}", file=sys.stderr)

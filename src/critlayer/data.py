@@ -18,11 +18,17 @@ SPLIT_SEED = 1234  # the held-out part never depends on a run's seed, so runs st
 
 @dataclass
 class TextData:
-    """Tokenised train and held-out sequences (BOS included), with where they came from."""
+    """Tokenised train and held-out sequences (BOS included), with where they came from.
+
+    ``*_starts`` (optional) give each sequence's first position that counts in the loss, so that
+    instruction data trains on replies only; without them every token counts.
+    """
 
     source: str
     train: list[list[int]]
     heldout: list[list[int]]
+    train_starts: list[int] | None = None
+    heldout_starts: list[int] | None = None
 
     def describe(self) -> dict:
         return {"source": self.source, "n_train": len(self.train), "n_heldout": len(self.heldout),
@@ -60,15 +66,20 @@ def load_data(lm: LanguageModel, source: str, *, n_eval: int = 32, n_train: int 
     return data
 
 
-def collate(sequences: list[list[int]], device) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 on padding) for a causal-LM loss."""
+def collate(sequences: list[list[int]], device, starts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels for a causal-LM loss.
+
+    Labels are -100 on padding and, where ``starts`` is given, before each sequence's start.
+    """
     width = max(map(len, sequences))
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
     for row, seq in enumerate(sequences):
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        start = starts[row] if starts is not None else 0
+        labels[row, start:len(seq)] = ids[row, start:len(seq)]
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 

@@ -1,4 +1,5 @@
-"""Rank statistics: Spearman correlation (plain, partial, permutation p-values) and set overlap."""
+"""Rank statistics (Spearman, plain and partial, set overlap, vectorised permutation tests) and confidence
+intervals for small samples."""
 
 from __future__ import annotations
 
@@ -61,3 +62,24 @@ def partial_spearman(a: np.ndarray, b: np.ndarray, covariates: np.ndarray) -> fl
     if ra.std() < 1e-12 or rb.std() < 1e-12:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default); sound at 0 and n successes too."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
+
+
+def bootstrap_ratio_interval(sums: np.ndarray, counts: np.ndarray, n: int = 2000, seed: int = 0,
+                             level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(sums) / sum(counts), resampling items (e.g. a per-token loss)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(n, len(sums)))
+    ratios = sums[picks].sum(1) / counts[picks].sum(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return (float(low), float(high))

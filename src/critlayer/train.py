@@ -62,19 +62,31 @@ class TrainRun:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, sequences: list[list[int]], batch_size: int = 8) -> float:
-    """Mean next-token loss per predicted token, over small batches so logits stay small."""
+def sequence_losses(model: torch.nn.Module, sequences: list[list[int]], starts: list[int] | None = None,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's summed next-token loss and number of predicted tokens, in small batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start:start + batch_size], device)
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch, use_cache=False).loss) * tokens
-        count += tokens
+    sums, counts = [], []
+    for first in range(0, len(sequences), batch_size):
+        batch = collate(sequences[first:first + batch_size], device,
+                        None if starts is None else starts[first:first + batch_size])
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                   reduction="none")
+        sums.append(losses.sum(1).double().cpu())
+        counts.append((labels != -100).sum(1).cpu())
     model.train(was_training)
-    return total / count
+    return torch.cat(sums).numpy(), torch.cat(counts).numpy()
+
+
+def heldout_loss(model: torch.nn.Module, sequences: list[list[int]], batch_size: int = 8,
+                 starts: list[int] | None = None) -> float:
+    """Mean next-token loss per predicted token."""
+    sums, counts = sequence_losses(model, sequences, starts, batch_size)
+    return float(sums.sum() / counts.sum())
 
 
 def prepare(lm: LanguageModel, model: torch.nn.Module, layers: list[int], config: TrainConfig):
@@ -100,7 +112,11 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     model = prepare(lm, model, layers, config)
     params = [p for p in model.parameters() if p.requires_grad]
     run = TrainRun(layers, sum(p.numel() for p in params))
-    run.heldout_loss.append((0, heldout_loss(model, data.heldout, config.eval_batch_size)))
+
+    def evaluate() -> float:
+        return heldout_loss(model, data.heldout, config.eval_batch_size, data.heldout_starts)
+
+    run.heldout_loss.append((0, evaluate()))
     if not params:
         return model, run
     optimizer = make_optimizer(model, config.learning_rate)
@@ -111,8 +127,9 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     bar = tqdm(range(1, config.steps + 1), desc=f"tuning {label}".strip(), unit="step", disable=not progress)
     with PeakMemory(device) as peak:
         for step in bar:
-            batch = collate([data.train[i] for i in order[(step - 1) * config.batch_size:step * config.batch_size]],
-                            device)
+            rows = order[(step - 1) * config.batch_size:step * config.batch_size]
+            batch = collate([data.train[i] for i in rows], device,
+                            None if data.train_starts is None else [data.train_starts[i] for i in rows])
             start = time.perf_counter()
             loss = model(**batch, use_cache=False).loss
             loss.backward()
@@ -125,7 +142,7 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
             run.train_loss.append((step, value))
             bar.set_postfix(loss=f"{value:.3f}")
             if step % config.eval_every == 0 or step == config.steps:
-                run.heldout_loss.append((step, heldout_loss(model, data.heldout, config.eval_batch_size)))
+                run.heldout_loss.append((step, evaluate()))
     model.eval()
     run.seconds_per_step = round(elapsed / config.steps, 4)
     run.peak_memory_mb = peak.megabytes

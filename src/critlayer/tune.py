@@ -29,6 +29,12 @@ def needs_ranking(spec: str) -> bool:
     return spec.strip().startswith(("critical:", "noncritical:"))
 
 
+def check_specs(lm: LanguageModel, specs: list[str]) -> None:
+    """Reject a bad spec (syntax, K, block index) before any scan or training is spent on it."""
+    for spec in specs:
+        parse_layers(spec, lm.num_layers, ranking=list(range(lm.num_layers)))
+
+
 def resolve_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None, seed: int) -> list[int]:
     ranking = eligible = None
     if needs_ranking(spec):

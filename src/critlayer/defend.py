@@ -1,0 +1,207 @@
+"""``critlayer defend``: does freezing the critical blocks blunt a backdoor planted by fine-tuning?
+
+Every policy fine-tunes all blocks except the ones its spec freezes (``none`` freezes nothing),
+from the same pre-trained weights, on the same poisoned data in the same order. Each tuned model
+then answers held-out prompts greedily, with and without the trigger: the attack success rate
+is the share of triggered prompts whose reply shows the target, the false-trigger rate the same
+on clean prompts, and the clean held-out loss on the held-out replies measures utility.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .backdoor import Attack, Pair, load_pairs, poison, shows_target, split_pairs
+from .data import TextData
+from .errors import CritlayerError
+from .models import LanguageModel
+from .outputs import check_output_folder, staged_folder
+from .result import ScanResult
+from .stats import bootstrap_ratio_interval, wilson_interval
+from .train import TrainConfig, TrainRun, finetune, sequence_losses
+from .tune import resolve_layers
+
+DEFEND_FILE = "defend.json"
+DEFAULT_COMPARE = "none,critical:4,noncritical:4,random:4"
+DEFAULT_STEPS = 60
+PRETRAINED = "pre-trained"
+
+
+@dataclass
+class PairLimits:
+    """How much of each pair is kept, and how many pairs are used."""
+
+    n_train: int | None = None  # default: one pass of the training steps (steps * batch size)
+    n_eval: int = 100
+    prompt_tokens: int = 48
+    reply_tokens: int = 48
+
+
+@dataclass
+class Outcome:
+    """One policy's fine-tuned model on the held-out prompts."""
+
+    spec: str
+    frozen: list[int]
+    attack_success: float
+    attack_success_ci: tuple[float, float]
+    false_trigger: float
+    false_trigger_ci: tuple[float, float]
+    clean_loss: float
+    clean_loss_ci: tuple[float, float]
+    examples: list[dict]
+    run: TrainRun | None = None
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "run"}
+        return {**out, "run": None if self.run is None else self.run.as_dict()}
+
+
+@dataclass
+class DefendResult:
+    settings: dict
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # the pre-trained model first
+
+    def table(self) -> str:
+        s = self.settings
+        width = max(len(spec) for spec in self.outcomes)
+        lines = [f"{s['model']['name']} fine-tuned {s['train']['steps']} steps on {s['data']['n_train']} {s['data']['source']} "
+                 f"pairs, {s['data']['n_poisoned']} poisoned ({s['attack']['poison_rate']:.0%}); "
+                 f"{s['data']['n_eval']} held-out prompts; 95% intervals",
+                 f"{'frozen':<{width}}  {'attack success':>22}  {'false triggers':>22}  {'clean loss':>24}  blocks frozen"]
+        for spec, o in self.outcomes.items():
+            lines.append(f"{spec:<{width}}  {_percent(o.attack_success, o.attack_success_ci):>22}  "
+                         f"{_percent(o.false_trigger, o.false_trigger_ci):>22}  "
+                         f"{o.clean_loss:>8.4f} [{o.clean_loss_ci[0]:.4f}, {o.clean_loss_ci[1]:.4f}]  "
+                         f"{'-' if spec == PRETRAINED else o.frozen}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {**self.settings, "outcomes": {spec: o.as_dict() for spec, o in self.outcomes.items()}}
+
+    def save(self, folder: str | Path, *, force: bool = False) -> Path:
+        folder = Path(folder)
+        check_output_folder(folder, DEFEND_FILE, force)
+        with staged_folder(folder) as tmp:
+            (tmp / DEFEND_FILE).write_text(json.dumps(self.to_json(), indent=1))
+            (tmp / "defend.txt").write_text(self.table() + "\n")
+            from .report.defence import write_defence_report
+            write_defence_report(self, tmp)
+        return folder
+
+
+def defend(lm: LanguageModel, source: str = "sharegpt", specs: list[str] | tuple[str, ...] = ("critical:4",),
+           attack: Attack = Attack(), config: TrainConfig = TrainConfig(steps=DEFAULT_STEPS), limits: PairLimits = PairLimits(),
+           *, scan_result: ScanResult | None = None, progress: bool = True) -> DefendResult:
+    """Fine-tune on poisoned pairs once per freezing policy in ``specs``; measure the backdoor each time."""
+    if not specs or len(set(specs)) != len(specs):
+        raise CritlayerError(f"need distinct freezing policies, got {','.join(specs) or 'none'}")
+    frozen = {spec: resolve_layers(lm, spec, scan_result, config.seed) for spec in specs}
+    for spec, blocks in frozen.items():
+        if len(blocks) == lm.num_layers:
+            raise CritlayerError(f"freezing {spec} leaves no block to fine-tune")
+    train_pairs, heldout_pairs = split_pairs(load_pairs(source), limits.n_eval)
+    train_pairs = _shorten(lm, train_pairs[:limits.n_train or config.steps * config.batch_size], limits)
+    heldout_pairs = _shorten(lm, heldout_pairs, limits)
+    poisoned, is_poisoned = poison(train_pairs, attack, config.seed)
+    data = _encode(lm, source, poisoned, heldout_pairs)
+    settings = {"model": lm.describe(), "attack": attack.describe(), "train": {**asdict(config), "lr": config.learning_rate},
+                "limits": asdict(limits), "scan_critical": None if scan_result is None else scan_result.critical,
+                "data": {"source": source, "n_train": len(poisoned), "n_poisoned": sum(is_poisoned),
+                         "n_eval": len(heldout_pairs)}}
+    result = DefendResult(settings)
+    result.outcomes[PRETRAINED] = _evaluate(lm, lm.model, PRETRAINED, [], heldout_pairs, data, attack, progress)
+    for spec, blocks in frozen.items():
+        trained = [i for i in range(lm.num_layers) if i not in blocks]
+        model, run = finetune(lm, copy.deepcopy(lm.model), trained, data, config, progress=progress,
+                              label=f"frozen {spec}")
+        outcome = _evaluate(lm, model, spec, blocks, heldout_pairs, data, attack, progress)
+        outcome.run = run
+        result.outcomes[spec] = outcome
+        del model
+    return result
+
+
+def _evaluate(lm: LanguageModel, model: torch.nn.Module, spec: str, frozen: list[int], heldout: list[Pair],
+              data: TextData, attack: Attack, progress: bool) -> Outcome:
+    prompts = [prompt for prompt, _ in heldout]
+    target_tokens = len(lm.tokenizer(attack.target, add_special_tokens=False)["input_ids"])
+    replies = greedy_replies(lm, model, [attack.insert(p) for p in prompts] + prompts, target_tokens + 8,
+                             progress=progress, label=spec)
+    triggered, clean = replies[:len(prompts)], replies[len(prompts):]
+    hits = sum(shows_target(r, attack.target) for r in triggered)
+    false_hits = sum(shows_target(r, attack.target) for r in clean)
+    sums, counts = sequence_losses(model, data.heldout, data.heldout_starts)
+    examples = [{"prompt": p, "triggered_reply": t, "clean_reply": c} for p, t, c in zip(prompts[:3], triggered, clean)]
+    return Outcome(spec, frozen, hits / len(prompts), wilson_interval(hits, len(prompts)), false_hits / len(prompts),
+                   wilson_interval(false_hits, len(prompts)), float(sums.sum() / counts.sum()),
+                   bootstrap_ratio_interval(sums, counts), examples)
+
+
+@torch.no_grad()
+def greedy_replies(lm: LanguageModel, model: torch.nn.Module, prompts: list[str], max_new_tokens: int, *,
+                   batch_size: int = 25, progress: bool = True, label: str = "") -> list[str]:
+    """The model's greedy continuation of each prompt (in its chat format), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(lm, p) for p in prompts]
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    replies = []
+    for first in tqdm(range(0, len(encoded), batch_size), desc=f"answering {label}".strip(), unit="batch",
+                      disable=not progress):
+        batch = encoded[first:first + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(seq)) + seq for seq in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in batch], device=device)
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        replies += lm.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return replies
+
+
+def prompt_ids(lm: LanguageModel, prompt: str) -> list[int]:
+    """Token ids that ask for a reply: the chat template where the tokenizer has one, else the prompt and a newline."""
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt + "\n", add_special_tokens=True)["input_ids"]
+
+
+def _encode(lm: LanguageModel, source: str, train: list[Pair], heldout: list[Pair]) -> TextData:
+    """Prompt-then-reply sequences whose loss counts the reply (and its end-of-turn token) only."""
+    eos = lm.tokenizer.eos_token_id
+    sequences, starts = [], []
+    for prompt, reply in train + heldout:
+        asked = prompt_ids(lm, prompt)
+        answer = lm.tokenizer(reply, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        sequences.append(asked + answer)
+        starts.append(len(asked))
+    n = len(train)
+    return TextData(source, sequences[:n], sequences[n:], starts[:n], starts[n:])
+
+
+def _shorten(lm: LanguageModel, pairs: list[Pair], limits: PairLimits) -> list[Pair]:
+    """Cut prompts and replies to their token limits (before any trigger goes in, so triggers stay whole)."""
+    tok = lm.tokenizer
+    if tok is None:
+        raise CritlayerError(f"{lm.name} has no tokenizer; defend needs one to read prompts and replies")
+
+    def cut(texts: list[str], n: int) -> list[str]:
+        return [tok.decode(ids[:n]).strip() for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+    prompts, replies = zip(*pairs)
+    kept = zip(cut(list(prompts), limits.prompt_tokens), cut(list(replies), limits.reply_tokens))
+    return [(p, r) for p, r in kept if p and r]
+
+
+def _percent(value: float, interval: tuple[float, float]) -> str:
+    return f"{value:6.1%} [{interval[0]:.1%}, {interval[1]:.1%}]"
