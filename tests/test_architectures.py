@@ -21,7 +21,7 @@ def test_scan_end_to_end(arch, tmp_path):
     assert result.cka.shape == (L, L)
     np.testing.assert_allclose(np.diag(result.cka), 1.0, atol=1e-5)
     assert set(result.scores) == {"delta", "block_influence", "angular_distance",
-                                  "spectral_k1", "spectral_k3", "spectral_k10"}
+                                  "spectral_k1", "spectral_k3", "spectral_k10", "consensus"}  # no bootstrap by default
     assert all(len(v) == L and np.isfinite(v).all() for v in result.scores.values())
     assert result.critical and all(0 <= i < L for i in result.critical)
     result.save(tmp_path / "out")

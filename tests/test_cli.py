@@ -114,3 +114,40 @@ def test_tune_and_validate_commands(tiny_folder, tmp_path, capsys, prompt_file):
     assert "unknown block 9" in _error(capsys, ["tune", str(tiny_folder), "--layers", "1,9",
                                                 "--out", str(tmp_path / "e"), *common])
     assert not (tmp_path / "e").exists()
+
+
+def test_every_measure_from_the_cli_and_export_in_three_formats(tiny_folder, tmp_path, capsys, prompt_file):
+    from peft import LoraConfig
+
+    assert _scan(tiny_folder, tmp_path / "s", "--probes", str(prompt_file), "--measures", "all", "--ablate",
+                 "block,mlp", "--select-by", "consensus", "--bootstrap", "10", "--text-n", "8") == 0
+    data = json.loads((tmp_path / "s" / "scan.json").read_text())
+    assert {"ablation", "ablation_mlp", "gradient", "weight_snr", "token_nmi_drop", "consensus", "p_critical"} <= set(data["scores"])
+    assert data["consensus"]["text"]["n"] == 8 and data["consensus"]["weights_read_from"].startswith("safetensors")
+    assert (tmp_path / "s" / "measures.png").stat().st_size > 0
+    capsys.readouterr()
+    scan_file = str(tmp_path / "s" / "scan.json")
+    assert main(["export", scan_file]) == 0
+    assert json.loads(capsys.readouterr().out) == data["critical"]
+    assert main(["export", scan_file, "--layers", "critical:2", "--score", "ablation", "--format", "peft",
+                 "--out", str(tmp_path / "adapter" / "adapter_config.json")]) == 0
+    config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    blocks = sorted({int(t.split(".")[2]) for t in config.target_modules})
+    assert len(blocks) == 2 and len(config.target_modules) == 2 * 7 and config.task_type == "CAUSAL_LM"
+    assert main(["export", scan_file, "--layers", "1,3", "--format", "axolotl"]) == 0
+    yaml = capsys.readouterr().out
+    assert "unfrozen_parameters:\n  - '^model\\.layers\\.1\\..*'\n  - '^model\\.layers\\.3\\..*'" in yaml
+    assert main(["measures"]) == 0 and "needs text" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--measures", "cka,ablation", "--probes", "random"], "random probes have none"),
+    (["--measures", "nope"], "unknown measure nope"),
+    (["--data", "bbc"], "--data is only read by"),
+    (["--measures", "ablation", "--ablate", "ffn"], "unknown ablation part"),
+    (["--measures", "gradient", "--data", "missing.txt"], "not found"),
+])
+def test_bad_measure_options_are_one_line(tiny_folder, tmp_path, capsys, extra, message):
+    extra = [str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
+    assert message in _error(capsys, ["scan", str(tiny_folder), "--n", "4", "--out", str(tmp_path / "o"), "--quiet", *extra])
+    assert not (tmp_path / "o").exists()

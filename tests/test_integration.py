@@ -17,7 +17,10 @@ def smollm2():
 
 def test_default_model_loads_with_its_blocks(smollm2):
     assert smollm2.describe() == {"name": "smollm2-135m", "architecture": "LlamaForCausalLM", "num_layers": 30,
-                                  "hidden_size": 576, "dtype": "float32", "blocks": "model.layers"}
+                                  "hidden_size": 576, "dtype": "float32", "blocks": "model.layers",
+                                  "block_linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                    "mlp.down_proj"]}
     assert smollm2.tokenizer.chat_template
 
 
@@ -35,3 +38,12 @@ def test_wiki_probes_in_chat_template(smollm2):
     result = critlayer.scan(smollm2, "wiki", n=8, max_tokens=40, chat_template=True, token_mode="mean",
                             progress=False, measures="cka")
     assert result.probes["source"] == "wiki" and len(result.scores["delta"]) == 30
+
+
+def test_every_measure_on_the_default_model(smollm2):
+    result = critlayer.scan(smollm2, "generated", n=16, max_tokens=16, measures="all", text_n=4, bootstrap=5,
+                            select_by="consensus", progress=False)
+    assert result.consensus["weights_read_from"].startswith("safetensors")
+    assert all(len(v) == 30 for v in result.scores.values())
+    assert result.scores["ablation"].max() > 0 and (result.scores["gradient"] > 0).all()
+    assert result.critical and all(2 <= i <= 27 for i in result.critical)

@@ -34,11 +34,13 @@ class Batch:
 
     ``states[0]`` is the input of block 0 (the embeddings) and ``states[i + 1]`` the output of
     block ``i``, as float32 of shape ``(L + 1, rows, hidden)``. ``keys`` are deterministic
-    per-row numbers in [0, 1) used to subsample rows independently of batching.
+    per-row numbers in [0, 1) used to subsample rows independently of batching; ``samples``
+    the probe each row comes from (what a bootstrap resamples).
     """
 
     states: torch.Tensor
     keys: torch.Tensor
+    samples: np.ndarray | None = None
 
 
 @dataclass
@@ -198,7 +200,7 @@ class Capture:
             rows, row_sample, row_pos = rows[:, ~sinks], row_sample[kept], row_pos[kept]
         if self.token_mode == "mean":
             rows, row_sample, row_pos = self._mean_per_sample(rows, row_sample)
-        return Batch(rows, row_keys(self.seed, row_sample, row_pos))
+        return Batch(rows, row_keys(self.seed, row_sample, row_pos), row_sample)
 
     @staticmethod
     def _mean_per_sample(rows: torch.Tensor, row_sample: np.ndarray):

@@ -1,4 +1,5 @@
-"""The ``critlayer`` command: ``scan``, ``compare``, ``tune``, ``validate``, ``defend`` and ``models``; bad input ends in one line."""
+"""The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
+``models``; bad input ends in one line."""
 
 from __future__ import annotations
 
@@ -56,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--token-mode", choices=TOKEN_MODES, default="last",
                       help="last non-pad token (default), all tokens but attention sinks, or their mean")
     scan.add_argument("--window", type=_at_least(1), default=2, help="delta averages CKA over |j - l| <= window (default 2)")
-    scan.add_argument("--measures", default="all", help=f"comma list of {', '.join(MEASURES)}, or all (default)")
+    scan.add_argument("--measures", default="default",
+                      help=f"comma list of {', '.join(MEASURES)}; default (cka,influence,spectral: no task data, "
+                           "one pass) or all; see critlayer measures")
+    scan.add_argument("--data", default=None,
+                      help="text for ablation and gradient: wiki, bbc, sharegpt or a .txt/.jsonl file "
+                           "(default: the probes, unless random)")
+    scan.add_argument("--text-n", type=_at_least(2), default=32, help="texts ablation and gradient use (default 32)")
+    scan.add_argument("--ablate", default="block", help="what ablation skips: comma list of block, attn, mlp (default block)")
+    scan.add_argument("--bootstrap", type=_at_least(0), default=None,
+                      help="bootstrap replicates over probe samples for P(critical) (default 100 with more than "
+                           "the default measures, else 0)")
     scan.add_argument("--k", type=int, default=None, help="choose exactly K critical layers (default: automatic band)")
     scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
-    scan.add_argument("--select-by", default=None, help="score the selection uses (default delta)")
+    scan.add_argument("--select-by", default=None,
+                      help="score the selection uses, e.g. consensus or p_critical (default delta, else consensus)")
     scan.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     scan.add_argument("--batch-size", type=_at_least(1), default=32)
@@ -70,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
     scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
     scan.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("measures", help="list the measures: what each computes, its cost, whether it needs text")
+
+    export = sub.add_parser("export", help="write a scan's blocks as a PEFT LoraConfig, axolotl list or JSON list")
+    export.add_argument("scan", type=Path, help="a scan folder or its scan.json")
+    export.add_argument("--layers", default=None,
+                        help="critical:K, noncritical:K, random:K, all or 3,7-9 (default: the scan's critical blocks)")
+    export.add_argument("--score", default=None, help="score that ranks the blocks for critical:K (default: the selection's)")
+    export.add_argument("--format", choices=("json", "peft", "axolotl"), default="json")
+    export.add_argument("--r", type=_at_least(1), default=8, help="LoRA rank for --format peft (default 8)")
+    export.add_argument("--alpha", type=_at_least(1), default=16, help="LoRA alpha for --format peft (default 16)")
+    export.add_argument("--seed", type=_at_least(0), default=0, help="seed of random:K")
+    export.add_argument("--out", type=Path, default=None,
+                        help="file to write (default: standard output); for peft name it adapter_config.json")
 
     comp = sub.add_parser("compare", help="how stable are scans across probes, token modes or models")
     comp.add_argument("scans", nargs="+", type=Path, help="scan folders or their scan.json files")
@@ -90,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_arguments(val)
     val.add_argument("--tuned", default=None, help="a fine-tuned checkpoint of MODEL (default: fine-tune all blocks)")
     val.add_argument("--window", type=_at_least(1), default=3, help="blocks restored together (default 3)")
+    val.add_argument("--measures", default="default", help="measures of the scan run when no --scan is given")
     val.add_argument("--out", type=Path, default=Path("critlayer-validate"))
 
     from .backdoor import TRIGGERS
@@ -149,6 +176,7 @@ def cmd_scan(args) -> None:
                   chat_template=args.chat_template, token_mode=args.token_mode, window=args.window,
                   measures=args.measures, k=args.k, edges=args.edges, select_by=args.select_by,
                   batch_size=args.batch_size, max_rows=args.max_rows, sink_ratio=args.sink_ratio,
+                  data=args.data, text_n=args.text_n, ablate=args.ablate, bootstrap=args.bootstrap,
                   progress=not args.quiet)
     result.timing = {"load": round(load_seconds, 3), **result.timing,
                      "total": round(time.perf_counter() - start, 3)}
@@ -158,6 +186,30 @@ def cmd_scan(args) -> None:
           f"(rule {result.selection['rule']}: {result.selection['reason']})")
     print(f"wrote {args.out}/: {' '.join(sorted(p.name for p in args.out.iterdir()))} "
           f"in {result.timing['total']:.1f} s")
+
+
+def cmd_measures(args) -> None:
+    from .measures import DEFAULT_MEASURES, MEASURES
+
+    for name, m in MEASURES.items():
+        flags = ", ".join(f for f, on in (("default", name in DEFAULT_MEASURES), ("needs text", m.needs_text)) if on)
+        print(f"{name:<10} {m.description}\n{'':<10} scores: {', '.join(m.scores + m.extra)}; cost: {m.cost}"
+              + (f"; {flags}" if flags else ""))
+
+
+def cmd_export(args) -> None:
+    from .export import chosen_blocks, export_text
+    from .outputs import write_atomically
+    from .result import ScanResult
+
+    result = ScanResult.load(args.scan)
+    blocks = chosen_blocks(result, args.layers, args.score, args.seed)
+    text = export_text(result, blocks, args.format, r=args.r, alpha=args.alpha)
+    if args.out is None:
+        print(text, end="")
+        return
+    write_atomically(args.out, text)
+    print(f"wrote blocks {blocks} of {result.model['name']} as {args.format} to {args.out}")
 
 
 def cmd_compare(args) -> None:
@@ -224,7 +276,7 @@ def cmd_validate(args) -> None:
     tuned = load(args.tuned, dtype=args.dtype, device=args.device).model if args.tuned else None
     if scan_result is None:
         print("critlayer: scanning first (default scan; pass --scan to reuse one)", flush=True)
-        scan_result = scan(lm, progress=not args.quiet)
+        scan_result = scan(lm, measures=args.measures, progress=not args.quiet)
     result = validate(lm, data, scan_result, config, tuned=tuned, window=args.window, progress=not args.quiet)
     result.save(args.out, force=args.force)
     print(result.table())
@@ -281,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     _quiet_transformers()
     try:
-        commands = {"scan": cmd_scan, "compare": cmd_compare, "tune": cmd_tune, "validate": cmd_validate,
-                    "defend": cmd_defend, "models": cmd_models}
+        commands = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
+                    "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "models": cmd_models}
         commands[args.command](args)
     except CritlayerError as exc:
         print(f"critlayer: error: {exc}", file=sys.stderr)

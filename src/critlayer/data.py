@@ -81,3 +81,10 @@ def collate(sequences: list[list[int]], device, starts: list[int] | None = None)
         start = starts[row] if starts is not None else 0
         labels[row, start:len(seq)] = ids[row, start:len(seq)]
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def sample_texts(lm: LanguageModel, source: str, n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """``n`` texts of ``source`` drawn with ``seed``, tokenised (for the measures that need a loss)."""
+    texts = load_texts(source)
+    chosen = sorted(np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False))
+    return tokenize(lm, [texts[i] for i in chosen], max_tokens)

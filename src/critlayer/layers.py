@@ -2,7 +2,8 @@
 
 Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (from a scan's ranking),
 ``random:K`` (seeded), or explicit indices such as ``3,7-9``. The blocks then become a freeze
-mask, a PEFT ``LoraConfig`` targeting only them, or an axolotl ``unfrozen_parameters`` list.
+mask, a PEFT ``LoraConfig`` targeting only them, or an axolotl ``unfrozen_parameters`` list;
+the last two need only the model's description, so a saved scan is enough.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def parse_layers(spec: str, num_layers: int, *, ranking: list[int] | None = None
     return sorted(blocks)
 
 
-def block_prefixes(lm: LanguageModel, blocks: list[int]) -> list[str]:
+def _describe(lm: LanguageModel | dict) -> dict:
+    """A loaded model's description, or one read from a scan (``ScanResult.model``)."""
+    return lm.describe() if isinstance(lm, LanguageModel) else lm
+
+
+def block_prefixes(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
     """Parameter-name prefixes of the given blocks, e.g. ``model.layers.3.``."""
-    return [f"{lm.blocks_path}.{i}." for i in blocks]
+    return [f"{_describe(lm)['blocks']}.{i}." for i in blocks]
 
 
 def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> list[str]:
@@ -76,14 +82,15 @@ def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> lis
     return trainable
 
 
-def lora_targets(lm: LanguageModel, blocks: list[int]) -> list[str]:
+def lora_targets(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
     """Full names of the linear layers inside the given blocks (what LoRA adapts)."""
-    prefixes = tuple(block_prefixes(lm, blocks))
-    linear = (nn.Linear,) + _conv1d()
-    return [name for name, module in lm.model.named_modules() if name.startswith(prefixes) and isinstance(module, linear)]
+    linears = _describe(lm).get("block_linears")
+    if linears is None:
+        raise CritlayerError("this scan predates the record of each block's linear layers; scan the model again")
+    return [prefix + name for prefix in block_prefixes(lm, blocks) for name in linears]
 
 
-def lora_config(lm: LanguageModel, blocks: list[int], *, r: int = 8, alpha: int = 16, dropout: float = 0.0):
+def lora_config(lm: LanguageModel | dict, blocks: list[int], *, r: int = 8, alpha: int = 16, dropout: float = 0.0):
     """A PEFT ``LoraConfig`` that adapts the linear layers of the given blocks only."""
     from peft import LoraConfig
 
@@ -94,14 +101,6 @@ def lora_config(lm: LanguageModel, blocks: list[int], *, r: int = 8, alpha: int 
                       task_type="CAUSAL_LM")
 
 
-def unfrozen_parameters(lm: LanguageModel, blocks: list[int]) -> list[str]:
+def unfrozen_parameters(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
     """An axolotl ``unfrozen_parameters`` list (regular expressions) for the given blocks."""
     return [f"^{re.escape(prefix)}.*" for prefix in block_prefixes(lm, blocks)]
-
-
-def _conv1d() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-    except ImportError:  # pragma: no cover
-        return ()
-    return (Conv1D,)

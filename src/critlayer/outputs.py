@@ -45,3 +45,14 @@ class staged_folder:
             self.tmp.rmdir()
         else:
             os.replace(self.tmp, self.folder)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file through a hidden sibling, so it is either the old one or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

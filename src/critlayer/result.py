@@ -19,8 +19,9 @@ SCAN_FILE = "scan.json"
 class ScanResult:
     """Per-layer scores of one model, the CKA matrix, and the chosen critical layers.
 
-    ``scores`` maps a score name to one value per block (block i = index i); ``cka[i][j]`` is
-    the linear CKA between the outputs of blocks i and j.
+    ``scores`` maps a score name to one value per block (block i = index i), ``consensus`` and
+    ``p_critical`` included; ``cka[i][j]`` is the linear CKA between the outputs of blocks i and j;
+    ``consensus`` says which scores the consensus combines, their pairwise agreement and the bootstrap.
     """
 
     model: dict
@@ -33,6 +34,7 @@ class ScanResult:
     timing: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     capture: dict = field(default_factory=dict)
+    consensus: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -40,6 +42,7 @@ class ScanResult:
             "cka": None if self.cka is None else np.round(self.cka, 8).tolist(),
             "scores": {name: np.round(values, 8).tolist() for name, values in self.scores.items()},
             "critical": self.critical, "selection": self.selection, "capture": self.capture,
+            "consensus": self.consensus,
             "timing": self.timing, "versions": self.versions,
         }
 
@@ -50,7 +53,8 @@ class ScanResult:
                    cka=None if cka is None else np.array(cka, dtype=float),
                    scores={k: np.array(v, dtype=float) for k, v in data["scores"].items()},
                    critical=data["critical"], selection=data["selection"], timing=data.get("timing", {}),
-                   versions=data.get("versions", {}), capture=data.get("capture", {}))
+                   versions=data.get("versions", {}), capture=data.get("capture", {}),
+                   consensus=data.get("consensus", {}))
 
     def save(self, folder: str | Path, *, force: bool = False, report: bool = True) -> Path:
         """Write scan.json, layers.csv and (with ``report``) the plots and report.html, atomically."""
@@ -91,12 +95,14 @@ class ScanResult:
         if self.model.get("num_layers") != num_layers:
             raise CritlayerError(f"the scan has {self.model.get('num_layers')} layers, the model {num_layers}")
 
-    def ranking(self) -> list[int]:
-        """Blocks from most to least critical by the selection's score: eligible ones first, then edges."""
+    def ranking(self, score: str | None = None) -> list[int]:
+        """Blocks from most to least critical by ``score`` (default: the selection's): eligible ones first."""
         from .measures import DIRECTION
         from .select import rank_blocks
 
-        score = self.selection.get("score", "delta")
+        score = score or self.selection.get("score", "delta")
+        if score not in self.scores:
+            raise CritlayerError(f"the scan has no score {score!r}; it has {', '.join(self.scores)}")
         eligible = self.selection.get("params", {}).get("eligible", self.layers)
         return rank_blocks(DIRECTION.get(score, -1) * np.asarray(self.scores[score]), eligible)
 

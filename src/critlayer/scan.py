@@ -1,111 +1,145 @@
-"""The scan: load, probe, capture, measure, select. One function, each phase timed."""
+"""The scan: load, probe, measure, combine, select. One function, each phase timed."""
 
 from __future__ import annotations
 
 import platform
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from . import __version__
-from .capture import SINK_RATIO, Capture
+from .capture import SINK_RATIO
+from .consensus import agreement, bootstrap_critical, consensus
+from .data import sample_texts
 from .errors import CritlayerError
-from .measures import DIRECTION, MEASURES, BlockSimilarity, RowSample, cka_matrix, delta_scores, spectral_scores
+from .measures import DEFAULT_MEASURES, DIRECTION, MEASURES
+from .measures.ablation import parse_parts
+from .measures.suite import run_measures, timed
 from .models import DEFAULT_MODEL, LanguageModel, load
 from .probes import Probes, make_probes
 from .result import ScanResult
 from .select import select_critical
 
-DEFAULT_MEASURES = tuple(MEASURES)
-
-
-@contextmanager
-def _timed(timing: dict, phase: str):
-    start = time.perf_counter()
-    yield
-    timing[phase] = round(time.perf_counter() - start, 3)
+TEXT_N = 32  # texts the loss measures use: ablation runs about L/2 forwards over them per part
+BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's SVDs) and ablation
 
 
 def parse_measures(measures: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``default`` is the data-oblivious, one-pass trio; ``all`` every measure."""
     names = [m.strip() for m in (measures.split(",") if isinstance(measures, str) else measures) if m.strip()]
     if names == ["all"]:
+        return tuple(MEASURES)
+    if names == ["default"]:
         return DEFAULT_MEASURES
     unknown = [m for m in names if m not in MEASURES]
     if unknown or not names:
-        raise CritlayerError(f"unknown measure {','.join(unknown) or '(none)'}; choose from {', '.join(MEASURES)} or all")
+        raise CritlayerError(f"unknown measure {','.join(unknown) or '(none)'}; "
+                             f"choose from {', '.join(MEASURES)}, default or all")
     return tuple(dict.fromkeys(names))
+
+
+def check_text_source(measures: tuple[str, ...], probes: Probes | str, data: str | None) -> None:
+    """Refuse, before any work, a loss measure without real text and --data that nothing reads."""
+    needing = [m for m in measures if MEASURES[m].needs_text]
+    if data is not None and not needing:
+        readers = ", ".join(m for m in MEASURES if MEASURES[m].needs_text)
+        raise CritlayerError(f"--data is only read by {readers}; none of them is in --measures")
+    source = probes if isinstance(probes, str) else probes.source
+    if needing and data is None and source == "random":
+        raise CritlayerError(f"{', '.join(needing)} need text with real next tokens and random probes have none; "
+                             "give --data (wiki, bbc, sharegpt or a file) or text probes")
+
+
+def loss_texts(lm: LanguageModel, probes: Probes | None, data: str | None, *, n: int, max_tokens: int,
+               seed: int) -> tuple[list[list[int]], str]:
+    """The token sequences the loss measures run on (``n`` of --data, else the first ``n`` probes)."""
+    if data is not None:
+        sequences, source = sample_texts(lm, data, n, max_tokens, seed), data
+    else:
+        sequences, source = probes.token_ids[:n], probes.source
+    sequences = [ids for ids in sequences if len(ids) >= 2]
+    if len(sequences) < 2:
+        raise CritlayerError(f"the loss measures need at least 2 texts of 2 tokens or more from {source!r}")
+    return sequences, source
 
 
 def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "generated", *, n: int = 256,
          max_tokens: int = 64, seed: int = 0, chat_template: bool = False, token_mode: str = "last",
          window: int = 2, measures: str | tuple[str, ...] = DEFAULT_MEASURES, k: int | None = None,
          edges: bool = False, select_by: str | None = None, batch_size: int = 32, max_rows: int = 2048,
-         sink_ratio: float = SINK_RATIO,
+         sink_ratio: float = SINK_RATIO, data: str | None = None, text_n: int = TEXT_N,
+         ablate: str | tuple[str, ...] = ("block",), bootstrap: int | None = None,
          dtype: str = "auto", device: str | None = None, progress: bool = True) -> ScanResult:
-    """Find the critical layers of a model without task data.
+    """Find the critical layers of a model: every chosen measure, their consensus and its bootstrap.
 
     >>> lm = critlayer.load("smollm2-135m")                                  # doctest: +SKIP
     >>> result = critlayer.scan(lm, probes="generated", n=256, token_mode="last")
-    >>> result.critical, result.scores["delta"][:3]
+    >>> result.critical, result.scores["delta"][:3], result.scores["consensus"][:3]
+    >>> everything = critlayer.scan(lm, measures="all", data="bbc")       # ablation, gradient, ...
+
+    ``bootstrap`` replicates give ``p_critical``; by default 100 when more than the default measures
+    run and none otherwise, so the default scan costs what it did.
     """
-    timing: dict[str, float] = {}
-    measures = parse_measures(measures)
-    if window < 1:
-        raise CritlayerError(f"--window must be at least 1, got {window}")
-    if max_rows < 2:
-        raise CritlayerError(f"--max-rows must be at least 2, got {max_rows}")
+    timing: dict = {}
+    measures, ablate = parse_measures(measures), parse_parts(ablate)
+    if bootstrap is None:
+        bootstrap = 0 if set(measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
+    check_text_source(measures, probes, data)
+    for name, value, least in (("--window", window, 1), ("--max-rows", max_rows, 2), ("--text-n", text_n, 2),
+                               ("--bootstrap", bootstrap, 0)):
+        if value < least:
+            raise CritlayerError(f"{name} must be at least {least}, got {value}")
     if isinstance(lm, str):
-        with _timed(timing, "load"):
+        with timed(timing, "load"):
             lm = load(lm, dtype=dtype, device=device)
     if k is not None and not 1 <= k <= lm.num_layers:
         raise CritlayerError(f"--k {k} is larger than the {lm.num_layers} layers of {lm.name}" if k > 0
                              else f"--k must be at least 1, got {k}")
+    needs_probes = any(MEASURES[m].capture or (MEASURES[m].needs_text and data is None) for m in measures)
     built_here = isinstance(probes, str)
-    if built_here:
-        with _timed(timing, "probes"):
+    if built_here and needs_probes:
+        with timed(timing, "probes"):
             probes = make_probes(lm, probes, n=n, max_tokens=max_tokens, seed=seed,
                                  chat_template=chat_template, progress=progress)
-    capture = Capture(lm, probes, token_mode=token_mode, batch_size=batch_size, seed=seed, sink_ratio=sink_ratio,
-                      progress=progress)
-    sample = RowSample(max_rows) if {"cka", "spectral"} & set(measures) else None
-    similarity = BlockSimilarity() if "influence" in measures else None
-    with _timed(timing, "capture"):
-        for batch in capture:
-            for accumulator in (sample, similarity):
-                if accumulator is not None:
-                    accumulator.update(batch)
-    if capture.stats.rows < 2:
-        raise CritlayerError(f"only {capture.stats.rows} row(s) left after dropping massive activations; "
-                             "raise --sink-ratio or use more probes")
-    with _timed(timing, "measures"):
-        scores, cka = {}, None
-        outputs = sample.compute()[1:] if sample is not None else None  # block outputs only
-        if "cka" in measures:
-            cka = cka_matrix(outputs)
-            scores["delta"] = delta_scores(cka, window)
-        if similarity is not None:
-            scores.update(similarity.compute())
-        if "spectral" in measures:
-            scores.update(spectral_scores(outputs))
-    if not all(np.isfinite(v).all() for v in scores.values()):
-        raise CritlayerError("the probes give identical hidden states (no variance across rows); use more varied probes")
-    select_by = select_by or ("delta" if "delta" in scores else next(iter(scores)))
+    elif not needs_probes:
+        probes = None
+    text, text_source = (loss_texts(lm, probes, data, n=text_n, max_tokens=max_tokens, seed=seed)
+                         if any(MEASURES[m].needs_text for m in measures) else (None, None))
+    measured = run_measures(lm, measures, probes=probes, text=text, token_mode=token_mode, batch_size=batch_size,
+                            seed=seed, sink_ratio=sink_ratio, max_rows=max_rows, window=window, ablate=ablate,
+                            progress=progress)
+    timing.update(measured.timing)
+    scores, groups = measured.scores, measured.groups(measures)
+
+    def select(name: str, values: np.ndarray):
+        return select_critical(values, direction=DIRECTION[name], score_name=name, k=k, window=window, edges=edges)
+
+    with timed(timing, "consensus"):
+        scores["consensus"] = consensus(scores, groups)
+        resampled = bootstrap > 0 and bool(measured.resamplers)
+        if resampled:
+            scores["p_critical"] = bootstrap_critical(measured.replicate, groups,
+                                                      lambda c: select("consensus", c).critical, lm.num_layers,
+                                                      replicates=bootstrap, seed=seed)
+    select_by = select_by or ("delta" if "delta" in scores else "consensus")
     if select_by not in scores:
         raise CritlayerError(f"cannot select by {select_by!r}; the scan computed {', '.join(scores)}")
-    selection = select_critical(scores[select_by], direction=DIRECTION[select_by], score_name=select_by,
-                                k=k, window=window, edges=edges)
+    selection = select(select_by, scores[select_by])
+    ranked = [s for names in groups.values() for s in names]
+    probe_info = {} if probes is None else {
+        **probes.describe(), "max_tokens": max_tokens if built_here else None, "token_mode": token_mode,
+        "seed": seed, "chat_template": chat_template if built_here else None, "batch_size": batch_size,
+        "sink_ratio": sink_ratio}
     return ScanResult(
-        model=lm.describe(),
-        probes={**probes.describe(), "max_tokens": max_tokens if built_here else None, "token_mode": token_mode,
-                "seed": seed, "chat_template": chat_template if built_here else None, "batch_size": batch_size,
-                "sink_ratio": sink_ratio},
-        layers=list(range(lm.num_layers)), cka=cka, scores=scores, critical=selection.critical,
-        selection={**selection.as_dict(), "measures": list(measures)},
-        timing=timing, versions=_versions(),
-        capture={**capture.stats.as_dict(), "rows_for_cka": 0 if sample is None else int(sample.keys.numel()),
-                 "max_rows": max_rows},
+        model=lm.describe(), probes=probe_info, layers=list(range(lm.num_layers)), cka=measured.cka, scores=scores,
+        critical=selection.critical, selection={**selection.as_dict(), "measures": list(measures)},
+        timing=timing, versions=_versions(), capture=measured.capture,
+        consensus={"groups": groups, "scores": ranked, "agreement": np.round(agreement(scores, ranked), 6).tolist(),
+                   "bootstrap": bootstrap if resampled else 0,
+                   "held_fixed": measured.fixed if resampled else list(measures),
+                   "text": None if text is None else {"source": text_source, "n": len(text),
+                                                       "tokens": sum(map(len, text)), "ablate": list(ablate)},
+                   **measured.details},
     )
 
 

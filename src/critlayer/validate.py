@@ -5,9 +5,11 @@ blocks, copy the pre-trained weights back into the tuned model and record how mu
 held-out loss rises. A block's fine-tuning importance is the mean rise over the windows that
 contain it; its relative weight change is ||tuned - pre-trained|| / ||pre-trained||.
 
-Every scan score is then correlated (Spearman, permutation p-value) with both, beside what a
-score must beat: depth alone (many per-layer quantities are U-shaped in depth), the same
-correlation over interior blocks only, and the partial correlation with depth regressed out.
+Every scan score (every measure, the consensus and P(critical)) is then correlated (Spearman,
+permutation p-value) with both, beside what a score must beat: depth alone (many per-layer
+quantities are U-shaped in depth), the same correlation over interior blocks only, and the
+partial correlation with depth regressed out. A useful score correlates with importance in
+its own direction: negatively where a low score marks a critical block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import TextData
 from .errors import CritlayerError
+from .measures import DIRECTION
 from .models import LanguageModel, find_blocks
 from .outputs import check_output_folder, staged_folder
 from .result import ScanResult
@@ -55,11 +58,16 @@ class Validation:
     def table(self) -> str:
         lines = [f"held-out loss: pre-trained {self.loss_pretrained:.4f}, tuned {self.loss_tuned:.4f}", ""]
         for target in TARGETS:
-            lines.append(f"Spearman with {target}: all blocks (p) | interior blocks (p) | partial, depth removed (p)")
+            lines.append(f"Spearman with {target} (sign a useful score has): all blocks (p) | interior blocks (p) "
+                         "| partial, depth removed (p)")
             for name, c in self.correlations[target].items():
-                lines.append(f"  {name:<18} {c['all']:+.2f} ({c['all_p']:.3f}) | {c['interior']:+.2f} "
+                sign = {1: "+", -1: "-"}.get(DIRECTION.get(name), " ")
+                lines.append(f"  {name:<18} {sign} {c['all']:+.2f} ({c['all_p']:.3f}) | {c['interior']:+.2f} "
                              f"({c['interior_p']:.3f}) | {c['partial']:+.2f} ({c['partial_p']:.3f})")
             lines.append("")
+        best = best_predictors(self.correlations["importance"])
+        lines.append("best predictors of importance, depth regressed out (correlation in the useful direction): "
+                     + ", ".join(f"{name} {value:+.2f}" for name, value in best[:3]))
         return "\n".join(lines).rstrip()
 
     def save(self, folder: str | Path, *, force: bool = False) -> Path:
@@ -70,6 +78,13 @@ class Validation:
             from .report.validation import write_validation_report
             write_validation_report(self, tmp)
         return folder
+
+
+def best_predictors(rows: dict[str, dict[str, float]], key: str = "partial") -> list[tuple[str, float]]:
+    """Scores ordered by their correlation with a target in their own useful direction (depth baselines left out)."""
+    signed = [(name, DIRECTION[name] * r[key]) for name, r in rows.items()
+              if name in DIRECTION and np.isfinite(r[key])]
+    return sorted(signed, key=lambda item: -item[1])
 
 
 def check_same_architecture(lm: LanguageModel, tuned: torch.nn.Module) -> None:
@@ -113,11 +128,9 @@ def correlate(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], int
     predictors = {**scores, "depth": depth, "depth_u_shape": np.abs(depth - 0.5)}
     covariates = np.column_stack([depth, (depth - 0.5) ** 2])
     inner = np.array(interior)
-    def partial(a, b):
-        return partial_spearman(a, b, covariates)
 
-    def pvalue(a, b, statistic):
-        return permutation_pvalue(a, b, statistic, n=permutations)
+    def pvalue(a, b, partial=False):
+        return permutation_pvalue(a, b, covariates if partial else None, n=permutations)
 
     out = {}
     for target_name, target in targets.items():
@@ -125,11 +138,11 @@ def correlate(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], int
         for name, values in predictors.items():
             values = np.asarray(values, dtype=float)
             rows[name] = {
-                "all": spearman(values, target), "all_p": pvalue(values, target, spearman),
+                "all": spearman(values, target), "all_p": pvalue(values, target),
                 "interior": spearman(values[inner], target[inner]),
-                "interior_p": pvalue(values[inner], target[inner], spearman),
-                "partial": np.nan if name.startswith("depth") else partial(values, target),
-                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial),
+                "interior_p": pvalue(values[inner], target[inner]),
+                "partial": np.nan if name.startswith("depth") else partial_spearman(values, target, covariates),
+                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial=True),
             }
         out[target_name] = {k: {m: round(float(v), 4) for m, v in r.items()} for k, r in rows.items()}
     return out

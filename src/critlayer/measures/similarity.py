@@ -10,6 +10,18 @@ import torch
 from ..capture import Batch
 
 
+def _cosines_and_angles(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, cosine of every block's input and output and the angle between them over pi."""
+    cos = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1).double()
+    return cos, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def similarity_scores(states: torch.Tensor) -> dict[str, np.ndarray]:
+    """Both scores at once from rows shaped ``(L + 1, rows, hidden)`` (the bootstrap's form)."""
+    cos, angle = _cosines_and_angles(states)
+    return {"block_influence": (1.0 - cos.mean(1)).cpu().numpy(), "angular_distance": angle.mean(1).cpu().numpy()}
+
+
 class BlockSimilarity:
     """Streaming mean cosine between every block's input and output over the captured rows.
 
@@ -25,8 +37,7 @@ class BlockSimilarity:
         self.count = 0
 
     def update(self, batch: Batch) -> None:
-        cos = torch.nn.functional.cosine_similarity(batch.states[:-1], batch.states[1:], dim=-1).double()
-        angle = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+        cos, angle = _cosines_and_angles(batch.states)
         cos_sum, angle_sum = cos.sum(1).cpu(), angle.sum(1).cpu()
         self.cos_sum = cos_sum if self.cos_sum is None else self.cos_sum + cos_sum
         self.angle_sum = angle_sum if self.angle_sum is None else self.angle_sum + angle_sum

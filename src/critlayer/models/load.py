@@ -63,10 +63,24 @@ class LanguageModel:
     def is_causal(self) -> bool:
         return hasattr(self.model, "generate") and self.model.can_generate()
 
+    @property
+    def block_linears(self) -> list[str]:
+        """Names of the linear layers inside a block (what LoRA adapts), e.g. ``self_attn.q_proj``."""
+        return [name for name, module in self.blocks[0].named_modules() if isinstance(module, linear_types())]
+
     def describe(self) -> dict:
         return {"name": self.name, "architecture": self.architecture, "num_layers": self.num_layers,
                 "hidden_size": self.hidden_size, "dtype": str(self.dtype).removeprefix("torch."),
-                "blocks": self.blocks_path}
+                "blocks": self.blocks_path, "block_linears": self.block_linears}
+
+
+def linear_types() -> tuple[type, ...]:
+    """nn.Linear, and GPT-2's Conv1D where transformers has it."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

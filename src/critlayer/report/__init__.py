@@ -5,18 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from .html import write_html
-from .plots import plot_cka, plot_profile
+from .plots import plot_cka, plot_measures, plot_profile
 
 
 def write_report(result, folder: Path) -> None:
-    """Write cka.png (when CKA was measured), profile.png and report.html into ``folder``."""
+    """Write cka.png (when CKA was measured), profile.png, measures.png (with a consensus) and report.html."""
     images = []
     if result.cka is not None:
         plot_cka(result, folder / "cka.png")
         images.append(folder / "cka.png")
     plot_profile(result, folder / "profile.png")
     images.append(folder / "profile.png")
+    if result.consensus.get("scores"):
+        plot_measures(result, folder / "measures.png")
+        images.append(folder / "measures.png")
     write_html(result, folder, images)
 
 
-__all__ = ["plot_cka", "plot_profile", "write_html", "write_report"]
+__all__ = ["plot_cka", "plot_measures", "plot_profile", "write_html", "write_report"]

@@ -21,7 +21,9 @@ HOW_TO_READ = (
     "representation, and dark bands crossing them mark the shifts. Block influence and angular distance measure "
     "how far a block turns its own input (high = important); the spectral scores ask whether a block's top "
     "principal components match its neighbours' (low = a shift). Edge blocks have clipped windows and are "
-    "greyed out unless the scan was run with edges eligible."
+    "greyed out unless the scan was run with edges eligible. The <b>consensus</b> is the mean over measures of "
+    "each block's criticality rank scaled to [0, 1] (1 = most critical); <b>p_critical</b> is how often the "
+    "selection rule picks a block from the consensus of a bootstrap replicate of the probe samples."
 )
 
 
@@ -47,12 +49,17 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
         + f"<td>{'critical' if i in result.critical else ''}</td></tr>"
         for i in result.layers)
     sel = result.selection
+    con = result.consensus
+    held = ", ".join(con.get("held_fixed", [])) or "none"
+    consensus_note = (f"<p>Consensus of {esc(', '.join(con.get('groups', {})))}; bootstrap replicates: "
+                      f"{con.get('bootstrap', 0)}; held fixed in them: {esc(held)}.</p>" if con else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer scan: {esc(result.model['name'])}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Critical layers of {esc(result.model['name'])}</h1>
 <p><b>Critical blocks: {esc(str(result.critical))}</b>, chosen by rule <code>{esc(sel.get('rule', ''))}</code>
 on <code>{esc(sel.get('score', ''))}</code>: {esc(sel.get('reason', ''))}.</p>
 <p>{HOW_TO_READ}</p>
+{consensus_note}
 {''.join(_image(p) for p in images)}
 <h2>Per-layer scores</h2><table><tr><th>block</th>{head}<th></th></tr>{body}</table>
 <h2>Settings</h2><table class="kv">{rows}</table>

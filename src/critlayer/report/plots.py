@@ -1,4 +1,4 @@
-"""Figures of a scan: the CKA heatmap and the per-layer profile of every score."""
+"""Figures of a scan: the CKA heatmap, the per-layer profile of every score, and all measures on one axis."""
 
 from __future__ import annotations
 
@@ -53,6 +53,39 @@ def plot_profile(result, path: Path) -> None:
     rule = result.selection.get("rule", "")
     fig.suptitle(f"{result.model['name']}: per-layer scores; critical blocks {result.critical} (red, rule {rule}); "
                  "grey: edge blocks not eligible", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_measures(result, path: Path) -> None:
+    """Every measure's criticality rank scaled to [0, 1] (what the consensus averages) on one axis, with the
+    consensus and P(critical); beside it, the signed Spearman agreement of every pair of scores."""
+    from ..consensus import measure_ranks
+
+    names = result.consensus["scores"]
+    fig, (ax, heat) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
+    layers = np.array(result.layers)
+    if "p_critical" in result.scores:
+        ax.bar(layers, result.scores["p_critical"], color=CRITICAL_COLOR, alpha=0.22, width=0.8,
+               label=f"P(critical), {result.consensus['bootstrap']} bootstrap replicates")
+    for c, (measure, rank) in enumerate(measure_ranks(result.scores, result.consensus["groups"]).items()):
+        ax.plot(layers, rank, lw=1.1, alpha=0.8, color=f"C{c % 10}", marker=".", ms=4, label=measure)
+    ax.plot(layers, result.scores["consensus"], color="black", lw=2.6, label="consensus (mean of the ranks)")
+    ax.set(xlabel="block", ylabel="criticality rank, scaled (1 = most critical)", ylim=(-0.03, 1.03),
+           title=f"{result.model['name']}: every measure on one axis; critical blocks {result.critical}")
+    ax.set_xticks(layers[:: max(1, len(layers) // 15)])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), framealpha=0.9)
+    agree = np.array(result.consensus["agreement"], dtype=float)
+    image = heat.imshow(agree, cmap="RdBu", vmin=-1, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            heat.text(j, i, f"{agree[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    heat.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    heat.set_yticks(range(len(names)), names, fontsize=7)
+    heat.set_title("agreement: Spearman of criticality", fontsize=9)
+    fig.colorbar(image, ax=heat, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
