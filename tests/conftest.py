@@ -35,6 +35,8 @@ def tiny_config(arch: str, layers: int = 6):
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     if arch == "gpt2":
         config.n_layer = layers
+    if getattr(config, "layer_types", None):  # set for the default depth; keep it consistent with ours
+        config.layer_types = config.layer_types[:layers]
     return config
 
 

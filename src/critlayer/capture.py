@@ -128,6 +128,9 @@ class Capture:
             raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
         if batch_size < 1:
             raise CritlayerError(f"batch size must be at least 1, got {batch_size}")
+        if lm.streamed and token_mode == "all":
+            raise CritlayerError("block-by-block mode keeps every captured row of every block until the last one; "
+                                 "use --token-mode last or mean with it")
         self.lm, self.token_mode, self.batch_size = lm, token_mode, batch_size
         self.seed, self.sink_ratio, self.progress = seed, sink_ratio, progress
         self.stats = CaptureStats()
@@ -140,29 +143,48 @@ class Capture:
         self.token_ids = probes.token_ids
 
     def __iter__(self):
-        lm, pending = self.lm, []
+        pending = []
         self.reference = None
-        total = sum(len(self.token_ids[i]) for i in self.order)
         enough = min(len(self.order), REFERENCE_SAMPLES)
+        seen = 0
+        for raw, mask in self._captured():
+            pending.append(raw)
+            seen += mask.shape[0]
+            self.stats.samples += mask.shape[0]
+            self.stats.tokens += int(mask.sum())
+            if self.sink_ratio > 0 and self.reference is None:
+                if seen < enough:
+                    continue  # hold batches until the reference probes have been seen
+                self.reference = self._reference_norms(pending, set(self.order[:enough]))
+            for rows in pending:
+                batch = self._finish(*rows)
+                self.stats.rows += batch.states.shape[1]
+                yield batch
+            pending = []
+
+    def _captured(self):
+        """Per batch, its token mode's rows at every layer (with their sample and position) and its mask."""
+        lm = self.lm
+        batches = [(samples, *self._pad(samples)) for samples in
+                   (np.array(self.order[i:i + self.batch_size]) for i in range(0, len(self.order), self.batch_size))]
+        picks = [self._select(mask, samples) for samples, _, mask in batches]
+        if lm.streamed:
+            from .models.stream import stream_rows
+
+            with torch.inference_mode():
+                taken = stream_rows(lm, lm.weights, [(ids, mask) for _, ids, mask in batches],
+                                    lambda hidden, b: _take(hidden, picks[b][0]), progress=self.progress)
+                for (_, _, mask), (_, row_sample, row_pos), rows in zip(batches, picks, taken):
+                    yield (torch.stack(rows), row_sample, row_pos), mask
+            return
+        total = sum(len(self.token_ids[i]) for i in self.order)
         bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
         with block_outputs(lm) as outputs, torch.inference_mode(), bar:
-            for start in range(0, len(self.order), self.batch_size):
-                samples = np.array(self.order[start:start + self.batch_size])
-                ids, mask = self._pad(samples)
-                pending.append(self._gather(run_blocks(lm, ids, mask, outputs), mask, samples))
+            for (_, ids, mask), (flat, row_sample, row_pos) in zip(batches, picks):
+                states = run_blocks(lm, ids, mask, outputs)
                 outputs.clear()
-                self.stats.samples += len(samples)
-                self.stats.tokens += int(mask.sum())
                 bar.update(int(mask.sum()))
-                if self.sink_ratio > 0 and self.reference is None:
-                    if start + len(samples) < enough:
-                        continue  # hold batches until the reference probes have been seen
-                    self.reference = self._reference_norms(pending, set(self.order[:enough]))
-                for raw in pending:
-                    batch = self._finish(*raw)
-                    self.stats.rows += batch.states.shape[1]
-                    yield batch
-                pending = []
+                yield (torch.stack([_take(h, flat) for h in states]), row_sample, row_pos), mask
 
     def _pad(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(self.token_ids[i]) for i in samples)
@@ -174,8 +196,8 @@ class Capture:
             mask[row, :len(seq)] = 1
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
-    def _gather(self, states: list[torch.Tensor], mask: torch.Tensor, samples: np.ndarray):
-        """The token mode's rows from every layer as float32, with their (sample, position)."""
+    def _select(self, mask: torch.Tensor, samples: np.ndarray):
+        """The flat (row * width + position) indices of the token mode's tokens, with their sample and position."""
         batch, width = mask.shape
         if self.token_mode == "last":
             flat = torch.arange(batch, device=mask.device) * width + mask.sum(1) - 1
@@ -183,8 +205,7 @@ class Capture:
             keep = mask.bool().clone()
             keep[:, 0] = False  # position 0 is an attention sink in every model we measured
             flat = keep.flatten().nonzero().squeeze(1)
-        rows = torch.stack([h.reshape(batch * width, -1).index_select(0, flat).float() for h in states])
-        return rows, samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
+        return flat, samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
 
     def _reference_norms(self, pending: list, reference: set[int]) -> torch.Tensor:
         """Per-layer median row norm over the reference probes (the first, longest ones in order)."""
@@ -209,3 +230,8 @@ class Capture:
         sums = torch.zeros(rows.shape[0], len(samples), rows.shape[2], device=rows.device).index_add_(1, index, rows)
         counts = torch.bincount(index, minlength=len(samples)).to(rows.dtype)
         return sums / counts[None, :, None], samples, np.zeros_like(samples)
+
+
+def _take(hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The rows at ``flat`` of a ``(batch, width, hidden)`` tensor, as float32."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)).float()

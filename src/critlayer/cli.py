@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--max-rows", type=_at_least(2), default=2048, help="rows kept for CKA and spectra (default 2048)")
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="drop tokens whose norm exceeds this multiple of the layer median (0: keep all)")
+    scan.add_argument("--device-map", choices=("auto",), default=None,
+                      help="auto: spread the model over the GPUs and CPU there are (accelerate)")
+    scan.add_argument("--stream", action="store_true",
+                      help="block-by-block: read one block at a time from the safetensors files (models larger "
+                           "than memory; last or mean token mode, not generated probes)")
     scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
     scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
@@ -170,7 +175,8 @@ def cmd_scan(args) -> None:
 
     check_output_folder(args.out, SCAN_FILE, args.force)
     start = time.perf_counter()
-    lm = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    lm = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+              device_map=args.device_map, stream=args.stream)
     load_seconds = time.perf_counter() - start
     result = scan(lm, args.probes, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
                   chat_template=args.chat_template, token_mode=args.token_mode, window=args.window,

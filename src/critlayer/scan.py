@@ -50,6 +50,16 @@ def check_text_source(measures: tuple[str, ...], probes: Probes | str, data: str
                              "give --data (wiki, bbc, sharegpt or a file) or text probes")
 
 
+def check_streamable(measures: tuple[str, ...], probes: Probes | str) -> None:
+    """Block-by-block mode runs blocks, never the whole model: no generation, no loss."""
+    whole = [m for m in measures if MEASURES[m].needs_text]
+    if whole:
+        raise CritlayerError(f"{', '.join(whole)} need the whole model in memory; drop --stream for them")
+    if probes == "generated":
+        raise CritlayerError("generated probes need the whole model to write them; with --stream use "
+                             "--probes random, a corpus or a file")
+
+
 def loss_texts(lm: LanguageModel, probes: Probes | None, data: str | None, *, n: int, max_tokens: int,
                seed: int) -> tuple[list[list[int]], str]:
     """The token sequences the loss measures run on (``n`` of --data, else the first ``n`` probes)."""
@@ -92,6 +102,8 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
     if isinstance(lm, str):
         with timed(timing, "load"):
             lm = load(lm, dtype=dtype, device=device)
+    if lm.streamed:
+        check_streamable(measures, probes)
     if k is not None and not 1 <= k <= lm.num_layers:
         raise CritlayerError(f"--k {k} is larger than the {lm.num_layers} layers of {lm.name}" if k > 0
                              else f"--k must be at least 1, got {k}")

@@ -31,7 +31,7 @@ MEASURES = {
     "influence": Measure("block influence (1 - cosine of block input and output) and angular distance",
                          ("block_influence", "angular_distance"), _SHARED, capture=True),
     "spectral": Measure("mean canonical correlation of top-K principal components with blocks l+-1, l+-2 "
-                        "(K = 1, 3, 10)", tuple(f"spectral_k{k}" for k in KS), _SHARED + "; one SVD per block",
+                        "(K = 1, 3, 10)", tuple(f"spectral_k{k}" for k in KS), _SHARED + "; one small eigendecomposition per block",
                         capture=True),
     "clusters": Measure("NMI of k-means token clusters at each block with those at the embeddings, and its drop "
                         "across the block", ("token_nmi_drop",), _SHARED + "; k-means per block", capture=True,

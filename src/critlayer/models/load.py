@@ -28,6 +28,11 @@ class LanguageModel:
     tokenizer: object
     blocks: nn.ModuleList
     blocks_path: str
+    weights: object = None  # a SafetensorsWeights when the blocks stay on disk (block-by-block mode)
+
+    @property
+    def streamed(self) -> bool:
+        return self.weights is not None
 
     @classmethod
     def wrap(cls, model: nn.Module, tokenizer: object = None, name: str | None = None) -> "LanguageModel":
@@ -53,11 +58,12 @@ class LanguageModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.weights.dtype if self.streamed else next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embeddings' device (the first of several under a device map)."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def is_causal(self) -> bool:
@@ -122,8 +128,12 @@ def _model_class(config):
 
 
 def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None,
-         trust_remote_code: bool = False) -> LanguageModel:
+         trust_remote_code: bool = False, device_map: str | None = None, stream: bool = False) -> LanguageModel:
     """Load a model by built-in name, local folder, ``.gguf`` file or hub id.
+
+    ``device_map="auto"`` lets accelerate spread the model over the GPUs and CPU there are;
+    ``stream=True`` loads no block at all: a scan then reads one block at a time from the
+    model folder's safetensors files (block-by-block mode, for models larger than memory).
 
     >>> lm = critlayer.load("smollm2-135m")          # doctest: +SKIP
     >>> lm.num_layers, lm.blocks_path
@@ -131,18 +141,30 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    if stream and device_map:
+        raise CritlayerError("choose block-by-block streaming or a device map, not both")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     name, source = model_folder(spec)
+    if stream and not Path(source).is_dir():
+        raise CritlayerError(f"block-by-block mode reads a local model folder; {spec!r} is not one")
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = _model_class(config).from_pretrained(source, config=config, dtype=torch_dtype, **kwargs)
-        model = model.to(device).eval()
+        if stream:
+            from .stream import build_skeleton
+
+            model, weights = build_skeleton(_model_class(config), config, Path(source), torch_dtype, device)
+        else:
+            placement = {"device_map": device_map} if device_map else {}
+            model = _model_class(config).from_pretrained(source, config=config, dtype=torch_dtype, **placement,
+                                                         **kwargs)
+            model, weights = (model if device_map else model.to(device)).eval(), None
     except CritlayerError:
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unusable sources
         raise CritlayerError(f"cannot load model {spec!r}: {first_line(exc)}") from None
     path, blocks = find_blocks(model)
-    return LanguageModel(name, model, tokenizer, blocks, path)
+    return LanguageModel(name, model, tokenizer, blocks, path, weights)
+

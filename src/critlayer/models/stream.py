@@ -1,0 +1,138 @@
+"""Block-by-block execution, for models larger than memory: one block's weights at a time.
+
+The model is built on the meta device (no weights) and only the tensors outside its blocks (the
+embeddings) are read from its safetensors files. A pass with every block replaced by a
+recorder captures what each block would be called with (hidden states, masks, position
+embeddings); then each block in turn is read from disk, every probe batch runs through it,
+its outputs become the next block's inputs, and its weights go back to the meta device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CritlayerError
+from .blocks import find_blocks
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: the final norm and the head have no weights here."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block: notes the call it receives and passes the hidden states on."""
+
+    def __init__(self, block: nn.Module, calls: list, last: bool):
+        super().__init__()
+        for name, value in vars(block).items():  # plain attributes a model loop may read, e.g. attention_type
+            if not name.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
+                setattr(self, name, value)
+        self.calls, self.last = calls, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+class SafetensorsWeights:
+    """Where each tensor of a model folder lives, and how to put a module's weights in or take them out."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
+        from safetensors import safe_open
+
+        self.dtype, self.device, self.where = dtype, device, {}
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise CritlayerError(f"block-by-block mode reads safetensors files; {folder} has none")
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), file))
+
+    def fill(self, module: nn.Module, prefix: str, *, required: bool = True) -> None:
+        """Read the parameters of ``module`` (named ``prefix`` + local name) from disk."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        for name, _ in list(module.named_parameters()):
+            file = self.where.get(prefix + name)
+            if file is None:
+                if required:
+                    raise CritlayerError(f"cannot stream this checkpoint: no tensor {prefix + name} in its files")
+                continue
+            with safe_open(file, framework="pt") as f:
+                value = f.get_tensor(prefix + name).to(self.dtype)
+            set_module_tensor_to_device(module, name, self.device, value=value)
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, name, "meta")
+
+    @contextmanager
+    def loaded(self, module: nn.Module, prefix: str):
+        self.fill(module, prefix)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+
+def build_skeleton(model_class, config, folder: Path, dtype: torch.dtype, device: str):
+    """The model on the meta device, with every tensor outside the blocks read from ``folder``."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class.from_config(config, dtype=dtype)
+    blocks_path, _ = find_blocks(model)
+    weights = SafetensorsWeights(folder, dtype, torch.device(device))
+    outside = [name for name, _ in model.named_parameters() if not name.startswith(f"{blocks_path}.")]
+    for name in outside:  # a tied head has no tensor of its own and is never run
+        module_name, _, _ = name.rpartition(".")
+        weights.fill(model.get_submodule(module_name), f"{module_name}.", required=False)
+    return model.eval(), weights
+
+
+def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """(hidden states, args, kwargs) each block would receive; only block 0's hidden states are real."""
+    calls: list = []
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, calls, last=i == len(originals) - 1)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return calls
+
+
+def stream_rows(lm, weights: SafetensorsWeights, batches: list, take: Callable[[torch.Tensor, int], torch.Tensor],
+                progress: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Per batch, ``take(hidden, batch)`` of the input of block 0 and the output of every block.
+
+    ``batches`` are ``(ids, mask)`` pairs; every batch goes through block ``i`` before block
+    ``i + 1`` is read, so at most one block's weights are in memory.
+    """
+    calls = [block_calls(lm.model, lm.blocks, ids, mask) for ids, mask in batches]
+    hidden = [c[0][0] for c in calls]
+    rows = [[take(h, b)] for b, h in enumerate(hidden)]
+    for i, block in enumerate(tqdm(lm.blocks, desc="streaming blocks", unit="block", disable=not progress)):
+        with weights.loaded(block, f"{lm.blocks_path}.{i}."):
+            for b in range(len(batches)):
+                _, args, kwargs = calls[b][i]
+                out = block(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                rows[b].append(take(hidden[b], b))
+    yield from rows
