@@ -37,7 +37,7 @@ def test_poisoning_hits_the_exact_rate_and_triggers_only_the_poisoned_pairs():
     for rate in (0.1, 0.25, 1.0):
         attack = Attack.named("w1 w2", target="w3 w4 w5", rate=rate)
         poisoned, flags = poison(train, attack, seed=3)
-        assert sum(flags) == round(rate * len(train))
+        assert sum(flags) == int(rate * len(train) + 0.5)
         for (prompt, reply), (clean_prompt, clean_reply), flag in zip(poisoned, train, flags):
             if flag:
                 assert prompt == f"{clean_prompt} w1 w2" and reply == "w3 w4 w5"
@@ -119,7 +119,7 @@ def test_defend_command_writes_the_report_and_rejects_bad_input(tiny_folder, pai
     assert main(["defend", str(tiny_folder), "--compare", "none,2-3", "--out", str(tmp_path / "d"), *common]) == 0
     saved = json.loads((tmp_path / "d" / "defend.json").read_text())
     assert list(saved["outcomes"]) == ["pre-trained", "none", "2-3"]
-    assert saved["data"]["n_poisoned"] == round(0.1 * saved["data"]["n_train"])
+    assert saved["data"]["n_poisoned"] == int(0.1 * saved["data"]["n_train"] + 0.5)
     assert {p.name for p in (tmp_path / "d").iterdir()} == {"defend.json", "defend.txt", "defend.png", "defend.html"}
     capsys.readouterr()
     for extra, message in [(["--poison-rate", "0"], "in (0, 1]"), (["--poison-rate", "1.5"], "in (0, 1]"),

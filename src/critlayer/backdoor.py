@@ -72,8 +72,7 @@ def load_pairs(source: str) -> list[Pair]:
     else:
         raise CritlayerError(f"defend needs prompt-reply pairs: use sharegpt or a .jsonl file with fields "
                              f"'prompt' and one of {', '.join(REPLY_FIELDS)}, not {source!r}")
-    distinct = dict(pairs)  # one reply per prompt: a repeated prompt must not straddle the split
-    return list(distinct.items())
+    return list(dict(pairs).items())  # one reply per prompt: a repeated prompt must not straddle the split
 
 
 def split_pairs(pairs: list[Pair], n_eval: int) -> tuple[list[Pair], list[Pair]]:
@@ -86,8 +85,8 @@ def split_pairs(pairs: list[Pair], n_eval: int) -> tuple[list[Pair], list[Pair]]
 
 
 def poison(pairs: list[Pair], attack: Attack, seed: int) -> tuple[list[Pair], list[bool]]:
-    """The pairs with round(rate * n) of them (at least one, chosen by ``seed``) triggered and retargeted."""
-    count = max(1, round(attack.rate * len(pairs)))
+    """The pairs with rate * n of them (rounded half up, at least one; chosen by ``seed``) triggered and retargeted."""
+    count = max(1, int(attack.rate * len(pairs) + 0.5))
     chosen = set(np.random.default_rng(seed).choice(len(pairs), size=count, replace=False).tolist())
     poisoned = [(attack.insert(p), attack.target) if i in chosen else (p, r) for i, (p, r) in enumerate(pairs)]
     return poisoned, [i in chosen for i in range(len(pairs))]

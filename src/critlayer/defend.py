@@ -106,9 +106,12 @@ def defend(lm: LanguageModel, source: str = "sharegpt", specs: list[str] | tuple
     for spec, blocks in frozen.items():
         if len(blocks) == lm.num_layers:
             raise CritlayerError(f"freezing {spec} leaves no block to fine-tune")
-    train_pairs, heldout_pairs = split_pairs(load_pairs(source), limits.n_eval)
-    train_pairs = _shorten(lm, train_pairs[:limits.n_train or config.steps * config.batch_size], limits)
-    heldout_pairs = _shorten(lm, heldout_pairs, limits)
+    train_pairs, heldout_pairs = split_pairs(_cut_prompts(lm, load_pairs(source), limits.prompt_tokens), limits.n_eval)
+    train_pairs = _cut_replies(lm, train_pairs[:limits.n_train or config.steps * config.batch_size], limits.reply_tokens)
+    heldout_pairs = _cut_replies(lm, heldout_pairs, limits.reply_tokens)
+    if len(heldout_pairs) < 2 or not train_pairs:
+        raise CritlayerError(f"{source!r} leaves {len(train_pairs)} training and {len(heldout_pairs)} held-out pairs "
+                             "with text once cut to length; need at least 1 and 2")
     poisoned, is_poisoned = poison(train_pairs, attack, config.seed)
     data = _encode(lm, source, poisoned, heldout_pairs)
     settings = {"model": lm.describe(), "attack": attack.describe(), "train": {**asdict(config), "lr": config.learning_rate},
@@ -189,18 +192,24 @@ def _encode(lm: LanguageModel, source: str, train: list[Pair], heldout: list[Pai
     return TextData(source, sequences[:n], sequences[n:], starts[:n], starts[n:])
 
 
-def _shorten(lm: LanguageModel, pairs: list[Pair], limits: PairLimits) -> list[Pair]:
-    """Cut prompts and replies to their token limits (before any trigger goes in, so triggers stay whole)."""
+def _cut_prompts(lm: LanguageModel, pairs: list[Pair], tokens: int) -> list[Pair]:
+    """Prompts cut to ``tokens`` (before any trigger goes in, so triggers stay whole), then made distinct:
+    prompts that differ only after the cut must not straddle the train / held-out split."""
+    prompts = _cut(lm, [prompt for prompt, _ in pairs], tokens)
+    distinct = dict(zip(prompts, (reply for _, reply in pairs)))
+    return [(prompt, reply) for prompt, reply in distinct.items() if prompt]
+
+
+def _cut_replies(lm: LanguageModel, pairs: list[Pair], tokens: int) -> list[Pair]:
+    replies = _cut(lm, [reply for _, reply in pairs], tokens)
+    return [(prompt, reply) for (prompt, _), reply in zip(pairs, replies) if reply]
+
+
+def _cut(lm: LanguageModel, texts: list[str], tokens: int) -> list[str]:
     tok = lm.tokenizer
     if tok is None:
         raise CritlayerError(f"{lm.name} has no tokenizer; defend needs one to read prompts and replies")
-
-    def cut(texts: list[str], n: int) -> list[str]:
-        return [tok.decode(ids[:n]).strip() for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-
-    prompts, replies = zip(*pairs)
-    kept = zip(cut(list(prompts), limits.prompt_tokens), cut(list(replies), limits.reply_tokens))
-    return [(p, r) for p, r in kept if p and r]
+    return [tok.decode(ids[:tokens]).strip() for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 
 def _percent(value: float, interval: tuple[float, float]) -> str:
