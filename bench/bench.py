@@ -5,8 +5,10 @@ tokens, dtype and thread count; methods take turns within each repeat, so drift 
 
   bare                a forward through the decoder only (no hooks, no logits), length-sorted batches
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
-  pytorch-cka         pytorch-cka's CKA matrix over the same blocks (hooks on each block)
-  short-transformers  short-transformers' ``analyse_layers`` (angular distance of every block pair)
+  pytorch-cka         pytorch-cka's CKA matrix over the same blocks and batches (hooks on each block; run on
+                      the decoder, spared the LM head like the bare forward; no attention mask, whole sequences)
+  short-transformers  short-transformers' ``analyse_layers`` at its default batch size of 1 (angular distance of
+                      every block pair, on the CPU, in Python), with a shim for transformers 5's block outputs
 
 Peers are imported from the benchmark environment (``make bench`` installs them there, never in
 the project's). Results: ``bench.json`` and ``bench.txt`` (ratios to ``bare`` from the same run).
@@ -86,9 +88,11 @@ def _critlayer(lm, probes, mode):
 def _pytorch_cka(lm, probes, mode):
     from cka import CKA  # pytorch-cka: features are whole padded sequences; it has no token modes
 
-    layers = [f"{lm.blocks_path}.{i}" for i in range(lm.num_layers)]
-    batches = [ids for ids, _ in _batches(lm, probes)]
-    with CKA(lm.model, lm.model, layers=layers, device=lm.device) as cka:
+    decoder = lm.model.base_model  # spared the LM head, as the bare forward is
+    prefix = lm.blocks_path.removeprefix(f"{lm.model.base_model_prefix}.")
+    layers = [f"{prefix}.{i}" for i in range(lm.num_layers)]
+    batches = [ids for ids, _ in _batches(lm, probes) if len(ids) > 3]  # its HSIC estimator needs 4 rows
+    with CKA(decoder, decoder, layers=layers, device=lm.device) as cka:
         cka._compare(batches, progress=False)
 
 
@@ -96,7 +100,13 @@ def _short_transformers(lm, probes, mode):
     from short_transformers import ShortTransformer
     from short_transformers.dist import angular_distance_all_tokens, angular_distance_last_token
 
+    # short-transformers 1.0 reads result[0] of each block, as transformers 4 blocks returned tuples; with
+    # transformers 5 blocks return the tensor, so hand its wrapper a tuple and the model loop the tensor.
+    for block in lm.blocks:
+        block.forward = (lambda f: lambda *a, **k: (f(*a, **k),))(block.forward)
     model = ShortTransformer.from_model(lm.model)
+    for block in lm.blocks:
+        block.forward = (lambda f: lambda *a, **k: f(*a, **k)[0])(block.forward)
     model.set_metric(angular_distance_last_token if mode == "last" else angular_distance_all_tokens)
     texts = [{"content": lm.tokenizer.decode(ids, skip_special_tokens=True)} for ids in probes.token_ids]
     model.analyse_layers(texts, tokenizer=lm.tokenizer, limit=len(texts), max_length=TOKENS)
@@ -150,6 +160,8 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.one))))
         return
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "runs.jsonl").open("a")  # every measurement as it lands: a crash loses none
     for model in args.models.split(","):
         for n in map(int, args.probes.split(",")):
             for mode in args.modes.split(","):
@@ -161,8 +173,9 @@ def main() -> None:
                                 "threads": args.threads, "dtype": args.dtype}
                         rows.append(_measure(spec, args.timeout))
                         print(json.dumps(rows[-1]), flush=True)
+                        log.write(json.dumps(rows[-1]) + "\n")
+                        log.flush()
     summary, table = summarise(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "threads": args.threads}
     (args.out / "bench.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=1))
@@ -176,9 +189,10 @@ def _measure(spec: dict, timeout: int) -> dict:
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"over {timeout} s"}
-    if done.returncode != 0:
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
         return {**spec, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(lines[-1])
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def test_bootstrap_probabilities_lie_in_unit_interval_and_sum_to_the_mean_number
     def replicate(rng):
         return {"gradient": base + rng.normal(0, 0.3, 8)}
 
-    def select(c):
-        chosen = list(np.argsort(-c)[: 1 + len(sizes) % 3])
+    def select(scores):
+        chosen = list(np.argsort(-scores["consensus"])[: 1 + len(sizes) % 3])
         sizes.append(len(chosen))
         return chosen
 

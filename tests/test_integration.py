@@ -43,7 +43,7 @@ def test_wiki_probes_in_chat_template(smollm2):
 def test_every_measure_on_the_default_model(smollm2):
     result = critlayer.scan(smollm2, "generated", n=16, max_tokens=16, measures="all", text_n=4, bootstrap=5,
                             select_by="consensus", progress=False)
-    assert result.consensus["weights_read_from"].startswith("safetensors")
+    assert result.consensus["weights_read_from"] == "loaded parameters"
     assert all(len(v) == 30 for v in result.scores.values())
     assert result.scores["ablation"].max() > 0 and (result.scores["gradient"] > 0).all()
     assert result.critical and all(2 <= i <= 27 for i in result.critical)

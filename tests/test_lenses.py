@@ -9,7 +9,7 @@ from critlayer import CritlayerError, LanguageModel
 from critlayer.measures.ablation import Ablation, sublayer
 from critlayer.measures.clusters import TokenClusters, kmeans, nmi
 from critlayer.measures.gradient import gradient_scores
-from critlayer.measures.loss import sequence_losses, text_batches
+from critlayer.measures.loss import batch_losses, text_batches
 from critlayer.measures.weights import matrix_snr, mp_median, weight_snr
 
 from conftest import tiny_model, tiny_tokenizer
@@ -46,7 +46,7 @@ def test_replayed_ablation_equals_skipping_in_a_full_forward(arch):
         total = tokens = 0.0
         with torch.no_grad():
             for _, batch in text_batches(lm, TEXTS, 4):
-                s, n = sequence_losses(lm.model, batch)
+                s, n = batch_losses(lm.model, batch)
                 total, tokens = total + float(s.sum()), tokens + float(n.sum())
         return total / tokens
 
@@ -98,11 +98,10 @@ def test_noise_has_snr_near_zero_and_a_low_rank_signal_a_high_one():
 
 
 def test_weight_snr_reads_safetensors_block_by_block_and_matches_the_loaded_weights(tiny_folder):
-    from_disk = critlayer.load(str(tiny_folder))
-    scores, source = weight_snr(from_disk)
-    assert source.startswith("safetensors")
-    from_disk.model.config._name_or_path = ""  # as for a model built in memory
-    in_memory, memory_source = weight_snr(from_disk)
+    streamed = critlayer.load(str(tiny_folder), stream=True)
+    scores, source = weight_snr(streamed)
+    assert source.startswith("safetensors") and all(p.is_meta for p in streamed.blocks.parameters())
+    in_memory, memory_source = weight_snr(critlayer.load(str(tiny_folder)))
     assert memory_source == "loaded parameters"
     np.testing.assert_allclose(scores, in_memory, rtol=1e-6)
 

@@ -10,22 +10,27 @@ from critlayer.errors import CritlayerError
 from conftest import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "gpt2", "gpt2-without-prefix"])
 def folder(request, tmp_path_factory):
+    """Tiny checkpoints; the last names its tensors without the base model's prefix, like the hub's GPT-2."""
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    tiny_model(request.param, layers=5).save_pretrained(path)
+    model = tiny_model(request.param.removesuffix("-without-prefix"), layers=5)
+    model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+    if request.param.endswith("-without-prefix"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
     return path
 
 
-@pytest.mark.parametrize("mode", ["last", "mean"])
-def test_streaming_gives_the_same_scan(folder, mode):
-    whole = critlayer.scan(critlayer.load(str(folder)), "random", n=24, max_tokens=12, token_mode=mode,
-                           batch_size=7, progress=False)
+def test_streaming_gives_the_same_scan(folder):
+    whole = critlayer.scan(critlayer.load(str(folder)), "random", n=24, max_tokens=12, batch_size=7, progress=False)
     streamed_lm = critlayer.load(str(folder), stream=True)
     assert streamed_lm.streamed and all(p.is_meta for p in streamed_lm.blocks.parameters())
-    streamed = critlayer.scan(streamed_lm, "random", n=24, max_tokens=12, token_mode=mode, batch_size=7,
-                              progress=False)
+    streamed = critlayer.scan(streamed_lm, "random", n=24, max_tokens=12, batch_size=7, progress=False)
     assert streamed.critical == whole.critical
     np.testing.assert_allclose(streamed.cka, whole.cka, atol=1e-5)
     for name, values in whole.scores.items():
@@ -44,7 +49,8 @@ def test_streaming_refuses_what_needs_the_whole_model(tiny_folder, tmp_path, cap
     lm = critlayer.load(str(tiny_folder), stream=True)
     for kwargs, message in [({"probes": "generated"}, "need the whole model"),
                             ({"probes": "random", "measures": "ablation", "data": "wiki"}, "need the whole model"),
-                            ({"probes": "random", "token_mode": "all"}, "last or mean")]:
+                            ({"probes": "random", "token_mode": "all"}, "token-mode last"),
+                            ({"probes": "random", "token_mode": "mean"}, "token-mode last")]:
         with pytest.raises(CritlayerError, match=message):
             critlayer.scan(lm, n=8, max_tokens=8, progress=False, **kwargs)
     assert main(["scan", str(tiny_folder), "--stream", "--probes", "random", "--n", "8", "--out",

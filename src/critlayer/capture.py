@@ -56,7 +56,7 @@ class CaptureStats:
                 "sinks_dropped": self.sinks_dropped, "too_short": self.too_short}
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the last block's hook: nothing after it is needed."""
 
 
@@ -74,7 +74,7 @@ def block_outputs(lm: LanguageModel):
         def hook(module, args, output):
             outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
             if index == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [lm.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
@@ -94,7 +94,7 @@ def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch
     """One forward through the blocks only (inside ``block_outputs``); returns the L + 1 states."""
     try:
         lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     if len(outputs) != lm.num_layers + 1:
         raise CritlayerError(f"captured {len(outputs)} hidden states, expected {lm.num_layers + 1}")
@@ -128,9 +128,9 @@ class Capture:
             raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
         if batch_size < 1:
             raise CritlayerError(f"batch size must be at least 1, got {batch_size}")
-        if lm.streamed and token_mode == "all":
-            raise CritlayerError("block-by-block mode keeps every captured row of every block until the last one; "
-                                 "use --token-mode last or mean with it")
+        if lm.streamed and token_mode != "last":
+            raise CritlayerError("block-by-block mode keeps the captured tokens of every block until the last one; "
+                                 "use --token-mode last with it")
         self.lm, self.token_mode, self.batch_size = lm, token_mode, batch_size
         self.seed, self.sink_ratio, self.progress = seed, sink_ratio, progress
         self.stats = CaptureStats()
@@ -234,4 +234,4 @@ class Capture:
 
 def _take(hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The rows at ``flat`` of a ``(batch, width, hidden)`` tensor, as float32."""
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)).float()
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat.to(hidden.device)).float().to(flat.device)

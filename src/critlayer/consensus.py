@@ -42,11 +42,12 @@ def agreement(scores: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
 
 
 def bootstrap_critical(replicate: Callable[[np.random.Generator], dict[str, np.ndarray]],
-                       groups: dict[str, list[str]], select: Callable[[np.ndarray], list[int]], num_layers: int,
-                       replicates: int = 100, seed: int = 0) -> np.ndarray:
-    """P(critical) per block: how often ``select`` picks it from the consensus of a bootstrap replicate."""
+                       groups: dict[str, list[str]], select: Callable[[dict[str, np.ndarray]], list[int]],
+                       num_layers: int, replicates: int = 100, seed: int = 0) -> np.ndarray:
+    """P(critical) per block: how often ``select`` picks it from a bootstrap replicate's scores (its consensus included)."""
     rng = np.random.default_rng(seed)
     hits = np.zeros(num_layers)
     for _ in range(replicates):
-        hits[select(consensus(replicate(rng), groups))] += 1
+        scores = replicate(rng)
+        hits[select({**scores, "consensus": consensus(scores, groups)})] += 1
     return hits / replicates

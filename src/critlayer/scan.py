@@ -126,14 +126,15 @@ def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "genera
     def select(name: str, values: np.ndarray):
         return select_critical(values, direction=DIRECTION[name], score_name=name, k=k, window=window, edges=edges)
 
+    select_by = select_by or ("delta" if "delta" in scores else "consensus")
+    basis = "consensus" if select_by == "p_critical" else select_by  # the score each replicate selects by
     with timed(timing, "consensus"):
         scores["consensus"] = consensus(scores, groups)
-        resampled = bootstrap > 0 and bool(measured.resamplers)
+        resampled = bootstrap > 0 and bool(measured.resamplers) and basis in scores
         if resampled:
             scores["p_critical"] = bootstrap_critical(measured.replicate, groups,
-                                                      lambda c: select("consensus", c).critical, lm.num_layers,
+                                                      lambda s: select(basis, s[basis]).critical, lm.num_layers,
                                                       replicates=bootstrap, seed=seed)
-    select_by = select_by or ("delta" if "delta" in scores else "consensus")
     if select_by not in scores:
         raise CritlayerError(f"cannot select by {select_by!r}; the scan computed {', '.join(scores)}")
     selection = select(select_by, scores[select_by])

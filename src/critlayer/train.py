@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import TextData, collate
 from .layers import freeze_except, lora_config
+from .measures.loss import batch_losses
 from .memory import PeakMemory
 from .models import LanguageModel
 
@@ -72,12 +73,9 @@ def sequence_losses(model: torch.nn.Module, sequences: list[list[int]], starts: 
     for first in range(0, len(sequences), batch_size):
         batch = collate(sequences[first:first + batch_size], device,
                         None if starts is None else starts[first:first + batch_size])
-        labels = batch.pop("labels")[:, 1:]
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                   reduction="none")
-        sums.append(losses.sum(1).double().cpu())
-        counts.append((labels != -100).sum(1).cpu())
+        loss, tokens = batch_losses(model, batch)
+        sums.append(loss.double().cpu())
+        counts.append(tokens.cpu())
     model.train(was_training)
     return torch.cat(sums).numpy(), torch.cat(counts).numpy()
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CritlayerError
 from ..models import LanguageModel
-from .loss import require_causal, sequence_losses, text_batches
+from .loss import require_causal, batch_losses, text_batches
 
 PARTS = ("block", "attn", "mlp")
 SCORE_NAMES = {"block": "ablation", "attn": "ablation_attn", "mlp": "ablation_mlp"}
@@ -121,12 +121,12 @@ class Ablation:
                 for chosen, batch in text_batches(lm, sequences, batch_size):
                     outputs: list = []
                     with _recorded(lm.blocks, outputs):
-                        loss, tokens = sequence_losses(lm.model, batch)
+                        loss, tokens = batch_losses(lm.model, batch)
                     self.base[chosen], self.tokens[chosen] = loss.cpu().numpy(), tokens.cpu().numpy()
                     for part in self.parts:
                         for index in range(layers):
                             with skipped(lm, index, part, replay=outputs):
-                                self.skipped[part][index, chosen] = sequence_losses(lm.model, batch)[0].cpu().numpy()
+                                self.skipped[part][index, chosen] = batch_losses(lm.model, batch)[0].cpu().numpy()
                             bar.update(len(chosen))
         finally:
             lm.model.train(was_training)

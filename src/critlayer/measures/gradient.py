@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..models import LanguageModel
-from .loss import require_causal, sequence_losses, text_batches
+from .loss import require_causal, batch_losses, text_batches
 
 
 def gradient_scores(lm: LanguageModel, sequences: list[list[int]], batch_size: int = 8) -> np.ndarray:
@@ -31,7 +31,7 @@ def gradient_scores(lm: LanguageModel, sequences: list[list[int]], batch_size: i
         total = sum(len(s) - 1 for s in sequences)
         with torch.enable_grad():
             for _, batch in text_batches(lm, sequences, batch_size):
-                (sequence_losses(model, batch)[0].sum() / total).backward()
+                (batch_losses(model, batch)[0].sum() / total).backward()
         scores = []
         for block in lm.blocks:
             squares = sum(float(p.grad.double().square().sum()) for p in block.parameters() if p.grad is not None)

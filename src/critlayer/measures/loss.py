@@ -24,7 +24,7 @@ def text_batches(lm: LanguageModel, sequences: list[list[int]], batch_size: int)
         yield chosen, collate([sequences[i] for i in chosen], lm.device)
 
 
-def sequence_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_losses(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss (float32) and the number of predicted tokens, per sequence."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]

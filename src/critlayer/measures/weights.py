@@ -8,16 +8,14 @@ energy of its singular values above the bound over the energy of those below: ne
 noise, large for a strong low-rank signal (the idea of Spectrum, Hartford et al. 2024). A
 block's score is the mean over its weight matrices. High = critical (Spectrum trains those).
 
-Weights are read block by block from the model's safetensors files (``safe_open``), never
-the whole model at once; a model without such files uses its loaded parameters.
+With ``--stream`` the weights are read block by block from the model's safetensors files,
+never the whole model at once; otherwise the loaded parameters are scored.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,42 +51,15 @@ def _is_matrix(tensor_shape) -> bool:
     return len(tensor_shape) == 2 and min(tensor_shape) > 1
 
 
-def safetensors_blocks(folder: str | Path, blocks_path: str, num_layers: int) -> Iterator[list[torch.Tensor]]:
-    """Each block's weight matrices, read from the folder's safetensors files one block at a time."""
-    from safetensors import safe_open
-
-    where: dict[int, list[tuple[Path, str]]] = defaultdict(list)
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                head, _, rest = key.removeprefix(f"{blocks_path}.").partition(".")
-                if key.startswith(f"{blocks_path}.") and head.isdigit() and _is_matrix(f.get_slice(key).get_shape()):
-                    where[int(head)].append((file, key))
-    for index in range(num_layers):
-        tensors = []
-        for file, key in where[index]:
-            with safe_open(file, framework="pt") as f:
-                tensors.append(f.get_tensor(key))
-        yield tensors
-
-
-def model_folder(lm: LanguageModel) -> Path | None:
-    """The local folder the model was loaded from, when it holds safetensors files with its blocks."""
-    folder = Path(getattr(lm.model.config, "_name_or_path", "") or "")
-    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
-        return None
-    return folder
-
-
 def weight_snr(lm: LanguageModel) -> tuple[np.ndarray, str]:
-    """Per block, the mean signal-to-noise of its weight matrices; and where the weights were read."""
-    folder = model_folder(lm)
-    blocks = safetensors_blocks(folder, lm.blocks_path, lm.num_layers) if folder else None
-    source = f"safetensors in {folder}" if folder else "loaded parameters"
+    """Per block, the mean signal-to-noise of its weight matrices; and where the weights were read.
+
+    A model loaded whole is scored on the weights in memory (what a user may have changed); in
+    block-by-block mode each block is read from its safetensors files and released in turn.
+    """
     scores = []
     for index, block in enumerate(lm.blocks):
-        matrices = next(blocks) if blocks else []
-        if not matrices:  # no file, or the file names the block otherwise
-            matrices, source = [p for p in block.parameters() if _is_matrix(p.shape)], "loaded parameters"
-        scores.append(np.mean([matrix_snr(m) for m in matrices]) if matrices else np.nan)
-    return np.array(scores), source
+        with lm.weights.loaded(block, f"{lm.blocks_path}.{index}.") if lm.streamed else nullcontext():
+            matrices = [p for p in block.parameters() if _is_matrix(p.shape)]
+            scores.append(np.mean([matrix_snr(m) for m in matrices]) if matrices else np.nan)
+    return np.array(scores), "safetensors, block by block" if lm.streamed else "loaded parameters"

@@ -17,12 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..capture import StopForward  # the last recorder stops the forward: norm and head have no weights here
 from ..errors import CritlayerError
 from .blocks import find_blocks
-
-
-class _StopForward(Exception):
-    """Raised by the last recorder: the final norm and the head have no weights here."""
 
 
 class _Recorder(nn.Module):
@@ -38,17 +35,18 @@ class _Recorder(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((hidden_states, args, kwargs))
         if self.last:
-            raise _StopForward
+            raise StopForward
         return hidden_states
 
 
 class SafetensorsWeights:
     """Where each tensor of a model folder lives, and how to put a module's weights in or take them out."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, base_prefix: str = ""):
         from safetensors import safe_open
 
         self.dtype, self.device, self.where = dtype, device, {}
+        self.base_prefix = f"{base_prefix}." if base_prefix else ""  # checkpoints may omit it (GPT-2's h.0...)
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
             raise CritlayerError(f"block-by-block mode reads safetensors files; {folder} has none")
@@ -56,20 +54,23 @@ class SafetensorsWeights:
             with safe_open(file, framework="pt") as f:
                 self.where.update(dict.fromkeys(f.keys(), file))
 
-    def fill(self, module: nn.Module, prefix: str, *, required: bool = True) -> None:
+    def fill(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
         """Read the parameters of ``module`` (named ``prefix`` + local name) from disk."""
         from accelerate.utils import set_module_tensor_to_device
         from safetensors import safe_open
 
-        for name, _ in list(module.named_parameters()):
-            file = self.where.get(prefix + name)
-            if file is None:
-                if required:
-                    raise CritlayerError(f"cannot stream this checkpoint: no tensor {prefix + name} in its files")
-                continue
-            with safe_open(file, framework="pt") as f:
-                value = f.get_tensor(prefix + name).to(self.dtype)
+        for name, _ in list(module.named_parameters(recurse=recurse)):
+            key = self._key(prefix + name)
+            with safe_open(self.where[key], framework="pt") as f:
+                value = f.get_tensor(key).to(self.dtype)
             set_module_tensor_to_device(module, name, self.device, value=value)
+
+    def _key(self, name: str) -> str:
+        """The checkpoint's name for a parameter, with or without the base model's prefix."""
+        for key in (name, name.removeprefix(self.base_prefix), self.base_prefix + name):
+            if key in self.where:
+                return key
+        raise CritlayerError(f"cannot stream this checkpoint: no tensor {name} in its files")
 
     @staticmethod
     def release(module: nn.Module) -> None:
@@ -94,11 +95,12 @@ def build_skeleton(model_class, config, folder: Path, dtype: torch.dtype, device
     with init_empty_weights():
         model = model_class.from_config(config, dtype=dtype)
     blocks_path, _ = find_blocks(model)
-    weights = SafetensorsWeights(folder, dtype, torch.device(device))
-    outside = [name for name, _ in model.named_parameters() if not name.startswith(f"{blocks_path}.")]
-    for name in outside:  # a tied head has no tensor of its own and is never run
-        module_name, _, _ = name.rpartition(".")
-        weights.fill(model.get_submodule(module_name), f"{module_name}.", required=False)
+    weights = SafetensorsWeights(folder, dtype, torch.device(device), model.base_model_prefix)
+    head = next((name for name, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    skip = tuple(f"{p}." for p in (blocks_path, head) if p)  # blocks come later; the head never runs
+    for module_name in dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters() if not n.startswith(skip)):
+        module = model.get_submodule(module_name)
+        weights.fill(module, f"{module_name}." if module_name else "", recurse=False)
     return model.eval(), weights
 
 
@@ -110,7 +112,7 @@ def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask
         blocks[i] = _Recorder(block, calls, last=i == len(originals) - 1)
     try:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for i, block in enumerate(originals):
