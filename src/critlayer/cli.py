@@ -204,12 +204,12 @@ def cmd_measures(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import chosen_blocks, export_text
+    from .export import export_text
     from .outputs import write_atomically
     from .result import ScanResult
 
     result = ScanResult.load(args.scan)
-    blocks = chosen_blocks(result, args.layers, args.score, args.seed)
+    blocks = result.blocks(args.layers, args.score, args.seed)
     text = export_text(result, blocks, args.format, r=args.r, alpha=args.alpha)
     if args.out is None:
         print(text, end="")

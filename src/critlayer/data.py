@@ -84,7 +84,12 @@ def collate(sequences: list[list[int]], device, starts: list[int] | None = None)
 
 
 def sample_texts(lm: LanguageModel, source: str, n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
-    """``n`` texts of ``source`` drawn with ``seed``, tokenised (for the measures that need a loss)."""
+    """``n`` texts of ``source`` drawn with ``seed``, tokenised (for the measures that need a loss).
+
+    They come from the back half of the fixed split order, while ``load_data`` holds out texts from
+    its front, so a scan's loss measures never read the held-out texts ``validate`` scores.
+    """
     texts = load_texts(source)
-    chosen = sorted(np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False))
+    pool = np.random.default_rng(SPLIT_SEED).permutation(len(texts))[len(texts) // 2:]
+    chosen = sorted(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     return tokenize(lm, [texts[i] for i in chosen], max_tokens)

@@ -12,19 +12,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import CritlayerError
-from .layers import lora_config, parse_layers, unfrozen_parameters
+from .layers import lora_config, unfrozen_parameters
 from .result import ScanResult
 
 FORMATS = ("json", "peft", "axolotl")
-
-
-def chosen_blocks(result: ScanResult, spec: str | None = None, score: str | None = None, seed: int = 0) -> list[int]:
-    """The scan's critical blocks, or those a layer spec names (``critical:K`` ranked by ``score``)."""
-    if spec is None:
-        return list(result.critical)
-    ranking = result.ranking(score)
-    eligible = len(result.selection.get("params", {}).get("eligible", ranking))
-    return parse_layers(spec, result.model["num_layers"], ranking=ranking, eligible=eligible, seed=seed)
 
 
 def export_text(result: ScanResult, blocks: list[int], fmt: str, *, r: int = 8, alpha: int = 16) -> str:

@@ -106,6 +106,16 @@ class ScanResult:
         eligible = self.selection.get("params", {}).get("eligible", self.layers)
         return rank_blocks(DIRECTION.get(score, -1) * np.asarray(self.scores[score]), eligible)
 
+    def blocks(self, spec: str | None = None, score: str | None = None, seed: int = 0) -> list[int]:
+        """The critical blocks, or those a layer spec names (``critical:K`` ranked by ``score``)."""
+        from .layers import parse_layers
+
+        if spec is None:
+            return list(self.critical)
+        ranking = self.ranking(score)
+        eligible = len(self.selection.get("params", {}).get("eligible", ranking))
+        return parse_layers(spec, len(self.layers), ranking=ranking, eligible=eligible, seed=seed)
+
     def table(self) -> str:
         """A plain-text summary table, one row per layer."""
         names = list(self.scores)

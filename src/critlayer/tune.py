@@ -36,14 +36,12 @@ def check_specs(lm: LanguageModel, specs: list[str]) -> None:
 
 
 def resolve_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None, seed: int) -> list[int]:
-    ranking = eligible = None
-    if needs_ranking(spec):
-        if scan_result is None:
-            raise CritlayerError(f"{spec} needs a scan")
-        scan_result.require_layers(lm.num_layers)
-        ranking = scan_result.ranking()
-        eligible = len(scan_result.selection.get("params", {}).get("eligible", ranking))
-    return parse_layers(spec, lm.num_layers, ranking=ranking, eligible=eligible, seed=seed)
+    if not needs_ranking(spec):
+        return parse_layers(spec, lm.num_layers, seed=seed)
+    if scan_result is None:
+        raise CritlayerError(f"{spec} needs a scan")
+    scan_result.require_layers(lm.num_layers)
+    return scan_result.blocks(spec, seed=seed)
 
 
 def _settings(lm: LanguageModel, data: TextData, config: TrainConfig, scan_result: ScanResult | None) -> dict:
