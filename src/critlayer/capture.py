@@ -61,18 +61,21 @@ class StopForward(Exception):
 
 
 @contextmanager
-def block_outputs(lm: LanguageModel):
-    """Hook the blocks; yields a list that each forward fills with ``L + 1`` hidden states."""
+def block_outputs(lm: LanguageModel, take=lambda hidden: hidden):
+    """Hook the blocks; yields a list that each forward fills with ``take`` of its ``L + 1`` hidden states.
+
+    Taking the rows a token mode needs inside the hook keeps no block's whole output alive.
+    """
     outputs: list[torch.Tensor] = []
     last = len(lm.blocks) - 1
 
     def before_first(module, args, kwargs):
         outputs.clear()
-        outputs.append(args[0] if args else kwargs["hidden_states"])
+        outputs.append(take(args[0] if args else kwargs["hidden_states"]))
 
     def after(index):
         def hook(module, args, output):
-            outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+            outputs.append(take(output[0] if isinstance(output, (tuple, list)) else output))
             if index == last:
                 raise StopForward
         return hook
@@ -91,7 +94,7 @@ def block_outputs(lm: LanguageModel):
 
 def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One forward through the blocks only (inside ``block_outputs``); returns the L + 1 states."""
+    """One forward through the blocks only (inside ``block_outputs``); returns what it took of the L + 1 states."""
     try:
         lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except StopForward:
@@ -179,12 +182,14 @@ class Capture:
             return
         total = sum(len(self.token_ids[i]) for i in self.order)
         bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
-        with block_outputs(lm) as outputs, torch.inference_mode(), bar:
+        current = [None]  # the flat indices of the batch in flight
+        with block_outputs(lm, lambda hidden: _take(hidden, current[0])) as outputs, torch.inference_mode(), bar:
             for (_, ids, mask), (flat, row_sample, row_pos) in zip(batches, picks):
-                states = run_blocks(lm, ids, mask, outputs)
+                current[0] = flat
+                rows = run_blocks(lm, ids, mask, outputs)
                 outputs.clear()
                 bar.update(int(mask.sum()))
-                yield (torch.stack([_take(h, flat) for h in states]), row_sample, row_pos), mask
+                yield (torch.stack(rows), row_sample, row_pos), mask
 
     def _pad(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(self.token_ids[i]) for i in samples)

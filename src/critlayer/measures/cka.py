@@ -25,8 +25,7 @@ def cka_matrix(states: torch.Tensor, budget: int = 1 << 24) -> np.ndarray:
     The Grams are built a slab of rows at a time (at most ``budget`` float32 entries), so memory
     stays bounded however many rows there are; their products accumulate in float64.
     """
-    x = states.double()
-    x = (x - x.mean(1, keepdim=True)).float()
+    x = centred(states)
     layers, rows = x.shape[:2]
     slab = max(1, budget // (layers * rows))
     hsic = torch.zeros(layers, layers, dtype=torch.float64, device=x.device)
@@ -35,6 +34,11 @@ def cka_matrix(states: torch.Tensor, budget: int = 1 << 24) -> np.ndarray:
         hsic += part @ part.T
     norms = hsic.diagonal().sqrt()
     return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()
+
+
+def centred(states: torch.Tensor) -> torch.Tensor:
+    """Columns centred per layer, in float32, with means taken in float64 (no float64 copy of the rows)."""
+    return states.float() - states.mean(1, keepdim=True, dtype=torch.float64).float()
 
 
 def delta_scores(cka: np.ndarray, window: int = 2) -> np.ndarray:

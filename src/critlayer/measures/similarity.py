@@ -12,7 +12,8 @@ from ..capture import Batch
 
 def _cosines_and_angles(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, cosine of every block's input and output and the angle between them over pi."""
-    cos = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1).double()
+    cos = torch.stack([torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)  # one block at a
+                       for i in range(len(states) - 1)]).double()  # time: no whole-stack temporaries
     return cos, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 

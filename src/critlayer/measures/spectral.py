@@ -12,15 +12,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cka import centred
+
 KS = (1, 3, 10)
 
 
 def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int = 2) -> dict[str, np.ndarray]:
     """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical)."""
-    x = states.double()
-    x = x - x.mean(1, keepdim=True)
-    u = top_left_singular_vectors(x, max(ks))
-    n = len(x)
+    u = top_left_singular_vectors(centred(states), max(ks))
+    n = len(u)
     scores = {}
     for k in ks:
         top = u[:, :, :min(k, u.shape[2])]
@@ -38,13 +38,12 @@ def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int =
 def top_left_singular_vectors(x: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` left singular vectors of each ``(rows, hidden)`` matrix in ``x``, largest first.
 
-    The small Gram is multiplied in float32 and decomposed in float64.
+    The small Gram is multiplied in ``x``'s precision and decomposed in float64.
     """
     rows, hidden = x.shape[1:]
     k = min(k, rows, hidden)
-    x32 = x.float()
     if rows <= hidden:
-        return torch.linalg.eigh((x32 @ x32.transpose(1, 2)).double()).eigenvectors[:, :, -k:].flip(-1)
-    v = torch.linalg.eigh((x32.transpose(1, 2) @ x32).double()).eigenvectors[:, :, -k:].flip(-1)
-    u = x @ v
+        return torch.linalg.eigh((x @ x.transpose(1, 2)).double()).eigenvectors[:, :, -k:].flip(-1)
+    v = torch.linalg.eigh((x.transpose(1, 2) @ x).double()).eigenvectors[:, :, -k:].flip(-1)
+    u = (x @ v.to(x.dtype)).double()
     return u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
