@@ -113,31 +113,33 @@ def _short_transformers(lm, probes, mode):
 
 
 def summarise(rows: list[dict]) -> tuple[list[dict], str]:
-    """Median per (model, probes, mode, method), with ratios to ``bare`` of the same configuration."""
+    """Median per (model, dtype, probes, mode, method), with ratios to ``bare`` of the same configuration."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["n"], row["mode"], row["method"]), []).append(row)
+        groups.setdefault((row["model"], row["dtype"], row["n"], row["mode"], row["method"]), []).append(row)
     summary = []
-    for (model, n, mode, method), runs in groups.items():
+    for (model, dtype, n, mode, method), runs in groups.items():
         ok = [r for r in runs if "error" not in r]
-        bare = [r["seconds"] for r in groups.get((model, n, mode, "bare"), []) if "error" not in r]
-        entry = {"model": model, "n": n, "mode": mode, "method": method, "runs": len(runs)}
+        bare = [r["seconds"] for r in groups.get((model, dtype, n, mode, "bare"), []) if "error" not in r]
+        entry = {"model": model, "dtype": dtype, "n": n, "mode": mode, "method": method, "runs": len(runs)}
         if ok:
-            entry.update(seconds=statistics.median(r["seconds"] for r in ok),
-                         peak_process_mb=max(r["peak_process_mb"] for r in ok),
-                         peak_above_model_mb=max(r["peak_above_model_mb"] for r in ok))
+            entry.update(seconds=statistics.median(r["seconds"] for r in ok),  # medians: RSS peaks vary by run
+                         peak_process_mb=statistics.median(r["peak_process_mb"] for r in ok),
+                         peak_above_model_mb=statistics.median(r["peak_above_model_mb"] for r in ok),
+                         peak_process_mb_max=max(r["peak_process_mb"] for r in ok))
             if bare:
                 entry["ratio_to_bare"] = round(entry["seconds"] / statistics.median(bare), 3)
         else:
             entry["error"] = runs[0]["error"]
         summary.append(entry)
-    lines = [f"{'model':<14} {'probes':>6} {'mode':<4} {'method':<19} {'runs':>4} {'median s':>9} {'x bare':>7} "
-             f"{'peak MB':>8} {'above model':>11}"]
+    lines = [f"{'model':<14} {'dtype':<8} {'probes':>6} {'mode':<4} {'method':<19} {'runs':>4} {'median s':>9} {'x bare':>7} "
+             f"{'peak MB':>8} {'above model':>11}  (peak: median over runs of the process's peak RSS)"]
     for e in summary:
         if "error" in e:
-            lines.append(f"{e['model']:<14} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4}  failed: {e['error']}")
+            lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4}  "
+                         f"failed: {e['error']}")
             continue
-        lines.append(f"{e['model']:<14} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4} {e['seconds']:>9.2f} "
+        lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4} {e['seconds']:>9.2f} "
                      f"{e.get('ratio_to_bare', float('nan')):>7.3f} {e['peak_process_mb']:>8.0f} {e['peak_above_model_mb']:>11.0f}")
     return summary, "\n".join(lines)
 
@@ -154,10 +156,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one measurement may take")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--summarise", type=Path, help="only rebuild bench.json and bench.txt from runs.jsonl files here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
+        return
+    if args.summarise:
+        rows = [json.loads(line) for f in sorted(args.summarise.rglob("runs.jsonl")) for line in f.read_text().splitlines()]
+        _write(args.summarise, rows, args.threads)
         return
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,11 +182,15 @@ def main() -> None:
                         print(json.dumps(rows[-1]), flush=True)
                         log.write(json.dumps(rows[-1]) + "\n")
                         log.flush()
+    _write(args.out, rows, args.threads)
+
+
+def _write(folder: Path, rows: list[dict], threads: int) -> None:
     summary, table = summarise(rows)
     machine = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-               "cores": os.cpu_count(), "threads": args.threads}
-    (args.out / "bench.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=1))
-    (args.out / "bench.txt").write_text(table + "\n")
+               "cores": os.cpu_count(), "threads": threads}
+    (folder / "bench.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=1))
+    (folder / "bench.txt").write_text(table + "\n")
     print(table)
 
 
