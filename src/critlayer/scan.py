@@ -21,7 +21,7 @@ from .result import ScanResult
 from .select import select_critical
 
 TEXT_N = 32  # texts the loss measures use: ablation runs about L/2 forwards over them per part
-BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's SVDs) and ablation
+BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's eigendecompositions) and ablation
 
 
 def parse_measures(measures: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:

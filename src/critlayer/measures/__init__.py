@@ -42,7 +42,7 @@ MEASURES = {
     "gradient": Measure("RMS of the language-modelling loss gradient over each block's parameters", ("gradient",),
                         "one forward and backward over the text", needs_text=True),
     "weights": Measure("signal-to-noise of each block's weight matrices against the Marchenko-Pastur bound",
-                       ("weight_snr",), "reads the weights block by block (one SVD per matrix); no forward"),
+                       ("weight_snr",), "one SVD per weight matrix (read block by block with --stream); no forward"),
 }
 DEFAULT_MEASURES = ("cka", "influence", "spectral")  # data-oblivious and cheap: one pass, no logits
 
