@@ -22,7 +22,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def _trim() -> None:
+def trim_heap() -> None:
+    """Ask the C allocator to return freed memory to the system (glibc only)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
@@ -43,7 +44,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        _trim()
+        trim_heap()
         self.base = self.peak = _rss_bytes()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..capture import StopForward  # the last recorder stops the forward: norm and head have no weights here
 from ..errors import CritlayerError
+from ..memory import trim_heap
 from .blocks import find_blocks
 
 
@@ -78,6 +79,7 @@ class SafetensorsWeights:
 
         for name, _ in list(module.named_parameters()):
             set_module_tensor_to_device(module, name, "meta")
+        trim_heap()  # hand the block's memory back to the system before the next one is read
 
     @contextmanager
     def loaded(self, module: nn.Module, prefix: str):
