@@ -135,3 +135,10 @@ def test_defend_command_writes_the_report_and_rejects_bad_input(tiny_folder, pai
 def test_defend_rejects_a_policy_list_with_repeats(tiny_folder, pair_file):
     with pytest.raises(CritlayerError, match="distinct"):
         defend(critlayer.load(str(tiny_folder)), str(pair_file), ["none", "none"], ATTACK, FAST, progress=False)
+
+
+def test_prompts_equal_after_the_cut_become_one_pair(tiny_folder):
+    """Cut first, then de-duplicate: two prompts that differ only past the cut cannot straddle the split."""
+    lm = critlayer.load(str(tiny_folder))
+    pairs = [(f"w6 w7 w8 w{10 + i}", f"w{20 + i}") for i in range(30)] + [("w9 w9", "w5")]
+    assert defend_module._cut_prompts(lm, pairs, tokens=3) == [("w6 w7 w8", "w49"), ("w9 w9", "w5")]
