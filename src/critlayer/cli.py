@@ -228,33 +228,50 @@ def cmd_compare(args) -> None:
 
 
 def _training_setup(args):
-    """Load the model and data, and the scan that ranks its blocks (read, or run now if needed)."""
+    """Load the model and the fine-tuning data."""
     from .data import load_data
     from .models import load
-    from .result import ScanResult
-    from .train import TrainConfig
 
     lm = load(args.model, dtype=args.dtype, device=args.device)
-    data = load_data(lm, args.data, n_eval=args.n_eval, n_train=args.n_train, max_tokens=args.max_tokens)
-    config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                         seed=args.seed, lora=getattr(args, "lora", False))
-    return lm, data, config, (ScanResult.load(args.scan) if args.scan else None)
+    return lm, load_data(lm, args.data, n_eval=args.n_eval, n_train=args.n_train, max_tokens=args.max_tokens)
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
+                       seed=args.seed, lora=getattr(args, "lora", False))
+
+
+def _ranking_scan(args, lm, specs: list[str] | None = None):
+    """The scan that ranks the blocks: --scan, else a default scan now, unless no spec needs a ranking.
+
+    Specs are checked first, so a bad one costs no scan; ``None`` (validate) always wants a scan.
+    """
+    from .result import ScanResult
+    from .scan import scan
+    from .tune import check_specs, needs_ranking
+
+    if specs is not None:
+        check_specs(lm, specs)
+    if args.scan:
+        return ScanResult.load(args.scan)
+    if specs is not None and not any(needs_ranking(s) for s in specs):
+        return None
+    print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
+    return scan(lm, measures=getattr(args, "measures", "default"), progress=not args.quiet)
 
 
 def cmd_tune(args) -> None:
     from .outputs import check_output_folder
-    from .scan import scan
-    from .tune import COMPARE_FILE, TUNE_FILE, check_specs, needs_ranking, tune, tune_compare
+    from .tune import COMPARE_FILE, TUNE_FILE, tune, tune_compare
 
     if args.seeds > 1 and not args.compare:
         raise CritlayerError("--seeds repeats a --compare; give --compare SPEC,SPEC,...")
     specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else [args.layers]
     check_output_folder(args.out, COMPARE_FILE if args.compare is not None else TUNE_FILE, args.force)
-    lm, data, config, scan_result = _training_setup(args)
-    check_specs(lm, specs)
-    if scan_result is None and any(needs_ranking(s) for s in specs):
-        print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
-        scan_result = scan(lm, progress=not args.quiet)
+    lm, data = _training_setup(args)
+    config, scan_result = _train_config(args), _ranking_scan(args, lm, specs)
     if args.compare is not None:
         comparison = tune_compare(lm, data, specs, config, seeds=args.seeds, scan_result=scan_result,
                                   progress=not args.quiet)
@@ -274,15 +291,12 @@ def cmd_tune(args) -> None:
 def cmd_validate(args) -> None:
     from .models import load
     from .outputs import check_output_folder
-    from .scan import scan
     from .validate import VALIDATE_FILE, validate
 
     check_output_folder(args.out, VALIDATE_FILE, args.force)
-    lm, data, config, scan_result = _training_setup(args)
+    lm, data = _training_setup(args)
+    config, scan_result = _train_config(args), _ranking_scan(args, lm)
     tuned = load(args.tuned, dtype=args.dtype, device=args.device).model if args.tuned else None
-    if scan_result is None:
-        print("critlayer: scanning first (default scan; pass --scan to reuse one)", flush=True)
-        scan_result = scan(lm, measures=args.measures, progress=not args.quiet)
     result = validate(lm, data, scan_result, config, tuned=tuned, window=args.window, progress=not args.quiet)
     result.save(args.out, force=args.force)
     print(result.table())
@@ -294,23 +308,13 @@ def cmd_defend(args) -> None:
     from .defend import DEFEND_FILE, PairLimits, defend
     from .models import load
     from .outputs import check_output_folder
-    from .result import ScanResult
-    from .scan import scan
-    from .train import TrainConfig
-    from .tune import check_specs, needs_ranking
 
     check_output_folder(args.out, DEFEND_FILE, args.force)
     attack = Attack.named(args.trigger, target=DEFAULT_TARGET if args.target is None else args.target,
                           rate=args.poison_rate, position=args.trigger_at)
     specs = [s.strip() for s in (args.compare or args.freeze).split(",") if s.strip()]
     lm = load(args.model, dtype=args.dtype, device=args.device)
-    check_specs(lm, specs)
-    scan_result = ScanResult.load(args.scan) if args.scan else None
-    if scan_result is None and any(needs_ranking(s) for s in specs):
-        print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
-        scan_result = scan(lm, progress=not args.quiet)
-    config = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                         seed=args.seed)
+    config, scan_result = _train_config(args), _ranking_scan(args, lm, specs)
     limits = PairLimits(n_train=args.n_train, n_eval=args.n_eval, prompt_tokens=args.max_tokens,
                         reply_tokens=args.max_tokens)
     result = defend(lm, args.data, specs, attack, config, limits, scan_result=scan_result, progress=not args.quiet)

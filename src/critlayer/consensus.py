@@ -5,7 +5,7 @@ by the score's direction; ties share their rank); a measure's rank is the mean o
 and the consensus is the mean over measures, so every measure weighs the same however many
 scores it reports. P(critical) is the share of bootstrap replicates (probe samples drawn with
 replacement, every measure recomputed on them) in which the selection rule picks each block
-from the replicate's consensus.
+from the replicate's score the scan selects by (its consensus, or one measure's score).
 """
 
 from __future__ import annotations

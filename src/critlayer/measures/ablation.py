@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CritlayerError
 from ..models import LanguageModel
-from .loss import require_causal, batch_losses, text_batches
+from .loss import batch_losses, require_causal, text_batches
 
 PARTS = ("block", "attn", "mlp")
 SCORE_NAMES = {"block": "ablation", "attn": "ablation_attn", "mlp": "ablation_mlp"}

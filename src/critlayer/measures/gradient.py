@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..models import LanguageModel
-from .loss import require_causal, batch_losses, text_batches
+from .loss import batch_losses, require_causal, text_batches
 
 
 def gradient_scores(lm: LanguageModel, sequences: list[list[int]], batch_size: int = 8) -> np.ndarray:
