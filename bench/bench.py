@@ -141,7 +141,23 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
             continue
         lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4} {e['seconds']:>9.2f} "
                      f"{e.get('ratio_to_bare', float('nan')):>7.3f} {e['peak_process_mb']:>8.0f} {e['peak_above_model_mb']:>11.0f}")
+    lines += _growth(summary)
     return summary, "\n".join(lines)
+
+
+def _growth(summary: list[dict]) -> list[str]:
+    """How much each method's median peak grows from the fewest probes to the most, per model, dtype and mode."""
+    peaks: dict[tuple, dict[int, float]] = {}
+    for e in summary:
+        if "peak_process_mb" in e:
+            peaks.setdefault((e["model"], e["dtype"], e["mode"], e["method"]), {})[e["n"]] = e["peak_process_mb"]
+    lines = []
+    for (model, dtype, mode, method), by_n in peaks.items():
+        if len(by_n) > 1:
+            low, high = min(by_n), max(by_n)
+            lines.append(f"peak growth {model} {dtype} {mode} {method}: {by_n[low]:.0f} MB at {low} probes -> "
+                         f"{by_n[high]:.0f} MB at {high} ({100 * (by_n[high] / by_n[low] - 1):+.1f}%)")
+    return [""] + lines if lines else []
 
 
 def main() -> None:

@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from critlayer.capture import Batch
+from critlayer.capture import Batch, Capture
 from critlayer.measures import BlockSimilarity, RowSample, spectral_scores
+from critlayer.measures.similarity import block_cosines
+from critlayer.probes import Probes, random_probes
 
 
 def _batch(states, seed=0):
     keys = torch.rand(states.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return Batch(states, keys)
+    return Batch(states, keys, cosines=block_cosines(states))
 
 
 def test_block_that_keeps_its_input_has_zero_influence_and_a_flip_has_full():
@@ -43,20 +45,34 @@ def test_spectral_scores_are_one_for_identical_layers_and_lower_for_unrelated_on
     assert other["spectral_k3"][1] < 0.5
 
 
-def test_row_sample_is_bounded_and_independent_of_batching():
+def _sampled(lm, probes, batch_size, max_rows):
+    capture = Capture(lm, probes, token_mode="all", batch_size=batch_size, max_rows=max_rows, progress=False)
+    sample = RowSample(capture.sample_keys)
+    for batch in capture:
+        sample.update(batch)
+    return sample, capture
+
+
+def test_row_sample_is_the_smallest_keys_whatever_the_batching(tiny_lm):
+    probes = Probes("random", random_probes(tiny_lm, 12, 10, 0))
+    everything, _ = _sampled(tiny_lm, probes, 12, None)
+    assert len(everything) == 12 * 9
+    for batch_size in (1, 5, 12):
+        sample, capture = _sampled(tiny_lm, probes, batch_size, 30)
+        assert len(sample) == 30 and capture.stats.rows == 12 * 9  # the cosines still cover every row
+        assert torch.equal(sample.keys, everything.keys.sort().values[:30])
+        torch.testing.assert_close(sample.compute(), everything.compute()[:, :30], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(sample.row_samples(), everything.row_samples()[:30])
+
+
+def test_row_sample_closes_the_gaps_of_rows_that_never_arrive():
     g = torch.Generator().manual_seed(0)
-    states, keys = torch.randn(3, 100, 4, generator=g), torch.rand(100, generator=g, dtype=torch.float64)
-    whole = RowSample(max_rows=30)
-    whole.update(Batch(states, keys))
-    split = RowSample(max_rows=30)
-    for part in torch.randperm(100, generator=g).split(7):
-        split.update(Batch(states[:, part], keys[part]))
-        assert split.keys.numel() <= 30
-    assert torch.equal(whole.compute(), split.compute())
-    assert torch.equal(whole.compute(), states[:, keys.argsort()[:30]])
-
-
-def test_row_sample_keeps_every_row_under_its_bound():
-    sample = RowSample(max_rows=50)
-    sample.update(_batch(torch.randn(2, 20, 3)))
-    assert sample.compute().shape == (2, 20, 3)
+    states, keys = torch.randn(3, 10, 4, generator=g), torch.rand(10, generator=g, dtype=torch.float64).sort().values
+    sample = RowSample(keys)
+    arrive = torch.tensor([0, 2, 3, 7, 9])
+    sample.update(Batch(states[:, arrive], keys[arrive], np.arange(10)[arrive.numpy()]))
+    assert len(sample) == 5
+    assert torch.equal(sample.compute(), states[:, arrive])
+    np.testing.assert_array_equal(sample.row_samples(), arrive.numpy())
+    with pytest.raises(ValueError, match="not in the planned sample"):
+        sample.update(Batch(states[:, :1], torch.tensor([0.5], dtype=torch.float64)))

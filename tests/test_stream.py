@@ -26,11 +26,13 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def test_streaming_gives_the_same_scan(folder):
-    whole = critlayer.scan(critlayer.load(str(folder)), "random", n=24, max_tokens=12, batch_size=7, progress=False)
+@pytest.mark.parametrize("token_mode", ["last", "all"])
+def test_streaming_gives_the_same_scan(folder, token_mode):
+    options = dict(n=24, max_tokens=12, batch_size=7, token_mode=token_mode, max_rows=100, progress=False)
+    whole = critlayer.scan(critlayer.load(str(folder)), "random", **options)
     streamed_lm = critlayer.load(str(folder), stream=True)
     assert streamed_lm.streamed and all(p.is_meta for p in streamed_lm.blocks.parameters())
-    streamed = critlayer.scan(streamed_lm, "random", n=24, max_tokens=12, batch_size=7, progress=False)
+    streamed = critlayer.scan(streamed_lm, "random", **options)
     assert streamed.critical == whole.critical
     np.testing.assert_allclose(streamed.cka, whole.cka, atol=1e-5)
     for name, values in whole.scores.items():
@@ -49,8 +51,7 @@ def test_streaming_refuses_what_needs_the_whole_model(tiny_folder, tmp_path, cap
     lm = critlayer.load(str(tiny_folder), stream=True)
     for kwargs, message in [({"probes": "generated"}, "need the whole model"),
                             ({"probes": "random", "measures": "ablation", "data": "wiki"}, "need the whole model"),
-                            ({"probes": "random", "token_mode": "all"}, "token-mode last"),
-                            ({"probes": "random", "token_mode": "mean"}, "token-mode last")]:
+                            ({"probes": "random", "token_mode": "mean"}, "token-mode last or all")]:
         with pytest.raises(CritlayerError, match=message):
             critlayer.scan(lm, n=8, max_tokens=8, progress=False, **kwargs)
     assert main(["scan", str(tiny_folder), "--stream", "--probes", "random", "--n", "8", "--out",

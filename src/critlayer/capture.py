@@ -7,6 +7,7 @@ forward, so the final norm and the LM head never run and logits are never comput
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,21 +27,25 @@ SINK_RATIO = 5.0
 # The medians that ratio refers to come from the rows of the first probes in (length-sorted) order,
 # so the filter does not depend on batch size.
 REFERENCE_SAMPLES = 32
+PLAN_CHUNK = 4096  # probes whose row keys are drawn at once when planning the row sample
 
 
 @dataclass
 class Batch:
-    """The captured rows of one probe batch.
+    """What one probe batch leaves after its pass.
 
-    ``states[0]`` is the input of block 0 (the embeddings) and ``states[i + 1]`` the output of
-    block ``i``, as float32 of shape ``(L + 1, rows, hidden)``. ``keys`` are deterministic
-    per-row numbers in [0, 1) used to subsample rows independently of batching; ``samples``
-    the probe each row comes from (what a bootstrap resamples).
+    ``states`` are the rows the row sample keeps whole: ``states[0]`` the input of block 0 (the
+    embeddings) and ``states[i + 1]`` the output of block ``i``, float32 of shape ``(L + 1, rows,
+    hidden)``; ``keys`` are their deterministic numbers in [0, 1) (see ``Capture.sample_keys``) and
+    ``samples`` the probe each comes from (what a bootstrap resamples). ``cosines`` ``(L, all rows)``
+    holds, for every row of the batch whether kept or not, the cosine between each block's input and
+    output.
     """
 
     states: torch.Tensor
     keys: torch.Tensor
     samples: np.ndarray | None = None
+    cosines: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,21 +66,16 @@ class StopForward(Exception):
 
 
 @contextmanager
-def block_outputs(lm: LanguageModel, take=lambda hidden: hidden):
-    """Hook the blocks; yields a list that each forward fills with ``take`` of its ``L + 1`` hidden states.
-
-    Taking the rows a token mode needs inside the hook keeps no block's whole output alive.
-    """
-    outputs: list[torch.Tensor] = []
+def block_outputs(lm: LanguageModel, add: Callable[[torch.Tensor], None]):
+    """Hook the blocks so that each forward hands ``add`` its ``L + 1`` hidden states in order."""
     last = len(lm.blocks) - 1
 
     def before_first(module, args, kwargs):
-        outputs.clear()
-        outputs.append(take(args[0] if args else kwargs["hidden_states"]))
+        add(args[0] if args else kwargs["hidden_states"])
 
     def after(index):
         def hook(module, args, output):
-            outputs.append(take(output[0] if isinstance(output, (tuple, list)) else output))
+            add(output[0] if isinstance(output, (tuple, list)) else output)
             if index == last:
                 raise StopForward
         return hook
@@ -85,23 +85,19 @@ def block_outputs(lm: LanguageModel, take=lambda hidden: hidden):
     was_training = lm.model.training
     lm.model.eval()
     try:
-        yield outputs
+        yield
     finally:
         for handle in handles:
             handle.remove()
         lm.model.train(was_training)
 
 
-def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One forward through the blocks only (inside ``block_outputs``); returns what it took of the L + 1 states."""
+def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """One forward through the blocks only (inside ``block_outputs``)."""
     try:
         lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except StopForward:
         pass
-    if len(outputs) != lm.num_layers + 1:
-        raise CritlayerError(f"captured {len(outputs)} hidden states, expected {lm.num_layers + 1}")
-    return list(outputs)
 
 
 def row_keys(seed: int, samples: np.ndarray, positions: np.ndarray) -> torch.Tensor:
@@ -115,25 +111,59 @@ def row_keys(seed: int, samples: np.ndarray, positions: np.ndarray) -> torch.Ten
     return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53))
 
 
+class _Rows:
+    """One batch's token-mode rows as its hidden states go by: every layer's row norms and every block's
+    input/output cosines, and whole rows only at ``kept`` (all of them when ``kept`` is None).
+
+    The results are allocated before the forward and filled in place: small tensors created during
+    it and kept after it pin the allocator's heap and can cost hundreds of MB of resident memory.
+    """
+
+    def __init__(self, lm: LanguageModel, flat: torch.Tensor, samples: np.ndarray, keys: torch.Tensor,
+                 kept: torch.Tensor | None):
+        self.flat, self.samples, self.keys, self.kept = flat, samples, keys, kept
+        layers, rows, device = lm.num_layers + 1, len(flat), flat.device
+        self.norms = torch.empty(layers, rows, device=device)
+        self.cosines = torch.empty(layers - 1, rows, device=device)
+        self.states = torch.empty(layers, rows if kept is None else len(kept), lm.hidden_size, device=device)
+        self.added = 0
+        self.previous: torch.Tensor | None = None
+
+    def add(self, hidden: torch.Tensor) -> None:
+        rows, layer = _take(hidden, self.flat), self.added
+        torch.linalg.vector_norm(rows, dim=-1, out=self.norms[layer])
+        if layer:
+            self.cosines[layer - 1] = torch.nn.functional.cosine_similarity(self.previous, rows, dim=-1)
+        self.states[layer] = rows if self.kept is None else rows[self.kept]
+        self.previous, self.added = rows, layer + 1
+        if self.added == len(self.norms):
+            self.previous = None
+
+
 class Capture:
-    """Iterate over probe batches, yielding the captured rows of each (see ``Batch``).
+    """Iterate over probe batches, yielding what each leaves (see ``Batch``).
 
     Token modes: ``last`` takes the last non-pad token of each sample; ``all`` every non-pad
     token but position 0 (an attention sink); ``mean`` the mean over the same tokens as ``all``.
     In every mode, massive-activation tokens (norm above ``sink_ratio`` times the layer's median
     row norm over the first ``REFERENCE_SAMPLES`` probes, at any layer; 0 disables) are dropped
     and counted. Batches are sorted by length to spend little on padding.
+
+    Before the pass, the keys of every row it will take are known (they hash the sample and the
+    position), so ``sample_keys``, the ``max_rows`` smallest (all with None), fixes which rows are
+    kept whole; every other row is reduced to its norms and cosines inside the forward, so memory
+    does not grow with the number of tokens.
     """
 
     def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = 32,
-                 seed: int = 0, sink_ratio: float = SINK_RATIO, progress: bool = True):
+                 seed: int = 0, sink_ratio: float = SINK_RATIO, max_rows: int | None = None, progress: bool = True):
         if token_mode not in TOKEN_MODES:
             raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
         if batch_size < 1:
             raise CritlayerError(f"batch size must be at least 1, got {batch_size}")
-        if lm.streamed and token_mode != "last":
-            raise CritlayerError("block-by-block mode keeps the captured tokens of every block until the last one; "
-                                 "use --token-mode last with it")
+        if lm.streamed and token_mode == "mean":
+            raise CritlayerError("block-by-block mode keeps every token of every batch for the mean; "
+                                 "use --token-mode last or all with it")
         self.lm, self.token_mode, self.batch_size = lm, token_mode, batch_size
         self.seed, self.sink_ratio, self.progress = seed, sink_ratio, progress
         self.stats = CaptureStats()
@@ -144,14 +174,33 @@ class Capture:
                                  "(position 0 is an attention sink and never measured); need 2 such probes")
         self.order = sorted(usable, key=lambda i: (-len(probes.token_ids[i]), i))
         self.token_ids = probes.token_ids
+        self.sample_keys = self._plan(max_rows)
+
+    def _plan(self, max_rows: int | None) -> torch.Tensor:
+        """The sorted keys of the rows kept whole: the ``max_rows`` smallest over every row of the pass."""
+        kept = torch.empty(0, dtype=torch.float64)
+        for first in range(0, len(self.order), PLAN_CHUNK):
+            samples = np.array(self.order[first:first + PLAN_CHUNK])
+            lengths = np.array([len(self.token_ids[i]) for i in samples])
+            if self.token_mode == "last":
+                positions = lengths - 1
+            elif self.token_mode == "mean":
+                positions = np.zeros_like(samples)  # one row per sample
+            else:  # positions 1 .. length - 1 of every sample
+                positions = np.arange(int((lengths - 1).sum())) - np.repeat(np.cumsum(lengths - 1) - lengths, lengths - 1)
+                samples = np.repeat(samples, lengths - 1)
+            kept = torch.cat([kept, row_keys(self.seed, samples, positions)])
+            if max_rows is not None and len(kept) > max_rows:
+                kept = kept.topk(max_rows, largest=False).values
+        return kept.sort().values
 
     def __iter__(self):
         pending = []
         self.reference = None
         enough = min(len(self.order), REFERENCE_SAMPLES)
         seen = 0
-        for raw, mask in self._captured():
-            pending.append(raw)
+        for rows, mask in self._captured():
+            pending.append(rows)
             seen += mask.shape[0]
             self.stats.samples += mask.shape[0]
             self.stats.tokens += int(mask.sum())
@@ -159,37 +208,38 @@ class Capture:
                 if seen < enough:
                     continue  # hold batches until the reference probes have been seen
                 self.reference = self._reference_norms(pending, set(self.order[:enough]))
-            for rows in pending:
-                batch = self._finish(*rows)
-                self.stats.rows += batch.states.shape[1]
+            for held in pending:
+                batch = self._finish(held)
+                self.stats.rows += batch.cosines.shape[1]
                 yield batch
             pending = []
 
     def _captured(self):
-        """Per batch, its token mode's rows at every layer (with their sample and position) and its mask."""
+        """Per batch, its rows (``_Rows``, every layer added) and its mask."""
         lm = self.lm
         batches = [(samples, *self._pad(samples)) for samples in
                    (np.array(self.order[i:i + self.batch_size]) for i in range(0, len(self.order), self.batch_size))]
-        picks = [self._select(mask, samples) for samples, _, mask in batches]
         if lm.streamed:
-            from .models.stream import stream_rows
+            from .models.stream import stream_blocks
 
+            collected = [self._rows(mask, samples) for samples, _, mask in batches]
             with torch.inference_mode():
-                taken = stream_rows(lm, lm.weights, [(ids, mask) for _, ids, mask in batches],
-                                    lambda hidden, b: _take(hidden, picks[b][0]), progress=self.progress)
-                for (_, _, mask), (_, row_sample, row_pos), rows in zip(batches, picks, taken):
-                    yield (torch.stack(rows), row_sample, row_pos), mask
+                stream_blocks(lm, lm.weights, [(ids, mask) for _, ids, mask in batches],
+                              lambda hidden, b: collected[b].add(hidden), progress=self.progress)
+            for _, _, mask in batches:
+                yield collected.pop(0), mask
             return
         total = sum(len(self.token_ids[i]) for i in self.order)
         bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
-        current = [None]  # the flat indices of the batch in flight
-        with block_outputs(lm, lambda hidden: _take(hidden, current[0])) as outputs, torch.inference_mode(), bar:
-            for (_, ids, mask), (flat, row_sample, row_pos) in zip(batches, picks):
-                current[0] = flat
-                rows = run_blocks(lm, ids, mask, outputs)
-                outputs.clear()
+        current: list[_Rows] = []  # the batch in flight
+        with block_outputs(lm, lambda hidden: current[0].add(hidden)), torch.inference_mode(), bar:
+            for samples, ids, mask in batches:
+                current[:] = [self._rows(mask, samples)]
+                run_blocks(lm, ids, mask)
+                if current[0].added != lm.num_layers + 1:
+                    raise CritlayerError(f"captured {current[0].added} hidden states, expected {lm.num_layers + 1}")
                 bar.update(int(mask.sum()))
-                yield (torch.stack(rows), row_sample, row_pos), mask
+                yield current.pop(), mask
 
     def _pad(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(self.token_ids[i]) for i in samples)
@@ -201,8 +251,8 @@ class Capture:
             mask[row, :len(seq)] = 1
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
-    def _select(self, mask: torch.Tensor, samples: np.ndarray):
-        """The flat (row * width + position) indices of the token mode's tokens, with their sample and position."""
+    def _rows(self, mask: torch.Tensor, samples: np.ndarray) -> _Rows:
+        """The token mode's tokens of a batch (flat ``row * width + position`` indices), keyed, and which to keep whole."""
         batch, width = mask.shape
         if self.token_mode == "last":
             flat = torch.arange(batch, device=mask.device) * width + mask.sum(1) - 1
@@ -210,23 +260,35 @@ class Capture:
             keep = mask.bool().clone()
             keep[:, 0] = False  # position 0 is an attention sink in every model we measured
             flat = keep.flatten().nonzero().squeeze(1)
-        return flat, samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
+        row_sample, row_pos = samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
+        keys = row_keys(self.seed, row_sample, row_pos)
+        kept = None if self.token_mode == "mean" else self._in_sample(keys).nonzero().squeeze(1).to(mask.device)
+        return _Rows(self.lm, flat, row_sample, keys, kept)
 
-    def _reference_norms(self, pending: list, reference: set[int]) -> torch.Tensor:
+    def _in_sample(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys <= self.sample_keys[-1]
+
+    def _reference_norms(self, pending: list[_Rows], reference: set[int]) -> torch.Tensor:
         """Per-layer median row norm over the reference probes (the first, longest ones in order)."""
-        norms = [rows.norm(dim=-1)[:, np.isin(row_sample, list(reference))] for rows, row_sample, _ in pending]
+        norms = [rows.norms[:, np.isin(rows.samples, list(reference))] for rows in pending]
         return torch.cat(norms, dim=1).median(dim=1, keepdim=True).values
 
-    def _finish(self, rows: torch.Tensor, row_sample: np.ndarray, row_pos: np.ndarray) -> Batch:
-        """Drop massive-activation rows, average per sample in ``mean`` mode, and key the rows."""
+    def _finish(self, rows: _Rows) -> Batch:
+        """Drop massive-activation rows and average per sample in ``mean`` mode."""
+        cosines, states = rows.cosines, rows.states
+        sinks = torch.zeros(cosines.shape[1], dtype=torch.bool, device=cosines.device)
         if self.sink_ratio > 0:
-            sinks = (rows.norm(dim=-1) > self.sink_ratio * self.reference).any(0)
+            sinks = (rows.norms > self.sink_ratio * self.reference).any(0)
             self.stats.sinks_dropped += int(sinks.sum())
-            kept = (~sinks).cpu().numpy()
-            rows, row_sample, row_pos = rows[:, ~sinks], row_sample[kept], row_pos[kept]
         if self.token_mode == "mean":
-            rows, row_sample, row_pos = self._mean_per_sample(rows, row_sample)
-        return Batch(rows, row_keys(self.seed, row_sample, row_pos), row_sample)
+            states, samples = self._mean_per_sample(states[:, ~sinks], rows.samples[(~sinks).cpu().numpy()])
+            keys = row_keys(self.seed, samples, np.zeros_like(samples))
+            cosines = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1)
+            kept = self._in_sample(keys)
+            return Batch(states[:, kept.to(states.device)], keys[kept], samples[kept.numpy()], cosines)
+        whole = ~sinks[rows.kept]
+        kept = rows.kept[whole].cpu().numpy()
+        return Batch(states[:, whole], rows.keys[kept], rows.samples[kept], cosines[:, ~sinks])
 
     @staticmethod
     def _mean_per_sample(rows: torch.Tensor, row_sample: np.ndarray):
@@ -234,7 +296,7 @@ class Capture:
         index = torch.from_numpy(index).to(rows.device)
         sums = torch.zeros(rows.shape[0], len(samples), rows.shape[2], device=rows.device).index_add_(1, index, rows)
         counts = torch.bincount(index, minlength=len(samples)).to(rows.dtype)
-        return sums / counts[None, :, None], samples, np.zeros_like(samples)
+        return sums / counts[None, :, None], samples
 
 
 def _take(hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

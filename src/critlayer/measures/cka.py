@@ -2,13 +2,16 @@
 
 CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with columns centred. For all
 layer pairs at once we use the equivalent Gram form, HSIC(l, k) = <K_l, K_k> with
-K = Xc Xc^T, as one matrix product over the stacked Grams: no loop over pairs.
+K = Xc Xc^T: one product of the stacked Grams gives every pair (no loop over pairs), summed
+over blocks of rows so that no Gram is ever whole.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+SLAB_ENTRIES = 1 << 21  # float32 entries of every layer's rows read at once (8 MB)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -19,26 +22,36 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-def cka_matrix(states: torch.Tensor, budget: int = 1 << 24) -> np.ndarray:
-    """The L x L linear CKA matrix of ``states`` shaped ``(L, rows, hidden)``.
+def cka_matrix(states: torch.Tensor, rows: torch.Tensor | None = None, budget: int = SLAB_ENTRIES) -> np.ndarray:
+    """The L x L linear CKA matrix of ``states`` shaped ``(L, rows, hidden)`` (or of its ``rows``, repeats allowed).
 
-    The Grams are built a slab of rows at a time (at most ``budget`` float32 entries), so memory
-    stays bounded however many rows there are; their products accumulate in float64.
+    The Grams are built block by block: slabs of at most ``budget`` float32 entries are centred as they
+    are read and multiplied in pairs, their products summed in float64. Nothing the size of the
+    rows is copied, so memory beyond ``states`` stays the same however many rows there are.
     """
-    x = centred(states)
-    layers, rows = x.shape[:2]
-    slab = max(1, budget // (layers * rows))
-    hsic = torch.zeros(layers, layers, dtype=torch.float64, device=x.device)
-    for begin in range(0, rows, slab):
-        part = torch.matmul(x[:, begin:begin + slab], x.transpose(1, 2)).flatten(1).double()  # rows of the Grams
-        hsic += part @ part.T
+    layers, total, hidden = states.shape
+    n = total if rows is None else len(rows)
+    step = max(1, budget // (layers * hidden))
+    parts = [slice(begin, begin + step) for begin in range(0, n, step)]
+
+    def read(part: slice) -> torch.Tensor:
+        return (states[:, part] if rows is None else states[:, rows[part].to(states.device)]).float()
+
+    mean = (sum(read(part).sum(1, keepdim=True, dtype=torch.float64) for part in parts) / n).float()
+    hsic = torch.zeros(layers, layers, dtype=torch.float64, device=states.device)
+    for i, part in enumerate(parts):
+        a = read(part) - mean
+        for j in range(i, len(parts)):
+            b = a if j == i else read(parts[j]) - mean
+            gram = torch.matmul(a, b.transpose(1, 2)).flatten(1).double()  # a block of every layer's Gram
+            hsic.addmm_(gram, gram.T, alpha=1.0 if j == i else 2.0)  # off-diagonal blocks count twice
     norms = hsic.diagonal().sqrt()
     return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()
 
 
-def centred(states: torch.Tensor) -> torch.Tensor:
-    """Columns centred per layer, in float32, with means taken in float64 (no float64 copy of the rows)."""
-    return states.float() - states.mean(1, keepdim=True, dtype=torch.float64).float()
+def centred(x: torch.Tensor) -> torch.Tensor:
+    """Columns of a ``(rows, hidden)`` matrix centred, in float32, with means taken in float64."""
+    return x.float() - x.mean(-2, keepdim=True, dtype=torch.float64).float()
 
 
 def delta_scores(cka: np.ndarray, window: int = 2) -> np.ndarray:

@@ -64,9 +64,9 @@ class TokenClusters:
 
     def __init__(self, states: torch.Tensor, k: int = CLUSTERS, seed: int = 0):
         k = max(2, min(k, states.shape[1] // 4))
-        unit = torch.nn.functional.normalize(states.double(), dim=-1)
         self.k = k
-        self.labels = np.stack([kmeans(layer, k, seed).cpu().numpy() for layer in unit])
+        self.labels = np.stack([kmeans(torch.nn.functional.normalize(layer.double(), dim=-1), k, seed).cpu().numpy()
+                                for layer in states])  # a layer at a time: one layer's copy of the rows
 
     def scores(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         labels = self.labels if rows is None else self.labels[:, rows]

@@ -9,51 +9,56 @@ from ..capture import Batch
 
 
 class RowSample:
-    """Keep the ``max_rows`` rows with the smallest keys (a bottom-k sketch).
+    """The rows a capture keeps whole, in key order, for the measures that need whole matrices.
 
-    Keys depend only on (seed, sample, position), so the rows kept, and their order, do not
-    depend on batch size or batch order; it holds at most ``max_rows`` rows plus one batch.
-    With no more rows than ``max_rows`` (the default ``last`` mode) every row is kept, with
-    the probe sample each row comes from (``samples``, when the batches carry it).
+    A capture fixes before its pass which rows these are (``Capture.sample_keys``: the ``max_rows``
+    smallest keys, which depend only on seed, sample and position). The sample is allocated once and
+    each row written into its slot, so it never holds more than it returns and its content and order
+    do not depend on batching. Massive-activation rows among the planned ones never arrive; their
+    slots are closed in place.
     """
 
-    def __init__(self, max_rows: int = 2048):
-        if max_rows < 2:
-            raise ValueError(f"max_rows must be at least 2, got {max_rows}")
-        self.max_rows = max_rows
-        self.reset()
-
-    def reset(self) -> None:
+    def __init__(self, keys: torch.Tensor):
+        self.keys = keys
         self.states: torch.Tensor | None = None
-        self.keys = torch.empty(0, dtype=torch.float64)
-        self.samples = np.empty(0, dtype=np.int64)
+        self.filled = torch.zeros(len(keys), dtype=torch.bool)
+        self.samples = np.full(len(keys), -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.filled.sum())
 
     def update(self, batch: Batch) -> None:
-        states, keys = batch.states, batch.keys
-        given = np.asarray(batch.samples if batch.samples is not None else np.full(len(keys), -1), dtype=np.int64)
-        if self.keys.numel() >= self.max_rows:  # once full, only rows with smaller keys can get in
-            fresh = keys < self.keys.max()
-            states, keys, given = states[:, fresh.to(states.device)], keys[fresh], given[fresh.numpy()]
-        states = states if self.states is None else torch.cat([self.states, states], dim=1)
-        keys = torch.cat([self.keys, keys])
-        samples = np.concatenate([self.samples, given])
-        if keys.numel() > self.max_rows:
-            keep = keys.topk(self.max_rows, largest=False).indices
-            states, keys, samples = states[:, keep.to(states.device)], keys[keep], samples[keep.numpy()]
-        self.states, self.keys, self.samples = states, keys, samples
-
-    def order(self) -> torch.Tensor:
-        return self.keys.argsort()
+        if not batch.keys.numel():
+            return
+        slots = torch.searchsorted(self.keys, batch.keys).clamp(max=len(self.keys) - 1)
+        if not torch.equal(self.keys[slots], batch.keys):
+            raise ValueError("a row that is not in the planned sample")
+        if self.states is None:
+            shape = (batch.states.shape[0], len(self.keys), batch.states.shape[2])
+            with torch.inference_mode(False):  # a normal tensor, so that it can be compacted after the pass
+                self.states = torch.empty(shape, dtype=torch.float32, device=batch.states.device)
+        self.states[:, slots.to(self.states.device)] = batch.states
+        self.filled[slots] = True
+        if batch.samples is not None:
+            self.samples[slots.numpy()] = batch.samples
 
     def compute(self) -> torch.Tensor:
-        """The kept rows ordered by key: float32 of shape ``(L + 1, rows, hidden)``."""
+        """The kept rows ordered by key: float32 of shape ``(L + 1, rows, hidden)``, a view of the sample."""
         if self.states is None:
             raise ValueError("no rows captured")
-        return self.states[:, self.order().to(self.states.device)]
+        if not self.filled.all():
+            present = self.filled.nonzero().squeeze(1)
+            for layer in self.states:  # one layer's rows at a time: no second copy of the sample
+                layer[:len(present)] = layer[present.to(layer.device)]
+            self.states = self.states[:, :len(present)]
+            self.keys, self.samples = self.keys[present], self.samples[present.numpy()]
+            self.filled = torch.ones(len(present), dtype=torch.bool)
+        return self.states
 
     def row_samples(self) -> np.ndarray:
         """The probe sample of each row of ``compute()``, in the same order."""
-        return self.samples[self.order().numpy()]
+        self.compute()
+        return self.samples
 
 
 def resample_rows(row_samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:

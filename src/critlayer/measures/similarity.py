@@ -10,24 +10,29 @@ import torch
 from ..capture import Batch
 
 
-def _cosines_and_angles(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, cosine of every block's input and output and the angle between them over pi."""
-    cos = torch.stack([torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)  # one block at a
-                       for i in range(len(states) - 1)]).double()  # time: no whole-stack temporaries
-    return cos, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+def block_cosines(states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the cosine between every block's input and output, from rows shaped ``(L + 1, rows, hidden)``."""
+    pick = (lambda layer: layer) if rows is None else (lambda layer: layer[rows.to(layer.device)])
+    return torch.stack([torch.nn.functional.cosine_similarity(pick(states[i]), pick(states[i + 1]), dim=-1)
+                        for i in range(len(states) - 1)])  # a block at a time: no whole-stack temporaries
 
 
-def similarity_scores(states: torch.Tensor) -> dict[str, np.ndarray]:
-    """Both scores at once from rows shaped ``(L + 1, rows, hidden)`` (the bootstrap's form)."""
-    cos, angle = _cosines_and_angles(states)
-    return {"block_influence": (1.0 - cos.mean(1)).cpu().numpy(), "angular_distance": angle.mean(1).cpu().numpy()}
+def _angles(cos: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def similarity_scores(states: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Both scores at once from whole rows (the bootstrap's form), optionally only ``rows`` of them."""
+    cos = block_cosines(states, rows).double()
+    return {"block_influence": (1.0 - cos.mean(1)).cpu().numpy(), "angular_distance": _angles(cos).mean(1).cpu().numpy()}
 
 
 class BlockSimilarity:
-    """Streaming mean cosine between every block's input and output over the captured rows.
+    """Streaming mean cosine between every block's input and output over every captured row.
 
     ``block_influence`` is 1 - mean cosine; ``angular_distance`` is the mean of arccos(cosine)/pi.
-    Both are high for blocks that change the residual stream most.
+    Both are high for blocks that change the residual stream most. It reads the cosines a capture
+    computes inside the forward (``Batch.cosines``), not the rows.
     """
 
     def __init__(self):
@@ -38,8 +43,8 @@ class BlockSimilarity:
         self.count = 0
 
     def update(self, batch: Batch) -> None:
-        cos, angle = _cosines_and_angles(batch.states)
-        cos_sum, angle_sum = cos.sum(1).cpu(), angle.sum(1).cpu()
+        cos = batch.cosines.double()
+        cos_sum, angle_sum = cos.sum(1).cpu(), _angles(cos).sum(1).cpu()
         self.cos_sum = cos_sum if self.cos_sum is None else self.cos_sum + cos_sum
         self.angle_sum = angle_sum if self.angle_sum is None else self.angle_sum + angle_sum
         self.count += cos.shape[1]

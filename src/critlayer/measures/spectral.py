@@ -17,9 +17,15 @@ from .cka import centred
 KS = (1, 3, 10)
 
 
-def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int = 2) -> dict[str, np.ndarray]:
-    """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical)."""
-    u = top_left_singular_vectors(centred(states), max(ks))
+def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int = 2,
+                    rows: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical).
+
+    Layers are decomposed one at a time (optionally only ``rows`` of them, repeats allowed), so
+    the only copy of the rows is one layer's.
+    """
+    pick = (lambda layer: layer) if rows is None else (lambda layer: layer[rows.to(layer.device)])
+    u = torch.stack([top_left_singular_vectors(centred(pick(layer)), max(ks)) for layer in states])
     n = len(u)
     scores = {}
     for k in ks:
@@ -36,14 +42,14 @@ def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int =
 
 
 def top_left_singular_vectors(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The first ``k`` left singular vectors of each ``(rows, hidden)`` matrix in ``x``, largest first.
+    """The first ``k`` left singular vectors of a ``(rows, hidden)`` matrix, largest first.
 
-    The small Gram is multiplied in ``x``'s precision and decomposed in float64.
+    The smaller Gram is multiplied in ``x``'s precision and decomposed in float64.
     """
-    rows, hidden = x.shape[1:]
+    rows, hidden = x.shape
     k = min(k, rows, hidden)
     if rows <= hidden:
-        return torch.linalg.eigh((x @ x.transpose(1, 2)).double()).eigenvectors[:, :, -k:].flip(-1)
-    v = torch.linalg.eigh((x.transpose(1, 2) @ x).double()).eigenvectors[:, :, -k:].flip(-1)
+        return torch.linalg.eigh((x @ x.T).double()).eigenvectors[:, -k:].flip(-1)
+    v = torch.linalg.eigh((x.T @ x).double()).eigenvectors[:, -k:].flip(-1)
     u = (x @ v.to(x.dtype)).double()
-    return u / u.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    return u / u.norm(dim=0, keepdim=True).clamp(min=1e-300)

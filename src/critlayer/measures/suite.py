@@ -91,8 +91,8 @@ def run_measures(lm: LanguageModel, measures: tuple[str, ...], *, probes: Probes
 def _capture_measures(lm, measures, probes, out: Measured, per_measure: dict, *, token_mode, batch_size, seed,
                       sink_ratio, max_rows, window, progress) -> None:
     capture = Capture(lm, probes, token_mode=token_mode, batch_size=batch_size, seed=seed, sink_ratio=sink_ratio,
-                      progress=progress)
-    sample = RowSample(max_rows)
+                      max_rows=max_rows, progress=progress)
+    sample = RowSample(capture.sample_keys)
     similarity = BlockSimilarity() if "influence" in measures else None
     with timed(out.timing, "capture"):
         for batch in capture:
@@ -102,22 +102,22 @@ def _capture_measures(lm, measures, probes, out: Measured, per_measure: dict, *,
     if capture.stats.rows < 2:
         raise CritlayerError(f"only {capture.stats.rows} row(s) left after dropping massive activations; "
                              "raise --sink-ratio or use more probes")
-    out.capture = {**capture.stats.as_dict(), "rows_for_cka": int(sample.keys.numel()), "max_rows": max_rows}
+    out.capture = {**capture.stats.as_dict(), "rows_for_cka": len(sample), "max_rows": max_rows}
     states, row_samples = sample.compute(), sample.row_samples()
     on_rows: dict[str, Callable[[torch.Tensor], dict[str, np.ndarray]]] = {}
     if "cka" in measures:
         with timed(per_measure, "cka"):
             out.cka = cka_matrix(states[1:])
             out.scores["delta"] = delta_scores(out.cka, window)
-        on_rows["cka"] = lambda rows: {"delta": delta_scores(cka_matrix(states[1:, rows]), window)}
+        on_rows["cka"] = lambda rows: {"delta": delta_scores(cka_matrix(states[1:], rows), window)}
     if similarity is not None:
         with timed(per_measure, "influence"):
             out.scores.update(similarity.compute())
-        on_rows["influence"] = lambda rows: similarity_scores(states[:, rows])
+        on_rows["influence"] = lambda rows: similarity_scores(states, rows)
     if "spectral" in measures:
         with timed(per_measure, "spectral"):
             out.scores.update(spectral_scores(states[1:]))
-        on_rows["spectral"] = lambda rows: spectral_scores(states[1:, rows])
+        on_rows["spectral"] = lambda rows: spectral_scores(states[1:], rows=rows)
     if "clusters" in measures:
         with timed(per_measure, "clusters"):
             clusters = TokenClusters(states, seed=seed)

@@ -9,7 +9,7 @@ its outputs become the next block's inputs, and its weights go back to the meta 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,21 +122,21 @@ def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask
     return calls
 
 
-def stream_rows(lm, weights: SafetensorsWeights, batches: list, take: Callable[[torch.Tensor, int], torch.Tensor],
-                progress: bool = True) -> Iterator[list[torch.Tensor]]:
-    """Per batch, ``take(hidden, batch)`` of the input of block 0 and the output of every block.
+def stream_blocks(lm, weights: SafetensorsWeights, batches: list, add: Callable[[torch.Tensor, int], None],
+                  progress: bool = True) -> None:
+    """Hand ``add(hidden, batch)`` the input of block 0 and then the output of every block, per batch.
 
     ``batches`` are ``(ids, mask)`` pairs; every batch goes through block ``i`` before block
     ``i + 1`` is read, so at most one block's weights are in memory.
     """
     calls = [block_calls(lm.model, lm.blocks, ids, mask) for ids, mask in batches]
     hidden = [c[0][0] for c in calls]
-    rows = [[take(h, b)] for b, h in enumerate(hidden)]
+    for b, h in enumerate(hidden):
+        add(h, b)
     for i, block in enumerate(tqdm(lm.blocks, desc="streaming blocks", unit="block", disable=not progress)):
         with weights.loaded(block, f"{lm.blocks_path}.{i}."):
             for b in range(len(batches)):
                 _, args, kwargs = calls[b][i]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
-                rows[b].append(take(hidden[b], b))
-    yield from rows
+                add(hidden[b], b)
