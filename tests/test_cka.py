@@ -57,6 +57,16 @@ def test_matrix_equals_direct_reference_on_random_data():
             assert m[i, j] == pytest.approx(ref, abs=1e-6)
 
 
+def test_matrix_is_the_same_whatever_the_slabs_and_indexes_rows_without_copying_them():
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(4, 50, 8, generator=g).cumsum(0) + 5.0  # far from centred, like hidden states
+    whole = cka_matrix(states, budget=1 << 20)
+    for budget in (32, 100, 4 * 8 * 7):  # one row per slab, uneven slabs, slabs of 7 rows
+        np.testing.assert_allclose(cka_matrix(states, budget=budget), whole, atol=1e-6)
+    rows = torch.randint(0, 50, (60,), generator=g)  # a bootstrap replicate: repeats allowed
+    np.testing.assert_allclose(cka_matrix(states, rows, budget=100), cka_matrix(states[:, rows]), atol=1e-6)
+
+
 def test_delta_is_window_mean_clipped_at_the_ends():
     m = np.arange(25, dtype=float).reshape(5, 5)
     d = delta_scores(m, window=2)

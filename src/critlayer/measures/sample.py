@@ -61,6 +61,11 @@ class RowSample:
         return self.samples
 
 
+def pick_rows(layer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``layer`` itself, or the given rows of it (a bootstrap replicate's indices, repeats allowed)."""
+    return layer if rows is None else layer[rows.to(layer.device)]
+
+
 def resample_rows(row_samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Row indices of one bootstrap replicate: probe samples drawn with replacement, all rows of each."""
     samples, inverse = np.unique(row_samples, return_inverse=True)

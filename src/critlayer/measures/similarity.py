@@ -8,13 +8,15 @@ import numpy as np
 import torch
 
 from ..capture import Batch
+from .sample import pick_rows
 
 
 def block_cosines(states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per row, the cosine between every block's input and output, from rows shaped ``(L + 1, rows, hidden)``."""
-    pick = (lambda layer: layer) if rows is None else (lambda layer: layer[rows.to(layer.device)])
-    return torch.stack([torch.nn.functional.cosine_similarity(pick(states[i]), pick(states[i + 1]), dim=-1)
-                        for i in range(len(states) - 1)])  # a block at a time: no whole-stack temporaries
+    def block(i: int) -> torch.Tensor:  # a block at a time: no whole-stack temporaries
+        return torch.nn.functional.cosine_similarity(pick_rows(states[i], rows), pick_rows(states[i + 1], rows), dim=-1)
+
+    return torch.stack([block(i) for i in range(len(states) - 1)])
 
 
 def _angles(cos: torch.Tensor) -> torch.Tensor:

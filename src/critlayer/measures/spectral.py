@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .cka import centred
+from .sample import pick_rows
 
 KS = (1, 3, 10)
 
@@ -24,8 +25,7 @@ def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int =
     Layers are decomposed one at a time (optionally only ``rows`` of them, repeats allowed), so
     the only copy of the rows is one layer's.
     """
-    pick = (lambda layer: layer) if rows is None else (lambda layer: layer[rows.to(layer.device)])
-    u = torch.stack([top_left_singular_vectors(centred(pick(layer)), max(ks)) for layer in states])
+    u = torch.stack([top_left_singular_vectors(centred(pick_rows(layer, rows)), max(ks)) for layer in states])
     n = len(u)
     scores = {}
     for k in ks:
