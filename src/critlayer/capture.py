@@ -189,7 +189,8 @@ class Capture:
             elif self.token_mode == "mean":
                 positions = np.zeros_like(samples)  # one row per sample
             else:  # positions 1 .. length - 1 of every sample
-                positions = np.arange(int((lengths - 1).sum())) - np.repeat(np.cumsum(lengths - 1) - lengths, lengths - 1)
+                starts = np.cumsum(lengths - 1) - (lengths - 1)  # where each sample's rows begin
+                positions = np.arange(int((lengths - 1).sum())) - np.repeat(starts - 1, lengths - 1)
                 samples = np.repeat(samples, lengths - 1)
             kept = torch.cat([kept, row_keys(self.seed, samples, positions)])
             if max_rows is not None and len(kept) > max_rows:
@@ -254,7 +255,7 @@ class Capture:
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
     def _rows(self, mask: torch.Tensor, samples: np.ndarray) -> _Rows:
-        """The token mode's tokens of a batch (flat ``row * width + position`` indices), keyed, and which to keep whole."""
+        """A batch's token-mode tokens (flat ``row * width + position`` indices), keyed, and which to keep whole."""
         batch, width = mask.shape
         if self.token_mode == "last":
             flat = torch.arange(batch, device=mask.device) * width + mask.sum(1) - 1

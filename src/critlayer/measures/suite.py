@@ -99,8 +99,9 @@ def _capture_measures(lm, measures, probes, out: Measured, per_measure: dict, *,
             sample.update(batch)
             if similarity is not None:
                 similarity.update(batch)
-    if min(capture.stats.rows, len(sample)) < 2:
-        raise CritlayerError(f"only {min(capture.stats.rows, len(sample))} row(s) left after dropping massive activations; "
+    rows = min(capture.stats.rows, len(sample))
+    if rows < 2:
+        raise CritlayerError(f"only {rows} row(s) left after dropping massive activations; "
                              "raise --sink-ratio or use more probes")
     out.capture = {**capture.stats.as_dict(), "rows_for_cka": len(sample), "max_rows": max_rows}
     states, row_samples = sample.compute(), sample.row_samples()
