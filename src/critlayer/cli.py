@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto: spread the model over the GPUs and CPU there are (accelerate)")
     scan.add_argument("--stream", action="store_true",
                       help="block-by-block: read one block at a time from the safetensors files (models larger "
-                           "than memory; last token mode, not generated probes)")
+                           "than memory; last or all token mode, not generated probes)")
     scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
     scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
