@@ -1,7 +1,9 @@
 """How much does a scan cost beyond the forward pass it cannot avoid, and what do peers pay?
 
 Every measurement runs in a fresh process (so peak memory is its own) on the same model, probe
-tokens, dtype and thread count; methods take turns within each repeat, so drift hits all alike:
+tokens, dtype and thread count, from a model whose every weight is already resident (so peaks count
+the method's memory, not which weights its tokens page in); methods take turns within each repeat,
+so drift hits all alike:
 
   bare                a forward through the decoder only (no hooks, no logits), length-sorted batches
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
@@ -42,6 +44,7 @@ def run_one(spec: dict) -> dict:
     from critlayer.memory import PeakMemory
 
     lm = critlayer.load(spec["model"], dtype=spec["dtype"])
+    _page_in(lm)
     probes = critlayer.make_probes(lm, "wiki", n=spec["n"], max_tokens=TOKENS, seed=0, progress=False)
     work = {"bare": _bare, "critlayer": _critlayer, "pytorch-cka": _pytorch_cka,
             "short-transformers": _short_transformers}[spec["method"]]
@@ -52,6 +55,17 @@ def run_one(spec: dict) -> dict:
     return {**spec, "seconds": round(seconds, 3), "peak_above_model_mb": peak.megabytes,
             "peak_process_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "tokens": sum(map(len, probes.token_ids)), "dtype_used": str(lm.dtype)}
+
+
+def _page_in(lm) -> None:
+    """Read every weight once. Weights are memory-mapped from safetensors and come in as they are first
+    read (gemma3's 262k-row embedding only as its tokens appear), so without this a method's peak would
+    count how many distinct tokens the probes hold; with it every method starts from the whole model."""
+    import torch
+
+    with torch.inference_mode():
+        for tensor in (*lm.model.parameters(), *lm.model.buffers()):
+            tensor.sum()
 
 
 def _batches(lm, probes):

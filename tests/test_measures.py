@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from critlayer.capture import Batch, Capture
-from critlayer.measures import BlockSimilarity, RowSample, spectral_scores
+from critlayer.errors import CritlayerError
+from critlayer.measures import BlockSimilarity, RowSample, cka_matrix, similarity_scores, spectral_scores
 from critlayer.measures.similarity import block_cosines
 from critlayer.probes import Probes, random_probes
 
@@ -61,7 +62,7 @@ def test_row_sample_is_the_smallest_keys_whatever_the_batching(tiny_lm):
         sample, capture = _sampled(tiny_lm, probes, batch_size, 30)
         assert len(sample) == 30 and capture.stats.rows == 12 * 9  # the cosines still cover every row
         assert torch.equal(sample.keys, everything.keys.sort().values[:30])
-        torch.testing.assert_close(sample.compute(), everything.compute()[:, :30], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sample.compute()[:, :], everything.compute()[:, :30], atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(sample.row_samples(), everything.row_samples()[:30])
 
 
@@ -72,7 +73,37 @@ def test_row_sample_closes_the_gaps_of_rows_that_never_arrive():
     arrive = torch.tensor([0, 2, 3, 7, 9])
     sample.update(Batch(states[:, arrive], keys[arrive], np.arange(10)[arrive.numpy()]))
     assert len(sample) == 5
-    assert torch.equal(sample.compute(), states[:, arrive])
+    assert torch.equal(sample.compute()[:, :], states[:, arrive])
     np.testing.assert_array_equal(sample.row_samples(), arrive.numpy())
     with pytest.raises(ValueError, match="not in the planned sample"):
         sample.update(Batch(states[:, :1], torch.tensor([0.5], dtype=torch.float64)))
+
+
+def test_the_file_backed_sample_reads_like_the_tensor_it_holds():
+    g = torch.Generator().manual_seed(1)
+    states, keys = torch.randn(4, 40, 6, generator=g) + 3.0, torch.rand(40, generator=g, dtype=torch.float64).sort().values
+    arrive = torch.tensor([i for i in range(40) if i not in (0, 17, 18, 39)])  # gaps at both ends and inside
+    sample = RowSample(keys)
+    for part in arrive.split(7):  # rows arrive over several batches
+        sample.update(Batch(states[:, part], keys[part], part.numpy()))
+    stored, expected = sample.compute(), states[:, arrive]
+    assert stored.shape == expected.shape and len(stored) == 4
+    assert torch.equal(stored[2], expected[2]) and torch.equal(stored[1:][0], expected[1])
+    assert torch.equal(stored[1:3][:, 5:9], expected[1:3, 5:9])
+    rows = torch.randint(0, len(arrive), (50,), generator=g)  # a bootstrap replicate: unsorted, repeats
+    assert torch.equal(stored[:, rows], expected[:, rows])
+    np.testing.assert_allclose(cka_matrix(stored, rows, budget=100), cka_matrix(expected, rows), atol=1e-6)
+    for on_file, in_memory in ((spectral_scores(stored, rows=rows), spectral_scores(expected, rows=rows)),
+                               (similarity_scores(stored, rows), similarity_scores(expected, rows))):
+        for name in in_memory:
+            np.testing.assert_allclose(on_file[name], in_memory[name], atol=1e-6)
+
+
+def test_a_full_disk_is_one_clear_error(monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("critlayer.measures.sample.os.pwrite", full)
+    keys = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    with pytest.raises(CritlayerError, match="No space left on device; point TMPDIR at a larger disk"):
+        RowSample(keys).update(Batch(torch.ones(3, 2, 4), keys))

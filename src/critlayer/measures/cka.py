@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .sample import StoredRows
+
 SLAB_ENTRIES = 1 << 21  # float32 entries of every layer's rows read at once (8 MB)
 
 
@@ -22,15 +24,19 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-def cka_matrix(states: torch.Tensor, rows: torch.Tensor | None = None, budget: int = SLAB_ENTRIES) -> np.ndarray:
+def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None,
+               budget: int = SLAB_ENTRIES) -> np.ndarray:
     """The L x L linear CKA matrix of ``states`` shaped ``(L, rows, hidden)`` (or of its ``rows``, repeats allowed).
 
-    The Grams are built block by block: slabs of at most ``budget`` float32 entries are centred as they
-    are read and multiplied in pairs, their products summed in float64. Nothing the size of the
-    rows is copied, so memory beyond ``states`` stays the same however many rows there are.
+    The Grams are built block by block: slabs of at most ``budget`` float32 entries are read (in
+    row order: CKA does not depend on it), centred and multiplied in pairs, their products summed
+    in float64. Nothing the size of the rows is ever held, so memory stays the same however many
+    rows there are.
     """
     layers, total, hidden = states.shape
     n = total if rows is None else len(rows)
+    if rows is not None:
+        rows = rows.sort().values  # sorted, each slab of a file-backed sample is one short read per layer
     step = max(1, budget // (layers * hidden))
     parts = [slice(begin, begin + step) for begin in range(0, n, step)]
 

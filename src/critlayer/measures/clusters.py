@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .sample import StoredRows
+
 CLUSTERS = 16
 
 
@@ -62,7 +64,7 @@ class TokenClusters:
     passes resampled row indices and keeps the labels.
     """
 
-    def __init__(self, states: torch.Tensor, k: int = CLUSTERS, seed: int = 0):
+    def __init__(self, states: torch.Tensor | StoredRows, k: int = CLUSTERS, seed: int = 0):
         k = max(2, min(k, states.shape[1] // 4))
         self.k = k
         self.labels = np.stack([kmeans(torch.nn.functional.normalize(layer.double(), dim=-1), k, seed).cpu().numpy()

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from ..capture import Batch
-from .sample import pick_rows
+from .sample import StoredRows, pick_rows
 
 
-def block_cosines(states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def block_cosines(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per row, the cosine between every block's input and output, from rows shaped ``(L + 1, rows, hidden)``."""
     def block(i: int) -> torch.Tensor:  # a block at a time: no whole-stack temporaries
         return torch.nn.functional.cosine_similarity(pick_rows(states[i], rows), pick_rows(states[i + 1], rows), dim=-1)
@@ -23,7 +23,7 @@ def _angles(cos: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
-def similarity_scores(states: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+def similarity_scores(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Both scores at once from whole rows (the bootstrap's form), optionally only ``rows`` of them."""
     cos = block_cosines(states, rows).double()
     return {"block_influence": (1.0 - cos.mean(1)).cpu().numpy(), "angular_distance": _angles(cos).mean(1).cpu().numpy()}

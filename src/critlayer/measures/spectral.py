@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from .cka import centred
-from .sample import pick_rows
+from .sample import StoredRows, pick_rows
 
 KS = (1, 3, 10)
 
 
-def spectral_scores(states: torch.Tensor, ks: tuple[int, ...] = KS, reach: int = 2,
+def spectral_scores(states: torch.Tensor | StoredRows, ks: tuple[int, ...] = KS, reach: int = 2,
                     rows: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical).
 
