@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 METHODS = ("bare", "critlayer", "pytorch-cka", "short-transformers")
-BATCH, TOKENS = 32, 64
+TOKENS = 64  # at most, per probe
 
 
 def run_one(spec: dict) -> dict:
@@ -71,10 +71,11 @@ def _page_in(lm) -> None:
 def _batches(lm, probes):
     """Length-sorted, right-padded batches of the probe tokens, as the scan makes them."""
     import torch
+    from critlayer.capture import BATCH_SIZE
 
     order = sorted(range(len(probes)), key=lambda i: -len(probes.token_ids[i]))
-    for first in range(0, len(order), BATCH):
-        seqs = [probes.token_ids[i] for i in order[first:first + BATCH]]
+    for first in range(0, len(order), BATCH_SIZE):
+        seqs = [probes.token_ids[i] for i in order[first:first + BATCH_SIZE]]
         width = max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros_like(ids)

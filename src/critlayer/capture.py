@@ -30,6 +30,9 @@ SINK_RATIO = 5.0
 # so the filter does not depend on batch size.
 REFERENCE_SAMPLES = 32
 PLAN_CHUNK = 4096  # probes whose row keys are drawn at once when planning the row sample
+# Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 4-15% faster than 32
+# on smollm2-135m and gemma3-270m with 40-90 MB less peak memory; on a GPU a larger batch may pay.
+BATCH_SIZE = 16
 
 
 @dataclass
@@ -157,7 +160,7 @@ class Capture:
     does not grow with the number of tokens.
     """
 
-    def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = 32,
+    def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = BATCH_SIZE,
                  seed: int = 0, sink_ratio: float = SINK_RATIO, max_rows: int | None = None, progress: bool = True):
         if token_mode not in TOKEN_MODES:
             raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .capture import BATCH_SIZE
 from .errors import CritlayerError
 from .models.load import DEFAULT_MODEL, DTYPES
 from .probes import SOURCES
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="score the selection uses, e.g. consensus or p_critical (default delta, else consensus)")
     scan.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    scan.add_argument("--batch-size", type=_at_least(1), default=32)
+    scan.add_argument("--batch-size", type=_at_least(1), default=BATCH_SIZE,
+                      help=f"probes per forward (default {BATCH_SIZE})")
     scan.add_argument("--max-rows", type=_at_least(2), default=2048, help="rows kept for CKA and spectra (default 2048)")
     scan.add_argument("--sink-ratio", type=float, default=5.0,
                       help="drop tokens whose norm exceeds this multiple of the layer median (0: keep all)")

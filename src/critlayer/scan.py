@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import SINK_RATIO
+from .capture import BATCH_SIZE, SINK_RATIO
 from .consensus import agreement, bootstrap_critical, consensus
 from .data import sample_texts
 from .errors import CritlayerError
@@ -76,7 +76,7 @@ def loss_texts(lm: LanguageModel, probes: Probes | None, data: str | None, *, n:
 def scan(lm: LanguageModel | str = DEFAULT_MODEL, probes: Probes | str = "generated", *, n: int = 256,
          max_tokens: int = 64, seed: int = 0, chat_template: bool = False, token_mode: str = "last",
          window: int = 2, measures: str | tuple[str, ...] = DEFAULT_MEASURES, k: int | None = None,
-         edges: bool = False, select_by: str | None = None, batch_size: int = 32, max_rows: int = 2048,
+         edges: bool = False, select_by: str | None = None, batch_size: int = BATCH_SIZE, max_rows: int = 2048,
          sink_ratio: float = SINK_RATIO, data: str | None = None, text_n: int = TEXT_N,
          ablate: str | tuple[str, ...] = ("block",), bootstrap: int | None = None,
          dtype: str = "auto", device: str | None = None, progress: bool = True) -> ScanResult:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..capture import Capture
+from ..capture import BATCH_SIZE, Capture
 from ..errors import CritlayerError
 from ..models import LanguageModel
 from ..probes import Probes
@@ -62,7 +62,7 @@ class Measured:
 
 
 def run_measures(lm: LanguageModel, measures: tuple[str, ...], *, probes: Probes | None = None,
-                 text: list[list[int]] | None = None, token_mode: str = "last", batch_size: int = 32,
+                 text: list[list[int]] | None = None, token_mode: str = "last", batch_size: int = BATCH_SIZE,
                  seed: int = 0, sink_ratio: float = 5.0, max_rows: int = 2048, window: int = 2,
                  ablate: tuple[str, ...] = ("block",), progress: bool = True) -> Measured:
     """Compute every measure in ``measures``; ``probes`` feed the capture ones, ``text`` the loss ones."""
