@@ -89,6 +89,7 @@ def test_the_file_backed_sample_reads_like_the_tensor_it_holds():
     stored, expected = sample.compute(), states[:, arrive]
     assert stored.shape == expected.shape and len(stored) == 4
     assert torch.equal(stored[2], expected[2]) and torch.equal(stored[1:][0], expected[1])
+    assert torch.equal(stored[-1], expected[-1])
     assert torch.equal(stored[1:3][:, 5:9], expected[1:3, 5:9])
     rows = torch.randint(0, len(arrive), (50,), generator=g)  # a bootstrap replicate: unsorted, repeats
     assert torch.equal(stored[:, rows], expected[:, rows])

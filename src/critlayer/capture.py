@@ -30,8 +30,8 @@ SINK_RATIO = 5.0
 # so the filter does not depend on batch size.
 REFERENCE_SAMPLES = 32
 PLAN_CHUNK = 4096  # probes whose row keys are drawn at once when planning the row sample
-# Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 4-15% faster than 32
-# on smollm2-135m and gemma3-270m with 40-90 MB less peak memory; on a GPU a larger batch may pay.
+# Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 3-16% faster than 32
+# on smollm2-135m and gemma3-270m with 30-90 MB less peak memory; on a GPU a larger batch may pay.
 BATCH_SIZE = 16
 
 

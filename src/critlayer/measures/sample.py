@@ -102,7 +102,8 @@ class StoredRows:
             if everything != slice(None):
                 raise IndexError("StoredRows reads [layer], [layers] or [:, rows]")
             return self._read(self.layers, rows)
-        return self._read(self.layers[index:index + 1], slice(None))[0]
+        layer = self.layers[index]
+        return self._read(range(layer, layer + 1), slice(None))[0]
 
     def _read(self, layers: range, rows: slice | torch.Tensor) -> torch.Tensor:
         slots = self.slots[rows] if isinstance(rows, slice) else self.slots[rows.cpu().numpy()]
