@@ -12,11 +12,17 @@ from .sample import StoredRows, pick_rows
 
 
 def block_cosines(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the cosine between every block's input and output, from rows shaped ``(L + 1, rows, hidden)``."""
-    def block(i: int) -> torch.Tensor:  # a block at a time: no whole-stack temporaries
-        return torch.nn.functional.cosine_similarity(pick_rows(states[i], rows), pick_rows(states[i + 1], rows), dim=-1)
+    """Per row, the cosine between every block's input and output, from rows shaped ``(L + 1, rows, hidden)``.
 
-    return torch.stack([block(i) for i in range(len(states) - 1)])
+    Layers are read once each, in order, so only two are held at a time.
+    """
+    layers = iter(states)
+    before, cosines = pick_rows(next(layers), rows), []
+    for layer in layers:
+        after = pick_rows(layer, rows)
+        cosines.append(torch.nn.functional.cosine_similarity(before, after, dim=-1))
+        before = after
+    return torch.stack(cosines)
 
 
 def _angles(cos: torch.Tensor) -> torch.Tensor:
