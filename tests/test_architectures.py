@@ -1,9 +1,13 @@
 """Every supported architecture, built tiny from its config, scans end to end and reloads."""
 
+import importlib
+
 import numpy as np
 import pytest
+import torch
 
 from critlayer import LanguageModel, ScanResult, scan
+from critlayer.models.load import resolve_dtype
 from critlayer.probes import Probes, random_probes
 
 from conftest import TINY, tiny_model
@@ -31,3 +35,13 @@ def test_scan_end_to_end(arch, tmp_path):
     assert again.critical == result.critical
     np.testing.assert_allclose(again.cka, result.cka, atol=1e-7)
     np.testing.assert_allclose(again.scores["delta"], result.scores["delta"], atol=1e-7)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch):
+    loading = importlib.import_module("critlayer.models.load")  # the package's `load` is the function
+    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32  # float32 on request
+    assert resolve_dtype("auto", "mps") == torch.float32
+    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: False)
+    assert resolve_dtype("auto", "cpu") == torch.float32

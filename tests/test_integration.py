@@ -6,6 +6,7 @@ import pytest
 
 import critlayer
 from critlayer.cli import main
+from critlayer.models.load import resolve_dtype
 
 pytestmark = pytest.mark.integration
 
@@ -16,8 +17,9 @@ def smollm2():
 
 
 def test_default_model_loads_with_its_blocks(smollm2):
+    dtype = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")  # bfloat16 where the CPU computes in it
     assert smollm2.describe() == {"name": "smollm2-135m", "architecture": "LlamaForCausalLM", "num_layers": 30,
-                                  "hidden_size": 576, "dtype": "float32", "blocks": "model.layers",
+                                  "hidden_size": 576, "dtype": dtype, "blocks": "model.layers",
                                   "block_linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                     "mlp.down_proj"]}

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
     scan.add_argument("--select-by", default=None,
                       help="score the selection uses, e.g. consensus or p_critical (default delta, else consensus)")
-    scan.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    scan.add_argument("--dtype", choices=DTYPES, default="auto",
+                      help="auto: bfloat16 on GPUs and on CPUs with bfloat16 arithmetic (AVX-512 BF16, AMX), "
+                           "float32 elsewhere")
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     scan.add_argument("--batch-size", type=_at_least(1), default=BATCH_SIZE,
                       help=f"probes per forward (default {BATCH_SIZE})")
