@@ -83,3 +83,12 @@ def test_keys_do_not_depend_on_batching(tiny_lm):
     _, keys1, _ = _states(tiny_lm, token_ids, "all", batch_size=1)
     _, keys4, _ = _states(tiny_lm, token_ids, "all", batch_size=4)
     np.testing.assert_array_equal(np.sort(keys1.numpy()), np.sort(keys4.numpy()))
+
+
+def test_a_bfloat16_model_keeps_its_rows_in_bfloat16(tiny_lm):
+    tiny_lm.model.to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
+    states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 5, 6, 7]], "last", batch_size=2)
+    assert states.dtype == torch.bfloat16
+    assert torch.equal(states[3, 0], out.hidden_states[3][0, -1])  # stored as the model computed it

@@ -1,5 +1,7 @@
 """Block influence, angular distance, spectral scores and the bounded row sample."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from critlayer.capture import Batch, Capture
 from critlayer.errors import CritlayerError
 from critlayer.measures import BlockSimilarity, RowSample, cka_matrix, similarity_scores, spectral_scores
 from critlayer.measures.similarity import block_cosines
+from critlayer.measures.spectral import top_eigenvectors
 from critlayer.probes import Probes, random_probes
 
 
@@ -46,6 +49,18 @@ def test_spectral_scores_are_one_for_identical_layers_and_lower_for_unrelated_on
     assert other["spectral_k3"][1] < 0.5
 
 
+def test_lanczos_finds_the_top_eigenvectors_without_a_full_decomposition(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 400, generator=g, dtype=torch.float64) * torch.logspace(1, -2, 400, dtype=torch.float64)
+    c = x.T @ x
+    expected = torch.linalg.eigh(c).eigenvectors[:, -10:].flip(-1)
+    sizes, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: sizes.append(len(m)) or eigh(m))
+    found = top_eigenvectors(c, 10)
+    assert sizes and max(sizes) < 400  # only the small Rayleigh-Ritz problems
+    np.testing.assert_allclose((found * expected).sum(0).abs(), 1.0, atol=1e-9)  # the same vectors, up to sign
+
+
 def _sampled(lm, probes, batch_size, max_rows):
     capture = Capture(lm, probes, token_mode="all", batch_size=batch_size, max_rows=max_rows, progress=False)
     sample = RowSample(capture.sample_keys)
@@ -54,27 +69,31 @@ def _sampled(lm, probes, batch_size, max_rows):
     return sample, capture
 
 
-def test_row_sample_is_the_smallest_keys_whatever_the_batching(tiny_lm):
+def test_row_sample_is_the_smallest_keys_in_one_order_whatever_the_batching(tiny_lm):
     probes = Probes("random", random_probes(tiny_lm, 12, 10, 0))
     everything, _ = _sampled(tiny_lm, probes, 12, None)
     assert len(everything) == 12 * 9
+    smallest = (everything.row_keys() <= everything.row_keys().sort().values[29]).nonzero().squeeze(1)
     for batch_size in (1, 5, 12):
         sample, capture = _sampled(tiny_lm, probes, batch_size, 30)
         assert len(sample) == 30 and capture.stats.rows == 12 * 9  # the cosines still cover every row
-        assert torch.equal(sample.keys, everything.keys.sort().values[:30])
-        torch.testing.assert_close(sample.compute()[:, :], everything.compute()[:, :30], atol=1e-5, rtol=1e-5)
-        np.testing.assert_array_equal(sample.row_samples(), everything.row_samples()[:30])
+        assert torch.equal(sample.row_keys(), everything.row_keys()[smallest])
+        torch.testing.assert_close(sample.compute()[:, :], everything.compute()[:, smallest], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(sample.row_samples(), everything.row_samples()[smallest.numpy()])
 
 
-def test_row_sample_closes_the_gaps_of_rows_that_never_arrive():
+def test_row_sample_holds_the_rows_that_arrive_in_their_order():
     g = torch.Generator().manual_seed(0)
     states, keys = torch.randn(3, 10, 4, generator=g), torch.rand(10, generator=g, dtype=torch.float64).sort().values
     sample = RowSample(keys)
-    arrive = torch.tensor([0, 2, 3, 7, 9])
-    sample.update(Batch(states[:, arrive], keys[arrive], np.arange(10)[arrive.numpy()]))
+    first, then = torch.tensor([7, 2]), torch.tensor([9, 0, 3])  # rows 1, 4, 5, 6 and 8 never arrive
+    for part in (first, then):
+        sample.update(Batch(states[:, part], keys[part], np.arange(10)[part.numpy()]))
+    arrived = torch.cat([first, then])
     assert len(sample) == 5
-    assert torch.equal(sample.compute()[:, :], states[:, arrive])
-    np.testing.assert_array_equal(sample.row_samples(), arrive.numpy())
+    assert torch.equal(sample.compute()[:, :], states[:, arrived])
+    assert torch.equal(sample.row_keys(), keys[arrived])
+    np.testing.assert_array_equal(sample.row_samples(), arrived.numpy())
     with pytest.raises(ValueError, match="not in the planned sample"):
         sample.update(Batch(states[:, :1], torch.tensor([0.5], dtype=torch.float64)))
 
@@ -82,7 +101,7 @@ def test_row_sample_closes_the_gaps_of_rows_that_never_arrive():
 def test_the_file_backed_sample_reads_like_the_tensor_it_holds():
     g = torch.Generator().manual_seed(1)
     states, keys = torch.randn(4, 40, 6, generator=g) + 3.0, torch.rand(40, generator=g, dtype=torch.float64).sort().values
-    arrive = torch.tensor([i for i in range(40) if i not in (0, 17, 18, 39)])  # gaps at both ends and inside
+    arrive = torch.tensor([i for i in range(40) if i not in (0, 17, 18, 39)])  # some planned rows never arrive
     sample = RowSample(keys)
     for part in arrive.split(7):  # rows arrive over several batches
         sample.update(Batch(states[:, part], keys[part], part.numpy()))
@@ -98,6 +117,19 @@ def test_the_file_backed_sample_reads_like_the_tensor_it_holds():
                                (similarity_scores(stored, rows), similarity_scores(expected, rows))):
         for name in in_memory:
             np.testing.assert_allclose(on_file[name], in_memory[name], atol=1e-6)
+
+
+def test_a_bfloat16_sample_is_stored_as_it_came_in_half_the_space():
+    g = torch.Generator().manual_seed(2)
+    states = (torch.randn(3, 20, 8, generator=g) * 50).bfloat16()
+    keys = torch.rand(20, generator=g, dtype=torch.float64).sort().values
+    samples = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        samples[dtype] = RowSample(keys)
+        samples[dtype].update(Batch(states.to(dtype), keys))
+        assert torch.equal(samples[dtype].compute()[:, :], states.float())  # read back as float32, exactly
+    sizes = {dtype: os.fstat(sample.file.fileno()).st_size for dtype, sample in samples.items()}
+    assert sizes[torch.bfloat16] * 2 == sizes[torch.float32]
 
 
 def test_a_full_disk_is_one_clear_error(monkeypatch):

@@ -33,6 +33,7 @@ PLAN_CHUNK = 4096  # probes whose row keys are drawn at once when planning the r
 # Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 3-16% faster than 32
 # on smollm2-135m and gemma3-270m with 30-90 MB less peak memory; on a GPU a larger batch may pay.
 BATCH_SIZE = 16
+COSINE_EPS = 1e-8  # a row norm below this counts as this, as in torch.nn.functional.cosine_similarity
 
 
 @dataclass
@@ -40,9 +41,10 @@ class Batch:
     """What one probe batch leaves after its pass.
 
     ``states`` are the rows the row sample keeps whole: ``states[0]`` the input of block 0 (the
-    embeddings) and ``states[i + 1]`` the output of block ``i``, float32 of shape ``(L + 1, rows,
-    hidden)``; ``keys`` are their deterministic numbers in [0, 1) (see ``Capture.sample_keys``) and
-    ``samples`` the probe each comes from (what a bootstrap resamples). ``cosines`` ``(L, all rows)``
+    embeddings) and ``states[i + 1]`` the output of block ``i``, of shape ``(L + 1, rows, hidden)``
+    in ``kept_dtype`` (float32 means in ``mean`` mode); ``keys`` are their deterministic numbers in
+    [0, 1) (see ``Capture.sample_keys``) and ``samples`` the probe each comes from (what a bootstrap
+    resamples). ``cosines`` ``(L, all rows)``
     holds, for every row of the batch whether kept or not, the cosine between each block's input and
     output.
     """
@@ -122,6 +124,8 @@ class _Rows:
 
     The results are allocated before the forward and filled in place: small tensors created during
     it and kept after it pin the allocator's heap and can cost hundreds of MB of resident memory.
+    A block's cosines are the dot products of its input and output rows until the last block, then
+    divided by the norms of both at once.
     """
 
     def __init__(self, lm: LanguageModel, flat: torch.Tensor, samples: np.ndarray, keys: torch.Tensor,
@@ -130,7 +134,8 @@ class _Rows:
         layers, rows, device = lm.num_layers + 1, len(flat), flat.device
         self.norms = torch.empty(layers, rows, device=device)
         self.cosines = torch.empty(layers - 1, rows, device=device)
-        self.states = torch.empty(layers, rows if kept is None else len(kept), lm.hidden_size, device=device)
+        self.states = torch.empty(layers, rows if kept is None else len(kept), lm.hidden_size,
+                                  dtype=torch.float32 if kept is None else kept_dtype(lm), device=device)
         self.added = 0
         self.previous: torch.Tensor | None = None
 
@@ -138,11 +143,13 @@ class _Rows:
         rows, layer = _take(hidden, self.flat), self.added
         torch.linalg.vector_norm(rows, dim=-1, out=self.norms[layer])
         if layer:
-            self.cosines[layer - 1] = torch.nn.functional.cosine_similarity(self.previous, rows, dim=-1)
+            torch.linalg.vecdot(self.previous, rows, out=self.cosines[layer - 1])
         self.states[layer] = rows if self.kept is None else rows[self.kept]
         self.previous, self.added = rows, layer + 1
         if self.added == len(self.norms):
             self.previous = None
+            norms = self.norms.clamp(min=COSINE_EPS)
+            self.cosines.div_(norms[:-1]).div_(norms[1:])
 
 
 class Capture:
@@ -298,11 +305,19 @@ class Capture:
 
     @staticmethod
     def _mean_per_sample(rows: torch.Tensor, row_sample: np.ndarray):
-        samples, index = np.unique(row_sample, return_inverse=True)
-        index = torch.from_numpy(index).to(rows.device)
+        """Per sample (in the order they come), the mean of its rows."""
+        samples, first, index = np.unique(row_sample, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        index = torch.from_numpy(np.argsort(order)[index]).to(rows.device)
         sums = torch.zeros(rows.shape[0], len(samples), rows.shape[2], device=rows.device).index_add_(1, index, rows)
         counts = torch.bincount(index, minlength=len(samples)).to(rows.dtype)
-        return sums / counts[None, :, None], samples
+        return sums / counts[None, :, None], samples[order]
+
+
+def kept_dtype(lm: LanguageModel) -> torch.dtype:
+    """What rows kept whole are stored in: a 16-bit model's own dtype, which its hidden states come in
+    (so storing them loses nothing and the row sample is half the size), else float32."""
+    return lm.dtype if lm.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _take(hidden: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:

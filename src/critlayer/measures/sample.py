@@ -1,8 +1,9 @@
 """A bounded, deterministic sample of captured rows for the measures that need whole matrices.
 
 The sample lives in a temporary file, not in memory: it is the one part of a scan that grows with
-the number of probes (``layers x rows x hidden`` float32, 146 MB for smollm2-135m at 2,048 rows and
-gigabytes for large models), and the measures read it a layer or a slab of rows at a time.
+the number of probes (``layers x rows x hidden``: 146 MB for smollm2-135m at 2,048 rows in float32,
+half that in bfloat16, gigabytes for large models), and the measures read it a layer or a slab of
+rows at a time.
 """
 
 from __future__ import annotations
@@ -16,77 +17,89 @@ import torch
 from ..capture import Batch
 from ..errors import CritlayerError
 
-FLOAT = np.dtype(np.float32)
 
 
 class RowSample:
-    """The rows a capture keeps whole, in key order, for the measures that need whole matrices.
+    """The rows a capture keeps whole, for the measures that need whole matrices.
 
     A capture fixes before its pass which rows these are (``Capture.sample_keys``: the ``max_rows``
-    smallest keys, which depend only on seed, sample and position). Each row is written into its
-    slot of an unnamed temporary file (in ``$TMPDIR``; gone when the sample is), so the sample's
-    content and order do not depend on batching and its size never counts against memory.
-    Massive-activation rows among the planned ones never arrive; ``compute`` skips their slots.
+    smallest keys, which depend only on seed, sample and position), and hands them over in one order
+    whatever the batch size: probes longest first, tokens in position order. Each batch's rows are
+    appended to an unnamed temporary file (in ``$TMPDIR``; gone when the sample is), one write per
+    layer, so the sample never counts against memory. Massive-activation rows among the planned ones
+    never arrive, so the sample may hold fewer rows than planned.
     """
 
     def __init__(self, keys: torch.Tensor):
-        self.keys = keys
+        self.planned = keys
         self.file = None
-        self.filled = torch.zeros(len(keys), dtype=torch.bool)
+        self.count = 0
+        self.keys = torch.empty(len(keys), dtype=torch.float64)
         self.samples = np.full(len(keys), -1, dtype=np.int64)
 
     def __len__(self) -> int:
-        return int(self.filled.sum())
+        return self.count
 
     def update(self, batch: Batch) -> None:
-        if not batch.keys.numel():
+        rows = len(batch.keys)
+        if not rows:
             return
-        slots = torch.searchsorted(self.keys, batch.keys).clamp(max=len(self.keys) - 1)
-        if not torch.equal(self.keys[slots], batch.keys):
+        found = torch.searchsorted(self.planned, batch.keys).clamp(max=len(self.planned) - 1)
+        if not torch.equal(self.planned[found], batch.keys) or self.count + rows > len(self.planned):
             raise ValueError("a row that is not in the planned sample")
         layers, _, hidden = batch.states.shape
         if self.file is None:
             self.layers, self.hidden, self.device = layers, hidden, batch.states.device
+            self.dtype = batch.states.dtype
             self.file = tempfile.TemporaryFile(buffering=0)
-        rows = batch.states.float().cpu().numpy()
+        values = _bytes(batch.states.to(self.dtype).cpu())
         try:
-            for layer in range(layers):
-                for slot, row in zip(slots.tolist(), rows[layer]):
-                    os.pwrite(self.file.fileno(), row, (layer * len(self.keys) + slot) * hidden * FLOAT.itemsize)
+            for layer, layer_rows in enumerate(values):
+                os.pwrite(self.file.fileno(), layer_rows, self._offset(layer, self.count))
         except OSError as error:
-            size = layers * len(self.keys) * hidden * FLOAT.itemsize / 2**20
+            size = self._offset(layers, 0) / 2**20
             raise CritlayerError(f"cannot write the row sample ({size:.0f} MB) to {tempfile.gettempdir()}: "
                                  f"{error.strerror}; point TMPDIR at a larger disk or lower --max-rows") from error
-        self.filled[slots] = True
+        self.keys[self.count:self.count + rows] = batch.keys
         if batch.samples is not None:
-            self.samples[slots.numpy()] = batch.samples
+            self.samples[self.count:self.count + rows] = batch.samples
+        self.count += rows
+
+    def _offset(self, layer: int, row: int) -> int:
+        return (layer * len(self.planned) + row) * self.hidden * self.dtype.itemsize
 
     def compute(self) -> "StoredRows":
-        """The rows that arrived, ordered by key, as ``(L + 1, rows, hidden)`` float32 read on demand."""
+        """The rows that arrived, in arrival order, as ``(L + 1, rows, hidden)`` float32 read on demand."""
         if self.file is None:
             raise ValueError("no rows captured")
-        slots = self.filled.nonzero().squeeze(1).numpy()
-        return StoredRows(self.file, range(self.layers), slots, len(self.keys), self.hidden, self.device)
+        return StoredRows(self.file, range(self.layers), self.count, len(self.planned), self.hidden, self.dtype,
+                          self.device)
+
+    def row_keys(self) -> torch.Tensor:
+        """The key of each row of ``compute()``, in the same order."""
+        return self.keys[:self.count]
 
     def row_samples(self) -> np.ndarray:
         """The probe sample of each row of ``compute()``, in the same order."""
-        return self.samples[self.filled.numpy()]
+        return self.samples[:self.count]
 
 
 class StoredRows:
-    """Layers x rows x hidden float32 in a file, indexed like a tensor: ``[layer]`` reads one layer's
+    """Layers x rows x hidden in a file, indexed like a float32 tensor: ``[layer]`` reads one layer's
     rows, ``[first:stop]`` is a view of some layers, ``[:, rows]`` reads those rows of every layer.
 
-    A read spans from the lowest to the highest row asked for, so reads of sorted rows stay the
-    size of what they return.
+    Each layer's rows lie side by side, so a layer or a run of rows is one read per layer; other
+    rows are read from the lowest to the highest asked for, so sorted rows keep reads short.
     """
 
-    def __init__(self, file, layers: range, slots: np.ndarray, stride: int, hidden: int, device: torch.device):
-        self.file, self.layers, self.slots, self.stride, self.hidden, self.device = file, layers, slots, stride, hidden, device
+    def __init__(self, file, layers: range, rows: int, stride: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.file, self.layers, self.rows, self.stride, self.hidden = file, layers, rows, stride, hidden
+        self.dtype, self.device = dtype, device
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return len(self.layers), len(self.slots), self.hidden
+        return len(self.layers), self.rows, self.hidden
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -96,7 +109,8 @@ class StoredRows:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return StoredRows(self.file, self.layers[index], self.slots, self.stride, self.hidden, self.device)
+            return StoredRows(self.file, self.layers[index], self.rows, self.stride, self.hidden, self.dtype,
+                              self.device)
         if isinstance(index, tuple):
             everything, rows = index
             if everything != slice(None):
@@ -106,16 +120,21 @@ class StoredRows:
         return self._read(range(layer, layer + 1), slice(None))[0]
 
     def _read(self, layers: range, rows: slice | torch.Tensor) -> torch.Tensor:
-        slots = self.slots[rows] if isinstance(rows, slice) else self.slots[rows.cpu().numpy()]
-        if not len(slots):
+        wanted = np.arange(self.rows)[rows] if isinstance(rows, slice) else rows.cpu().numpy()
+        if not len(wanted):
             return torch.empty(len(layers), 0, self.hidden, device=self.device)
-        low, high = int(slots.min()), int(slots.max()) + 1
-        span = np.empty((len(layers), high - low, self.hidden), dtype=FLOAT)
-        for out, layer in zip(span, layers):
-            self.file.seek((layer * self.stride + low) * self.hidden * FLOAT.itemsize)
+        low, high = int(wanted.min()), int(wanted.max()) + 1
+        span = torch.empty(len(layers), high - low, self.hidden, dtype=self.dtype)
+        for out, layer in zip(_bytes(span), layers):
+            self.file.seek((layer * self.stride + low) * self.hidden * self.dtype.itemsize)
             self.file.readinto(out)
-        contiguous = len(slots) == high - low and slots[0] == low and bool((np.diff(slots) == 1).all())
-        return torch.from_numpy(span if contiguous else span[:, slots - low]).to(self.device)
+        contiguous = len(wanted) == high - low and bool((np.diff(wanted) == 1).all())
+        return (span if contiguous else span[:, torch.from_numpy(wanted - low)]).to(self.device, torch.float32)
+
+
+def _bytes(values: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array of same-sized integers (numpy has no bfloat16)."""
+    return values.view({2: torch.int16, 4: torch.int32}[values.element_size()]).numpy()
 
 
 def pick_rows(layer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
