@@ -1,9 +1,8 @@
 """How much does a scan cost beyond the forward pass it cannot avoid, and what do peers pay?
 
-Every measurement runs in a fresh process (so peak memory is its own) on the same model, probe
-tokens, dtype and thread count, from a model whose every weight is already resident (so peaks count
-the method's memory, not which weights its tokens page in); methods take turns within each repeat,
-so drift hits all alike:
+On the same model, probe tokens, dtype and thread count, with every weight resident before anything
+is measured (weights are memory-mapped, so a peak would otherwise count which weights a method's
+tokens page in):
 
   bare                a forward through the decoder only (no hooks, no logits), length-sorted batches
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
@@ -12,10 +11,17 @@ so drift hits all alike:
   short-transformers  short-transformers' ``analyse_layers`` at its default batch size of 1 (angular distance of
                       every block pair, on the CPU, in Python), with a shim for transformers 5's block outputs
 
-Peers are imported from the benchmark environment (``make bench`` installs them there, never in
-the project's). Results: ``bench.json`` and ``bench.txt`` (ratios to ``bare`` from the same run).
+Time: one process per configuration runs every method once on a few probes to warm up, then
+``--rounds`` rounds in which every method runs right beside a bare forward of its own (before it,
+or after it in odd rounds); a method's cost is the median over rounds of its time over that bare
+forward's, so the machine's slow spells (this one's bare forward took 5.2 to 10.3 s for the same
+work within a few minutes) hit both sides of a ratio. Memory: each method once more in a fresh process, its peak
+resident memory (model included) read from the kernel's high-water mark, reset just before it starts.
 
-    python bench/bench.py --models smollm2-135m --probes 256 --modes last --repeats 3
+Peers are imported from the benchmark environment (``make bench`` installs them there, never in
+the project's). Results: ``bench.json`` and ``bench.txt``.
+
+    python bench/bench.py --models smollm2-135m --probes 256 --modes last --rounds 5
 """
 
 from __future__ import annotations
@@ -24,48 +30,77 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 METHODS = ("bare", "critlayer", "pytorch-cka", "short-transformers")
+PEERS = ("pytorch-cka", "short-transformers")
 TOKENS = 64  # at most, per probe
+WARM_UP = 32  # probes each method first runs on, untimed, so first-call costs stay out of the rounds
 
 
-def run_one(spec: dict) -> dict:
-    """One measurement in this process: load, build probes, then time and measure the method alone."""
+def prepare(spec: dict):
+    """Load the model with every weight resident, and build the probes."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     import critlayer
-    from critlayer.memory import PeakMemory
 
     lm = critlayer.load(spec["model"], dtype=spec["dtype"])
-    _page_in(lm)
-    probes = critlayer.make_probes(lm, "wiki", n=spec["n"], max_tokens=TOKENS, seed=0, progress=False)
-    work = {"bare": _bare, "critlayer": _critlayer, "pytorch-cka": _pytorch_cka,
-            "short-transformers": _short_transformers}[spec["method"]]
-    with PeakMemory(lm.device) as peak:
-        start = time.perf_counter()
-        work(lm, probes, spec["mode"])
-        seconds = time.perf_counter() - start
-    return {**spec, "seconds": round(seconds, 3), "peak_above_model_mb": peak.megabytes,
-            "peak_process_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "tokens": sum(map(len, probes.token_ids)), "dtype_used": str(lm.dtype)}
-
-
-def _page_in(lm) -> None:
-    """Read every weight once. Weights are memory-mapped from safetensors and come in as they are first
-    read (gemma3's 262k-row embedding only as its tokens appear), so without this a method's peak would
-    count how many distinct tokens the probes hold; with it every method starts from the whole model."""
-    import torch
-
-    with torch.inference_mode():
+    with torch.inference_mode():  # weights are memory-mapped: read every one, so each method starts from the whole model
         for tensor in (*lm.model.parameters(), *lm.model.buffers()):
             tensor.sum()
+    probes = critlayer.make_probes(lm, "wiki", n=spec["n"], max_tokens=TOKENS, seed=0, progress=False)
+    return lm, probes
+
+
+def run_memory(spec: dict) -> dict:
+    """One method in this fresh process: its seconds and the process's peak resident memory while it runs."""
+    from critlayer.memory import trim_heap
+
+    lm, probes = prepare(spec)
+    trim_heap()
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the kernel's peak (VmHWM) from the current RSS
+    start = time.perf_counter()
+    METHOD[spec["method"]](lm, probes, spec["mode"])
+    seconds = time.perf_counter() - start
+    peak = _status_mb("VmHWM")
+    return {**spec, "kind": "memory", "seconds": round(seconds, 3), "peak_process_mb": peak,
+            "peak_above_model_mb": round(peak - before, 1), "tokens": sum(map(len, probes.token_ids)),
+            "dtype_used": str(lm.dtype).removeprefix("torch.")}
+
+
+def run_timing(spec: dict):
+    """Every method once on a few probes to warm up, then rounds: each method right beside a bare forward of
+    its own (after it in odd rounds), the methods in a rotating order. Yields each timed run."""
+    from critlayer.probes import Probes
+
+    lm, probes = prepare(spec)
+    for method in spec["methods"]:
+        METHOD[method](lm, Probes(probes.source, probes.token_ids[:WARM_UP]), spec["mode"])
+    others = [m for m in spec["methods"] if m != "bare"]
+    keys = {k: spec[k] for k in ("model", "n", "mode", "threads", "dtype")}
+    for round_ in range(spec["rounds"]):
+        shift = round_ % max(len(others), 1)
+        for method in others[shift:] + others[:shift]:
+            if method in PEERS and round_ >= spec["peer_rounds"]:
+                continue
+            for name in ("bare", method)[::-1 if round_ % 2 else 1]:
+                start = time.perf_counter()
+                METHOD[name](lm, probes, spec["mode"])
+                yield {**keys, "kind": "time", "method": name, "round": round_, "pair": f"{round_}:{method}",
+                       "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _status_mb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def _batches(lm, probes):
@@ -124,44 +159,59 @@ def _short_transformers(lm, probes, mode):
         block.forward = (lambda f: lambda *a, **k: f(*a, **k)[0])(block.forward)
     model.set_metric(angular_distance_last_token if mode == "last" else angular_distance_all_tokens)
     texts = [{"content": lm.tokenizer.decode(ids, skip_special_tokens=True)} for ids in probes.token_ids]
-    model.analyse_layers(texts, tokenizer=lm.tokenizer, limit=len(texts), max_length=TOKENS)
+    try:
+        model.analyse_layers(texts, tokenizer=lm.tokenizer, limit=len(texts), max_length=TOKENS)
+    finally:
+        for block in lm.blocks:  # its wrappers stay on the blocks otherwise: the next method would pay for them
+            del block.forward
+
+
+METHOD = {"bare": _bare, "critlayer": _critlayer, "pytorch-cka": _pytorch_cka, "short-transformers": _short_transformers}
 
 
 def summarise(rows: list[dict]) -> tuple[list[dict], str]:
-    """Median per (model, dtype, probes, mode, method), with ratios to ``bare`` of the same configuration."""
-    groups: dict[tuple, list[dict]] = {}
+    """Per (model, dtype, probes, mode, method): median seconds and ratio to bare over rounds, and peak memory."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["dtype"], row["n"], row["mode"], row["method"]), []).append(row)
+        key = (row["model"], row["dtype"], row["n"], row["mode"], row["method"])
+        groups.setdefault(key, {"time": [], "memory": []})[row["kind"]].append(row)
     summary = []
-    for (model, dtype, n, mode, method), runs in groups.items():
-        ok = [r for r in runs if "error" not in r]
-        bare = [r["seconds"] for r in groups.get((model, dtype, n, mode, "bare"), []) if "error" not in r]
-        entry = {"model": model, "dtype": dtype, "n": n, "mode": mode, "method": method, "runs": len(runs)}
-        if ok:
-            entry.update(seconds=statistics.median(r["seconds"] for r in ok),  # medians: RSS peaks vary by run
-                         peak_process_mb=statistics.median(r["peak_process_mb"] for r in ok),
-                         peak_above_model_mb=statistics.median(r["peak_above_model_mb"] for r in ok),
-                         peak_process_mb_max=max(r["peak_process_mb"] for r in ok))
-            if bare:
-                entry["ratio_to_bare"] = round(entry["seconds"] / statistics.median(bare), 3)
-        else:
-            entry["error"] = runs[0]["error"]
+    for (model, dtype, n, mode, method), kinds in groups.items():
+        entry = {"model": model, "dtype": dtype, "n": n, "mode": mode, "method": method}
+        failed = [r for r in kinds["time"] + kinds["memory"] if "error" in r]
+        timed = [r for r in kinds["time"] if "error" not in r]
+        bare = {r["pair"]: r["seconds"] for r in groups.get((model, dtype, n, mode, "bare"), {}).get("time", [])
+                if "error" not in r}
+        if timed:
+            ratios = [r["seconds"] / bare[r["pair"]] for r in timed if r["pair"] in bare]
+            entry.update(runs=len(timed), seconds=statistics.median(r["seconds"] for r in timed))
+            if ratios:
+                entry.update(ratio_to_bare=round(statistics.median(ratios), 3),
+                             ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+        memory = [r for r in kinds["memory"] if "error" not in r]
+        if memory:
+            entry.update(peak_process_mb=memory[0]["peak_process_mb"], peak_above_model_mb=memory[0]["peak_above_model_mb"],
+                         dtype_used=memory[0]["dtype_used"])
+        if failed:
+            entry["error"] = failed[0]["error"]
         summary.append(entry)
-    lines = [f"{'model':<14} {'dtype':<8} {'probes':>6} {'mode':<4} {'method':<19} {'runs':>4} {'median s':>9} {'x bare':>7} "
-             f"{'peak MB':>8} {'above model':>11}  (peak: median over runs of the process's peak RSS)"]
+    header = (f"{'model':<14} {'dtype':<8} {'probes':>6} {'mode':<4} {'method':<19} {'runs':>6} {'median s':>9} "
+              f"{'x bare':>7} {'(range)':>13} {'peak MB':>8} {'above model':>11}")
+    lines = [header]
     for e in summary:
-        if "error" in e:
-            lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4}  "
-                         f"failed: {e['error']}")
-            continue
-        lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} {e['runs']:>4} {e['seconds']:>9.2f} "
-                     f"{e.get('ratio_to_bare', float('nan')):>7.3f} {e['peak_process_mb']:>8.0f} {e['peak_above_model_mb']:>11.0f}")
+        ratio = f"{e['ratio_to_bare']:>7.3f} {'(%.3f-%.3f)' % tuple(e['ratio_range']):>13}" if "ratio_to_bare" in e else f"{'':>21}"
+        seconds = f"{e['seconds']:>9.2f}" if "seconds" in e else f"{'':>9}"
+        peak = (f"{e['peak_process_mb']:>8.0f} {e['peak_above_model_mb']:>11.0f}" if "peak_process_mb" in e
+                else f"{'':>20}")
+        note = f"  failed: {e['error']}" if "error" in e else ""
+        lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} "
+                     f"{e.get('runs', 0):>6} {seconds} {ratio} {peak}{note}")
     lines += _growth(summary)
     return summary, "\n".join(lines)
 
 
 def _growth(summary: list[dict]) -> list[str]:
-    """How much each method's median peak grows from the fewest probes to the most, per model, dtype and mode."""
+    """How much each method's peak grows from the fewest probes to the most, per model, dtype and mode."""
     peaks: dict[tuple, dict[int, float]] = {}
     for e in summary:
         if "peak_process_mb" in e:
@@ -181,39 +231,62 @@ def main() -> None:
     parser.add_argument("--probes", default="256,2048", help="probe counts (wiki leads, 64 tokens at most)")
     parser.add_argument("--modes", default="last,all")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-repeats", type=int, default=1, help="repeats for the (slow) peers")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds")
+    parser.add_argument("--peer-rounds", type=int, default=7, help="rounds the (slow) peers take part in")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds one measurement may take")
+    parser.add_argument("--timeout", type=int, default=7200, help="seconds one process may take")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--summarise", type=Path, help="only rebuild bench.json and bench.txt from runs.jsonl files here")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
+    if args.child:
+        spec = json.loads(args.child)
+        for row in (run_timing(spec) if spec["kind"] == "time" else [run_memory(spec)]):
+            print(json.dumps(row), flush=True)
         return
     if args.summarise:
         rows = [json.loads(line) for f in sorted(args.summarise.rglob("runs.jsonl")) for line in f.read_text().splitlines()]
         _write(args.summarise, rows, args.threads)
         return
-    rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "runs.jsonl").open("a")  # every measurement as it lands: a crash loses none
-    for model in args.models.split(","):
-        for n in map(int, args.probes.split(",")):
-            for mode in args.modes.split(","):
-                for repeat in range(args.repeats):
-                    for method in args.methods.split(","):
-                        if method not in ("bare", "critlayer") and repeat >= args.peer_repeats:
-                            continue
-                        spec = {"model": model, "n": n, "mode": mode, "method": method, "repeat": repeat,
-                                "threads": args.threads, "dtype": args.dtype}
-                        rows.append(_measure(spec, args.timeout))
-                        print(json.dumps(rows[-1]), flush=True)
-                        log.write(json.dumps(rows[-1]) + "\n")
-                        log.flush()
+    rows = []
+    with (args.out / "runs.jsonl").open("a") as log:  # every run as it lands: a crash loses none
+        for model in args.models.split(","):
+            for n in map(int, args.probes.split(",")):
+                for mode in args.modes.split(","):
+                    spec = {"model": model, "n": n, "mode": mode, "threads": args.threads, "dtype": args.dtype}
+                    methods = args.methods.split(",")
+                    children = [{**spec, "kind": "memory", "method": m} for m in methods]
+                    children.append({**spec, "kind": "time", "methods": methods, "rounds": args.rounds,
+                                     "peer_rounds": args.peer_rounds})
+                    for child in children:
+                        for row in _child(child, args.timeout):
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                            log.write(json.dumps(row) + "\n")
+                            log.flush()
     _write(args.out, rows, args.threads)
+
+
+def _child(spec: dict, timeout: int):
+    """Run one child process, yielding each result line as it prints it (or an error row per method)."""
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                                   stderr=errors, text=True)
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        for line in process.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)
+        process.wait()
+        timer.cancel()
+        if process.returncode != 0:
+            errors.seek(0)
+            error = (errors.read().strip().splitlines() or ["no output"])[-1][:200]
+            for method in spec.get("methods", [spec.get("method")]):
+                yield {**{k: spec[k] for k in ("model", "n", "mode", "threads", "dtype", "kind")}, "method": method,
+                       "round": 0, "error": error if process.returncode > 0 else f"killed (over {timeout} s?)"}
 
 
 def _write(folder: Path, rows: list[dict], threads: int) -> None:
@@ -223,18 +296,6 @@ def _write(folder: Path, rows: list[dict], threads: int) -> None:
     (folder / "bench.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=1))
     (folder / "bench.txt").write_text(table + "\n")
     print(table)
-
-
-def _measure(spec: dict, timeout: int) -> dict:
-    try:
-        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"over {timeout} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {**spec, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1])
 
 
 if __name__ == "__main__":
