@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sample import StoredRows
+from .sample import StoredRows, read_rows
 
 # float32 entries of every layer's rows read at once (8 MB): on a 2,007-row smollm2 sample this peaked at
 # 50-70 MB in 0.7 s; slabs twice as large peaked at 110-135 MB and were no faster, half as large took 1.4 s.
@@ -43,16 +43,21 @@ def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = No
     step = max(1, budget // (layers * hidden))
     parts = [slice(begin, begin + step) for begin in range(0, n, step)]
 
-    def read(part: slice) -> torch.Tensor:  # a float32 copy of its own, so it can be centred in place
-        slab = states[:, part] if rows is None else states[:, rows[part].to(states.device)]
-        return slab.to(torch.float32, copy=rows is None and isinstance(states, torch.Tensor))
+    slabs = torch.empty(2, layers, step, hidden, device=states.device)  # the two in hand, reused: no heap churn
 
-    mean = (sum(read(part).sum(1, keepdim=True, dtype=torch.float64) for part in parts) / n).float()
+    def read(part: slice, slot: int = 0) -> torch.Tensor:
+        out = slabs[slot, :, :len(range(n)[part])]
+        return read_rows(states, part, out) if rows is None else out.copy_(states[:, rows[part].to(states.device)])
+
+    mean = torch.zeros(layers, 1, hidden, dtype=torch.float64, device=states.device)
+    for part in parts:
+        mean += read(part).sum(1, keepdim=True)  # a slab's sum in float32 (a float64 one copies the slab), all in float64
+    mean = (mean / n).float()
     hsic = torch.zeros(layers, layers, dtype=torch.float64, device=states.device)
     for i, part in enumerate(parts):
-        a = read(part).sub_(mean)
+        a = read(part, 0).sub_(mean)
         for j in range(i, len(parts)):
-            b = a if j == i else read(parts[j]).sub_(mean)
+            b = a if j == i else read(parts[j], 1).sub_(mean)
             gram = torch.bmm(a, b.transpose(1, 2)).flatten(1)  # a block of every layer's Gram
             hsic.add_((gram @ gram.T).double(), alpha=1.0 if j == i else 2.0)  # off-diagonal blocks count twice
     norms = hsic.diagonal().sqrt()

@@ -8,6 +8,7 @@ rows at a time.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -96,6 +97,7 @@ class StoredRows:
                  device: torch.device):
         self.file, self.layers, self.rows, self.stride, self.hidden = file, layers, rows, stride, hidden
         self.dtype, self.device = dtype, device
+        self.scratch = torch.empty(0, dtype=dtype)  # what ``read_into`` reads through, grown as needed
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -119,6 +121,18 @@ class StoredRows:
         layer = self.layers[index]
         return self._read(range(layer, layer + 1), slice(None))[0]
 
+    def read_into(self, out: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """A run of rows of every layer into ``out`` (float32, on the device), through one reused buffer."""
+        first, stop, _ = rows.indices(self.rows)
+        shape = (len(self.layers), stop - first, self.hidden)
+        if self.scratch.numel() < math.prod(shape):
+            self.scratch = torch.empty(math.prod(shape), dtype=self.dtype)
+        raw = self.scratch[:math.prod(shape)].view(shape)
+        for part, layer in zip(_bytes(raw), self.layers):
+            self.file.seek((layer * self.stride + first) * self.hidden * self.dtype.itemsize)
+            self.file.readinto(part)
+        return out.copy_(raw)
+
     def _read(self, layers: range, rows: slice | torch.Tensor) -> torch.Tensor:
         wanted = np.arange(self.rows)[rows] if isinstance(rows, slice) else rows.cpu().numpy()
         if not len(wanted):
@@ -135,6 +149,13 @@ class StoredRows:
 def _bytes(values: torch.Tensor) -> np.ndarray:
     """A CPU tensor's memory as a numpy array of same-sized integers (numpy has no bfloat16)."""
     return values.view({2: torch.int16, 4: torch.int32}[values.element_size()]).numpy()
+
+
+def read_rows(states: torch.Tensor | StoredRows, rows: slice, out: torch.Tensor) -> torch.Tensor:
+    """``states[:, rows]`` into ``out``; a file-backed sample reads it without allocating."""
+    if isinstance(states, StoredRows):
+        return states.read_into(out, rows)
+    return out.copy_(states[:, rows])
 
 
 def pick_rows(layer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

@@ -30,10 +30,14 @@ def spectral_scores(states: torch.Tensor | StoredRows, ks: tuple[int, ...] = KS,
     """``spectral_k{K}``: mean canonical correlation with neighbours, per block (low = critical).
 
     Layers are decomposed one at a time (optionally only ``rows`` of them, repeats allowed), so
-    the only copy of the rows is one layer's.
+    the only copy of the rows is one layer's. Their vectors go into one tensor allocated up front:
+    small tensors kept between large temporaries would pin the C allocator's heap.
     """
-    u = torch.stack([top_left_singular_vectors(centred(pick_rows(layer, rows)), max(ks)) for layer in states])
-    n = len(u)
+    n, total, hidden = states.shape
+    u = torch.empty(n, total if rows is None else len(rows), min(max(ks), total if rows is None else len(rows), hidden),
+                    dtype=torch.float64, device=states.device)
+    for i, layer in enumerate(states):
+        u[i] = top_left_singular_vectors(centred(pick_rows(layer, rows)), max(ks))
     scores = {}
     for k in ks:
         top = u[:, :, :min(k, u.shape[2])]
