@@ -78,7 +78,8 @@ def run_memory(spec: dict) -> dict:
 
 def run_timing(spec: dict):
     """Every method once on a few probes to warm up, then rounds: each method right beside a bare forward of
-    its own (after it in odd rounds), the methods in a rotating order. Yields each timed run."""
+    its own (after it in odd rounds), the methods in a rotating order, then the scan interleaved batch by
+    batch with a bare forward. Yields each timed run."""
     from critlayer.probes import Probes
 
     lm, probes = prepare(spec)
@@ -96,6 +97,10 @@ def run_timing(spec: dict):
                 METHOD[name](lm, probes, spec["mode"])
                 yield {**keys, "kind": "time", "method": name, "round": round_, "pair": f"{round_}:{method}",
                        "seconds": round(time.perf_counter() - start, 3)}
+        if "critlayer" in others:
+            seconds, bare = _critlayer_interleaved(lm, probes, spec["mode"])
+            yield {**keys, "kind": "interleaved", "method": "critlayer", "round": round_, "seconds": round(seconds, 3),
+                   "bare_seconds": round(bare, 3)}
 
 
 def _status_mb(field: str) -> float:
@@ -133,6 +138,39 @@ def _critlayer(lm, probes, mode):
     import critlayer
 
     critlayer.scan(lm, probes, token_mode=mode, measures=("cka", "influence", "spectral"), progress=False)
+
+
+def _critlayer_interleaved(lm, probes, mode) -> tuple[float, float]:
+    """The scan, with a bare forward of every batch run (hooks off) right before the scan's own forward of it.
+
+    Returns the scan's seconds without those bare forwards, and theirs: the two interleave batch by batch,
+    so the machine's slow spells weigh on both alike.
+    """
+    import critlayer.capture as capture
+
+    run_blocks, decoder, bare = capture.run_blocks, lm.model.base_model, []
+
+    def bare_first(lm_, ids, mask):
+        hooks = [(dict(b._forward_hooks), dict(b._forward_pre_hooks)) for b in lm.blocks]
+        for block in lm.blocks:
+            block._forward_hooks.clear()
+            block._forward_pre_hooks.clear()
+        start = time.perf_counter()
+        decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        bare.append(time.perf_counter() - start)
+        for block, (after, before) in zip(lm.blocks, hooks):
+            block._forward_hooks.update(after)
+            block._forward_pre_hooks.update(before)
+        run_blocks(lm_, ids, mask)
+
+    capture.run_blocks = bare_first
+    try:
+        start = time.perf_counter()
+        _critlayer(lm, probes, mode)
+        total = time.perf_counter() - start
+    finally:
+        capture.run_blocks = run_blocks
+    return total - sum(bare), sum(bare)
 
 
 def _pytorch_cka(lm, probes, mode):
@@ -174,7 +212,7 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
         key = (row["model"], row["dtype"], row["n"], row["mode"], row["method"])
-        groups.setdefault(key, {"time": [], "memory": []})[row["kind"]].append(row)
+        groups.setdefault(key, {"time": [], "memory": [], "interleaved": []})[row["kind"]].append(row)
     summary = []
     for (model, dtype, n, mode, method), kinds in groups.items():
         entry = {"model": model, "dtype": dtype, "n": n, "mode": mode, "method": method}
@@ -188,6 +226,10 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
             if ratios:
                 entry.update(ratio_to_bare=round(statistics.median(ratios), 3),
                              ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+        interleaved = [r["seconds"] / r["bare_seconds"] for r in kinds["interleaved"] if "error" not in r]
+        if interleaved:
+            entry.update(interleaved_runs=len(interleaved), interleaved_ratio=round(statistics.median(interleaved), 3),
+                         interleaved_range=[round(min(interleaved), 3), round(max(interleaved), 3)])
         memory = [r for r in kinds["memory"] if "error" not in r]
         if memory:
             entry.update(peak_process_mb=memory[0]["peak_process_mb"], peak_above_model_mb=memory[0]["peak_above_model_mb"],
@@ -206,8 +248,16 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
         note = f"  failed: {e['error']}" if "error" in e else ""
         lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} "
                      f"{e.get('runs', 0):>6} {seconds} {ratio} {peak}{note}")
-    lines += _growth(summary)
+    lines += _interleaved(summary) + _growth(summary)
     return summary, "\n".join(lines)
+
+
+def _interleaved(summary: list[dict]) -> list[str]:
+    """The scan against a bare forward of every batch run right before its own, per configuration."""
+    lines = [f"  {e['model']} {e['dtype']} {e['n']} probes {e['mode']}: {e['interleaved_ratio']:.3f} x bare "
+             f"(median of {e['interleaved_runs']} runs, {e['interleaved_range'][0]:.3f}-{e['interleaved_range'][1]:.3f})"
+             for e in summary if "interleaved_ratio" in e]
+    return ["", "critlayer, each batch's forward beside a bare forward of the same batch:"] + lines if lines else []
 
 
 def _growth(summary: list[dict]) -> list[str]:

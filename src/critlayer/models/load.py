@@ -94,7 +94,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
     That is GPUs that support bfloat16 and CPUs with AVX-512 BF16 or AMX: on this project's 2-core
     Sapphire Rapids machine a bfloat16 forward of smollm2-135m ran 2-3 x faster than float32 and chose
-    the same blocks. Without those instructions bfloat16 is emulated and slower than float32.
+    the same blocks. Elsewhere float32 stays: without those instructions bfloat16 is converted in software.
     """
     if dtype not in DTYPES:
         raise CritlayerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
