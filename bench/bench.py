@@ -109,20 +109,13 @@ def _status_mb(field: str) -> float:
 
 
 def _batches(lm, probes):
-    """Length-sorted, right-padded batches of the probe tokens, as the scan makes them."""
-    import torch
-    from critlayer.capture import BATCH_SIZE
+    """The scan's batches of the probe tokens: length-sorted, right-padded to its width steps."""
+    from critlayer.capture import BATCH_SIZE, padded_batch
 
     order = sorted(range(len(probes)), key=lambda i: -len(probes.token_ids[i]))
     for first in range(0, len(order), BATCH_SIZE):
-        seqs = [probes.token_ids[i] for i in order[first:first + BATCH_SIZE]]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(seqs):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        yield ids.to(lm.device), mask.to(lm.device)
+        yield padded_batch([probes.token_ids[i] for i in order[first:first + BATCH_SIZE]], lm.device,
+                           getattr(lm.config, "max_position_embeddings", None))
 
 
 def _bare(lm, probes, mode):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from critlayer.capture import Capture
+from critlayer.capture import WIDTH_STEP, Capture, padded_batch
 from critlayer.errors import CritlayerError
 from critlayer.probes import Probes
 
@@ -21,6 +21,14 @@ def test_padding_does_not_change_a_sample(tiny_lm):
         alone, _, _ = _states(tiny_lm, [short, short], mode, batch_size=1)
         padded, keys, _ = _states(tiny_lm, [long, short], mode, batch_size=2)
         torch.testing.assert_close(padded[:, 1], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_batches_are_padded_to_width_steps_within_the_positions():
+    ids, mask = padded_batch([[5] * 9, [6, 7]], "cpu")
+    assert ids.shape == (2, 2 * WIDTH_STEP) and mask.sum(1).tolist() == [9, 2]
+    assert ids[1, :2].tolist() == [6, 7] and not ids[1, 2:].any()
+    assert padded_batch([[5] * 9], "cpu", positions=12)[0].shape == (1, 12)  # not past the model's positions
+    assert padded_batch([[5] * WIDTH_STEP], "cpu")[0].shape == (1, WIDTH_STEP)
 
 
 def test_all_mode_takes_every_real_token_but_position_zero(tiny_lm):

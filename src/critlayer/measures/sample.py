@@ -19,7 +19,6 @@ from ..capture import Batch
 from ..errors import CritlayerError
 
 
-
 class RowSample:
     """The rows a capture keeps whole, for the measures that need whole matrices.
 
