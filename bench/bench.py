@@ -4,7 +4,8 @@ On the same model, probe tokens, dtype and thread count, with every weight resid
 is measured (weights are memory-mapped, so a peak would otherwise count which weights a method's
 tokens page in):
 
-  bare                a forward through the decoder only (no hooks, no logits), length-sorted batches
+  bare                a forward through the decoder only (no hooks, no logits) over the scan's own batches
+                      (length-sorted, padded to its width steps)
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
   pytorch-cka         pytorch-cka's CKA matrix over the same blocks and batches (hooks on each block; run on
                       the decoder, spared the LM head like the bare forward; no attention mask, whole sequences)
@@ -15,7 +16,8 @@ Time: one process per configuration runs every method once on a few probes to wa
 ``--rounds`` rounds in which every method runs right beside a bare forward of its own (before it,
 or after it in odd rounds); a method's cost is the median over rounds of its time over that bare
 forward's, so the machine's slow spells (this one's bare forward took 5.2 to 10.3 s for the same
-work within a few minutes) hit both sides of a ratio. Memory: each method once more in a fresh process, its peak
+work within a few minutes) hit both sides of a ratio. Each round ends with the scan interleaved: every
+batch's bare forward right before the scan's own, the two timed apart. Memory: each method once more in a fresh process, its peak
 resident memory (model included) read from the kernel's high-water mark, reset just before it starts.
 
 Peers are imported from the benchmark environment (``make bench`` installs them there, never in
