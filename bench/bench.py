@@ -208,8 +208,12 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
     for row in rows:
         key = (row["model"], row["dtype"], row["n"], row["mode"], row["method"])
         groups.setdefault(key, {"time": [], "memory": [], "interleaved": []})[row["kind"]].append(row)
+    models, modes = (list(dict.fromkeys(key[i] for key in groups)) for i in (0, 3))  # in the order they ran
+    order = sorted(groups, key=lambda key: (models.index(key[0]), key[1], key[2], modes.index(key[3]),
+                                            METHODS.index(key[4])))
     summary = []
-    for (model, dtype, n, mode, method), kinds in groups.items():
+    for model, dtype, n, mode, method in order:
+        kinds = groups[(model, dtype, n, mode, method)]
         entry = {"model": model, "dtype": dtype, "n": n, "mode": mode, "method": method}
         failed = [r for r in kinds["time"] + kinds["memory"] if "error" in r]
         timed = [r for r in kinds["time"] if "error" not in r]
