@@ -300,7 +300,7 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with (args.out / "runs.jsonl").open("a") as log:  # every run as it lands: a crash loses none
+    with (args.out / "runs.jsonl").open("w") as log:  # every run as it lands: a crash loses none
         for model in args.models.split(","):
             for n in map(int, args.probes.split(",")):
                 for mode in args.modes.split(","):

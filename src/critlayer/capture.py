@@ -3,8 +3,9 @@
 Forward hooks on the blocks read each block's output (before the final norm); a pre-hook on
 the first block reads its input (the embeddings). The hook on the last block stops the
 forward, so the final norm and the LM head never run and logits are never computed. Each
-hook reduces the token mode's rows to their norms and the block's input/output cosines and keeps
-whole only the rows planned for the row sample, so no batch's hidden states outlive its forward.
+hook reduces the token mode's rows to their norms and the block's input/output dot products (turned
+into cosines once the last block has run) and keeps whole only the rows planned for the row sample, so
+no batch's hidden states outlive its forward.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = No
     n = total if rows is None else len(rows)
     if rows is not None:
         rows = rows.sort().values  # sorted, each slab of a file-backed sample is one short read per layer
-    step = max(1, budget // (layers * hidden))
+    step = min(max(1, budget // (layers * hidden)), max(n, 1))
     parts = [slice(begin, begin + step) for begin in range(0, n, step)]
 
     slabs = torch.empty(2, layers, step, hidden, device=states.device)  # the two in hand, reused: no heap churn

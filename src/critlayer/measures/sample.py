@@ -34,8 +34,8 @@ class RowSample:
         self.planned = keys
         self.file = None
         self.count = 0
-        self.keys = torch.empty(len(keys), dtype=torch.float64)
-        self.samples = np.full(len(keys), -1, dtype=np.int64)
+        self._keys = torch.empty(len(keys), dtype=torch.float64)
+        self._samples = np.full(len(keys), -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.count
@@ -60,9 +60,9 @@ class RowSample:
             size = self._offset(layers, 0) / 2**20
             raise CritlayerError(f"cannot write the row sample ({size:.0f} MB) to {tempfile.gettempdir()}: "
                                  f"{error.strerror}; point TMPDIR at a larger disk or lower --max-rows") from error
-        self.keys[self.count:self.count + rows] = batch.keys
+        self._keys[self.count:self.count + rows] = batch.keys
         if batch.samples is not None:
-            self.samples[self.count:self.count + rows] = batch.samples
+            self._samples[self.count:self.count + rows] = batch.samples
         self.count += rows
 
     def _offset(self, layer: int, row: int) -> int:
@@ -77,11 +77,11 @@ class RowSample:
 
     def row_keys(self) -> torch.Tensor:
         """The key of each row of ``compute()``, in the same order."""
-        return self.keys[:self.count]
+        return self._keys[:self.count]
 
     def row_samples(self) -> np.ndarray:
         """The probe sample of each row of ``compute()``, in the same order."""
-        return self.samples[:self.count]
+        return self._samples[:self.count]
 
 
 class StoredRows:
