@@ -66,7 +66,7 @@ class RowSample:
         self.count += rows
 
     def _offset(self, layer: int, row: int) -> int:
-        return (layer * len(self.planned) + row) * self.hidden * self.dtype.itemsize
+        return _offset(layer, row, len(self.planned), self.hidden, self.dtype)
 
     def compute(self) -> "StoredRows":
         """The rows that arrived, in arrival order, as ``(L + 1, rows, hidden)`` float32 read on demand."""
@@ -126,23 +126,28 @@ class StoredRows:
         shape = (len(self.layers), stop - first, self.hidden)
         if self.scratch.numel() < math.prod(shape):
             self.scratch = torch.empty(math.prod(shape), dtype=self.dtype)
-        raw = self.scratch[:math.prod(shape)].view(shape)
-        for part, layer in zip(_bytes(raw), self.layers):
-            self.file.seek((layer * self.stride + first) * self.hidden * self.dtype.itemsize)
-            self.file.readinto(part)
-        return out.copy_(raw)
+        return out.copy_(self._fill(self.scratch[:math.prod(shape)].view(shape), self.layers, first))
 
     def _read(self, layers: range, rows: slice | torch.Tensor) -> torch.Tensor:
         wanted = np.arange(self.rows)[rows] if isinstance(rows, slice) else rows.cpu().numpy()
         if not len(wanted):
             return torch.empty(len(layers), 0, self.hidden, device=self.device)
         low, high = int(wanted.min()), int(wanted.max()) + 1
-        span = torch.empty(len(layers), high - low, self.hidden, dtype=self.dtype)
-        for out, layer in zip(_bytes(span), layers):
-            self.file.seek((layer * self.stride + low) * self.hidden * self.dtype.itemsize)
-            self.file.readinto(out)
+        span = self._fill(torch.empty(len(layers), high - low, self.hidden, dtype=self.dtype), layers, low)
         contiguous = len(wanted) == high - low and bool((np.diff(wanted) == 1).all())
         return (span if contiguous else span[:, torch.from_numpy(wanted - low)]).to(self.device, torch.float32)
+
+    def _fill(self, raw: torch.Tensor, layers: range, first: int) -> torch.Tensor:
+        """``raw`` (layers x rows x hidden, stored dtype) read from row ``first`` of each of ``layers``."""
+        for part, layer in zip(_bytes(raw), layers):
+            self.file.seek(_offset(layer, first, self.stride, self.hidden, self.dtype))
+            self.file.readinto(part)
+        return raw
+
+
+def _offset(layer: int, row: int, stride: int, hidden: int, dtype: torch.dtype) -> int:
+    """Where a row starts in the file: each layer holds ``stride`` rows of ``hidden`` values."""
+    return (layer * stride + row) * hidden * dtype.itemsize
 
 
 def _bytes(values: torch.Tensor) -> np.ndarray:

@@ -33,9 +33,9 @@ def spectral_scores(states: torch.Tensor | StoredRows, ks: tuple[int, ...] = KS,
     the only copy of the rows is one layer's. Their vectors go into one tensor allocated up front:
     small tensors kept between large temporaries would pin the C allocator's heap.
     """
-    n, total, hidden = states.shape
-    u = torch.empty(n, total if rows is None else len(rows), min(max(ks), total if rows is None else len(rows), hidden),
-                    dtype=torch.float64, device=states.device)
+    n, stored, hidden = states.shape
+    used = stored if rows is None else len(rows)
+    u = torch.empty(n, used, min(max(ks), used, hidden), dtype=torch.float64, device=states.device)
     for i, layer in enumerate(states):
         u[i] = top_left_singular_vectors(centred(pick_rows(layer, rows)), max(ks))
     scores = {}
