@@ -60,6 +60,7 @@ def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = No
             b = a if j == i else read(parts[j], 1).sub_(mean)
             gram = torch.bmm(a, b.transpose(1, 2)).flatten(1)  # a block of every layer's Gram
             hsic.add_((gram @ gram.T).double(), alpha=1.0 if j == i else 2.0)  # off-diagonal blocks count twice
+    hsic = (hsic + hsic.T) / 2  # a float32 product of a matrix with its transpose is symmetric only to rounding
     norms = hsic.diagonal().sqrt()
     return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()
 
