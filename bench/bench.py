@@ -5,10 +5,10 @@ is measured (weights are memory-mapped, so a peak would otherwise count which we
 tokens page in):
 
   bare                a forward through the decoder only (no hooks, no logits) over the scan's own batches
-                      (length-sorted, padded to its width steps)
+                      (length-sorted, padded to its width steps, with the mask it passes: none for a causal model)
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
   pytorch-cka         pytorch-cka's CKA matrix over the same blocks and batches (hooks on each block; run on
-                      the decoder, spared the LM head like the bare forward; no attention mask, whole sequences)
+                      the decoder, spared the LM head like the bare forward; whole sequences, no attention mask)
   short-transformers  short-transformers' ``analyse_layers`` at its default batch size of 1 (angular distance of
                       every block pair, on the CPU, in Python), with a shim for transformers 5's block outputs
 
@@ -122,11 +122,12 @@ def _batches(lm, probes):
 
 def _bare(lm, probes, mode):
     import torch
+    from critlayer.capture import model_mask
 
     decoder = lm.model.base_model  # the blocks and final norm: no LM head, so no logits
     with torch.inference_mode():
         for ids, mask in _batches(lm, probes):
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            decoder(input_ids=ids, attention_mask=model_mask(lm, mask), use_cache=False)
 
 
 def _critlayer(lm, probes, mode):
@@ -151,7 +152,7 @@ def _critlayer_interleaved(lm, probes, mode) -> tuple[float, float]:
             block._forward_hooks.clear()
             block._forward_pre_hooks.clear()
         start = time.perf_counter()
-        decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        decoder(input_ids=ids, attention_mask=mask, use_cache=False)  # the mask run_blocks is given
         bare.append(time.perf_counter() - start)
         for block, (after, before) in zip(lm.blocks, hooks):
             block._forward_hooks.update(after)

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from critlayer.capture import WIDTH_STEP, Capture, padded_batch
+from critlayer import LanguageModel
+from critlayer.capture import WIDTH_STEP, Capture, model_mask, padded_batch
 from critlayer.errors import CritlayerError
 from critlayer.probes import Probes
+
+from conftest import TINY, tiny_model
 
 
 def _states(lm, token_ids, mode, **kw):
@@ -21,6 +24,20 @@ def test_padding_does_not_change_a_sample(tiny_lm):
         alone, _, _ = _states(tiny_lm, [short, short], mode, batch_size=1)
         padded, keys, _ = _states(tiny_lm, [long, short], mode, batch_size=2)
         torch.testing.assert_close(padded[:, 1], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_padding_changes_no_real_token_in_any_architecture(arch):
+    """Causal models run without a mask (a right pad comes after every real token); BERT needs it. Either way a
+    sample's states are the same alone as beside a longer one (past gemma3's sliding window of 8)."""
+    lm = LanguageModel.wrap(tiny_model(arch), name=arch)
+    assert (model_mask(lm, torch.ones(1, 1)) is None) == (arch != "bert")
+    short, long = [1, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1] + list(range(14, 30))
+    for mode in ("last", "all"):
+        alone, _, _ = _states(lm, [short, short], mode, batch_size=1)
+        padded, _, _ = _states(lm, [long, short], mode, batch_size=2)
+        torch.testing.assert_close(padded[:, -alone.shape[1] // 2:], alone[:, :alone.shape[1] // 2], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_batches_are_padded_to_width_steps_within_the_positions():

@@ -103,7 +103,13 @@ def block_outputs(lm: LanguageModel, add: Callable[[torch.Tensor], None]):
         lm.model.train(was_training)
 
 
-def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def model_mask(lm: LanguageModel, mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask a right-padded batch needs: none where every attention is causal (real tokens'
+    states are then the same without it, and attention takes its causal kernel), else ``mask``."""
+    return None if lm.attends_causally else mask
+
+
+def run_blocks(lm: LanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     """One forward through the blocks only (inside ``block_outputs``)."""
     try:
         lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -241,7 +247,7 @@ class Capture:
 
             collected = [self._rows(mask, samples) for samples, _, mask in batches]
             with torch.inference_mode():
-                stream_blocks(lm, lm.weights, [(ids, mask) for _, ids, mask in batches],
+                stream_blocks(lm, lm.weights, [(ids, model_mask(lm, mask)) for _, ids, mask in batches],
                               lambda hidden, b: collected[b].add(hidden), progress=self.progress)
             for _, _, mask in batches:
                 yield collected.pop(0), mask

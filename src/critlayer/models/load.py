@@ -70,6 +70,13 @@ class LanguageModel:
         return hasattr(self.model, "generate") and self.model.can_generate()
 
     @property
+    def attends_causally(self) -> bool:
+        """Whether every attention in the blocks is causal: then no real token sees a pad after it, and a
+        right-padded batch needs no attention mask."""
+        flags = [m.is_causal for m in self.blocks.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        return bool(flags) and all(flags)
+
+    @property
     def block_linears(self) -> list[str]:
         """Names of the linear layers inside a block (what LoRA adapts), e.g. ``self_attn.q_proj``."""
         return [name for name, module in self.blocks[0].named_modules() if isinstance(module, linear_types())]

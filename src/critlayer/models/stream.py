@@ -106,7 +106,7 @@ def build_skeleton(model_class, config, folder: Path, dtype: torch.dtype, device
     return model.eval(), weights
 
 
-def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor) -> list:
+def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor | None) -> list:
     """(hidden states, args, kwargs) each block would receive; only block 0's hidden states are real."""
     calls: list = []
     originals = list(blocks)
@@ -126,7 +126,7 @@ def stream_blocks(lm, weights: SafetensorsWeights, batches: list, add: Callable[
                   progress: bool = True) -> None:
     """Hand ``add(hidden, batch)`` the input of block 0 and then the output of every block, per batch.
 
-    ``batches`` are ``(ids, mask)`` pairs; every batch goes through block ``i`` before block
+    ``batches`` are ``(ids, attention mask or None)`` pairs; every batch goes through block ``i`` before block
     ``i + 1`` is read, so at most one block's weights are in memory.
     """
     calls = [block_calls(lm.model, lm.blocks, ids, mask) for ids, mask in batches]
