@@ -1,4 +1,4 @@
-"""Capture: padding is masked, sinks are dropped, logits are never computed, hooks are cleaned up."""
+"""Capture: padding changes no real token, sinks are dropped, logits are never computed, hooks are cleaned up."""
 
 import numpy as np
 import pytest
