@@ -67,6 +67,7 @@ class LanguageModel:
 
     @property
     def is_causal(self) -> bool:
+        """Whether the model generates text (what generated probes and the loss measures need)."""
         return hasattr(self.model, "generate") and self.model.can_generate()
 
     @property
