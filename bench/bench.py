@@ -17,8 +17,9 @@ Time: one process per configuration runs every method once on a few probes to wa
 or after it in odd rounds); a method's cost is the median over rounds of its time over that bare
 forward's, so the machine's slow spells (this one's bare forward took 5.2 to 10.3 s for the same
 work within a few minutes) hit both sides of a ratio. Each round ends with the scan interleaved: every
-batch's bare forward right before the scan's own, the two timed apart. Memory: each method once more in a fresh process, its peak
-resident memory (model included) read from the kernel's high-water mark, reset just before it starts.
+batch's bare forward right before the scan's own, the two timed apart. Memory: each method once more in
+a fresh process, its peak resident memory (model included) read from the kernel's high-water mark,
+reset just before it starts.
 
 Peers are imported from the benchmark environment (``make bench`` installs them there, never in
 the project's). Results: ``bench.json`` and ``bench.txt``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -70,10 +71,10 @@ class LanguageModel:
         """Whether the model generates text (what generated probes and the loss measures need)."""
         return hasattr(self.model, "generate") and self.model.can_generate()
 
-    @property
+    @cached_property
     def attends_causally(self) -> bool:
         """Whether every attention in the blocks is causal: then no real token sees a pad after it, and a
-        right-padded batch needs no attention mask."""
+        right-padded batch needs no attention mask. (Asked every batch, so walked once.)"""
         flags = [m.is_causal for m in self.blocks.modules() if isinstance(getattr(m, "is_causal", None), bool)]
         return bool(flags) and all(flags)
 
