@@ -17,9 +17,10 @@ Time: one process per configuration runs every method once on a few probes to wa
 or after it in odd rounds); a method's cost is the median over rounds of its time over that bare
 forward's, so the machine's slow spells (this one's bare forward took 5.2 to 10.3 s for the same
 work within a few minutes) hit both sides of a ratio. Each round ends with the scan interleaved: every
-batch's bare forward right before the scan's own, the two timed apart. Memory: each method once more in
-a fresh process, its peak resident memory (model included) read from the kernel's high-water mark,
-reset just before it starts.
+batch's bare forward right before the scan's own, the two timed apart. The scan's own phase timings
+(capture pass, each measure) are kept, beside the process's float32 matmul rate: the most the scan's exact
+float32 work on its row sample could run at. Memory: each method once more in a fresh process, its peak
+resident memory (model included) read from the kernel's high-water mark, reset just before it starts.
 
 Peers are imported from the benchmark environment (``make bench`` installs them there, never in
 the project's). Results: ``bench.json`` and ``bench.txt``.
@@ -82,7 +83,7 @@ def run_memory(spec: dict) -> dict:
 def run_timing(spec: dict):
     """Every method once on a few probes to warm up, then rounds: each method right beside a bare forward of
     its own (after it in odd rounds), the methods in a rotating order, then the scan interleaved batch by
-    batch with a bare forward. Yields each timed run."""
+    batch with a bare forward. Yields the process's float32 matmul rate, then each timed run."""
     from critlayer.probes import Probes
 
     lm, probes = prepare(spec)
@@ -90,6 +91,7 @@ def run_timing(spec: dict):
         METHOD[method](lm, Probes(probes.source, probes.token_ids[:WARM_UP]), spec["mode"])
     others = [m for m in spec["methods"] if m != "bare"]
     keys = {k: spec[k] for k in ("model", "n", "mode", "threads", "dtype")}
+    yield {**keys, "kind": "matmul", "method": "bare", "gflops": _float32_matmul_gflops()}
     for round_ in range(spec["rounds"]):
         shift = round_ % max(len(others), 1)
         for method in others[shift:] + others[:shift]:
@@ -97,13 +99,27 @@ def run_timing(spec: dict):
                 continue
             for name in ("bare", method)[::-1 if round_ % 2 else 1]:
                 start = time.perf_counter()
-                METHOD[name](lm, probes, spec["mode"])
+                phases = METHOD[name](lm, probes, spec["mode"])
                 yield {**keys, "kind": "time", "method": name, "round": round_, "pair": f"{round_}:{method}",
-                       "seconds": round(time.perf_counter() - start, 3)}
+                       "seconds": round(time.perf_counter() - start, 3), **({"phases": phases} if phases else {})}
         if "critlayer" in others:
             seconds, bare = _critlayer_interleaved(lm, probes, spec["mode"])
             yield {**keys, "kind": "interleaved", "method": "critlayer", "round": round_, "seconds": round(seconds, 3),
                    "bare_seconds": round(bare, 3)}
+
+
+def _float32_matmul_gflops() -> float:
+    """This process's float32 matmul rate on a product the size of the CKA's (2,048 x 576 by 576 x 2,048), best
+    of ten: what the scan's exact float32 work on its row sample can at best run at."""
+    import torch
+
+    a, b = torch.randn(2048, 576), torch.randn(576, 2048)
+    seconds = []
+    for _ in range(11):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return round(2 * 2048 * 576 * 2048 / min(seconds[1:]) / 1e9, 1)
 
 
 def _status_mb(field: str) -> float:
@@ -131,10 +147,13 @@ def _bare(lm, probes, mode):
             decoder(input_ids=ids, attention_mask=model_mask(lm, mask), use_cache=False)
 
 
-def _critlayer(lm, probes, mode):
+def _critlayer(lm, probes, mode) -> dict:
+    """The scan; returns its own phase timings (capture pass, then each measure on the row sample)."""
     import critlayer
 
-    critlayer.scan(lm, probes, token_mode=mode, measures=("cka", "influence", "spectral"), progress=False)
+    timing = critlayer.scan(lm, probes, token_mode=mode, measures=("cka", "influence", "spectral"),
+                            progress=False).timing
+    return {"capture": timing["capture"], **timing["measures"]}
 
 
 def _critlayer_interleaved(lm, probes, mode) -> tuple[float, float]:
@@ -209,7 +228,7 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for row in rows:
         key = (row["model"], row["dtype"], row["n"], row["mode"], row["method"])
-        groups.setdefault(key, {"time": [], "memory": [], "interleaved": []})[row["kind"]].append(row)
+        groups.setdefault(key, {"time": [], "memory": [], "interleaved": [], "matmul": []})[row["kind"]].append(row)
     models, modes = (list(dict.fromkeys(key[i] for key in groups)) for i in (0, 3))  # in the order they ran
     order = sorted(groups, key=lambda key: (models.index(key[0]), key[1], key[2], modes.index(key[3]),
                                             METHODS.index(key[4])))
@@ -227,6 +246,11 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
             if ratios:
                 entry.update(ratio_to_bare=round(statistics.median(ratios), 3),
                              ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+        phases = [r["phases"] for r in timed if "phases" in r]
+        if phases:
+            entry["phases"] = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
+        if kinds["matmul"]:
+            entry["float32_matmul_gflops"] = statistics.median(r["gflops"] for r in kinds["matmul"])
         interleaved = [r["seconds"] / r["bare_seconds"] for r in kinds["interleaved"] if "error" not in r]
         if interleaved:
             entry.update(interleaved_runs=len(interleaved), interleaved_ratio=round(statistics.median(interleaved), 3),
@@ -249,7 +273,7 @@ def summarise(rows: list[dict]) -> tuple[list[dict], str]:
         note = f"  failed: {e['error']}" if "error" in e else ""
         lines.append(f"{e['model']:<14} {e['dtype']:<8} {e['n']:>6} {e['mode']:<4} {e['method']:<19} "
                      f"{e.get('runs', 0):>6} {seconds} {ratio} {peak}{note}")
-    lines += _interleaved(summary) + _growth(summary)
+    lines += _interleaved(summary) + _phases(summary) + _growth(summary)
     return summary, "\n".join(lines)
 
 
@@ -259,6 +283,23 @@ def _interleaved(summary: list[dict]) -> list[str]:
              f"(median of {e['interleaved_runs']} runs, {e['interleaved_range'][0]:.3f}-{e['interleaved_range'][1]:.3f})"
              for e in summary if "interleaved_ratio" in e]
     return ["", "critlayer, each batch's forward beside a bare forward of the same batch:"] + lines if lines else []
+
+
+def _phases(summary: list[dict]) -> list[str]:
+    """Where the scan's time goes (its own timings, median over rounds) beside the bare forward and the machine's
+    float32 matmul rate, per configuration."""
+    bare = {tuple(e[k] for k in ("model", "dtype", "n", "mode")): e for e in summary if e["method"] == "bare"}
+    lines = []
+    for e in summary:
+        if "phases" in e:
+            reference = bare.get((e["model"], e["dtype"], e["n"], e["mode"]), {})
+            parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in e["phases"].items())
+            beside = [f"bare forward {reference['seconds']:.2f} s"] if "seconds" in reference else []
+            if "float32_matmul_gflops" in reference:
+                beside.append(f"float32 matmul {reference['float32_matmul_gflops']:.0f} GFLOPS")
+            lines.append(f"  {e['model']} {e['dtype']} {e['n']} probes {e['mode']}: {parts} s"
+                         + (f" ({'; '.join(beside)})" if beside else ""))
+    return ["", "critlayer's own phases (median s over rounds):"] + lines if lines else []
 
 
 def _growth(summary: list[dict]) -> list[str]:
