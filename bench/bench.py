@@ -288,11 +288,14 @@ def _interleaved(summary: list[dict]) -> list[str]:
 def _phases(summary: list[dict]) -> list[str]:
     """Where the scan's time goes (its own timings, median over rounds) beside the bare forward and the machine's
     float32 matmul rate, per configuration."""
-    bare = {tuple(e[k] for k in ("model", "dtype", "n", "mode")): e for e in summary if e["method"] == "bare"}
+    def config(e: dict) -> tuple:
+        return e["model"], e["dtype"], e["n"], e["mode"]
+
+    bare = {config(e): e for e in summary if e["method"] == "bare"}
     lines = []
     for e in summary:
         if "phases" in e:
-            reference = bare.get((e["model"], e["dtype"], e["n"], e["mode"]), {})
+            reference = bare.get(config(e), {})
             parts = ", ".join(f"{name} {seconds:.3f}" for name, seconds in e["phases"].items())
             beside = [f"bare forward {reference['seconds']:.2f} s"] if "seconds" in reference else []
             if "float32_matmul_gflops" in reference:
