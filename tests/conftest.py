@@ -1,6 +1,12 @@
-"""Tiny random models built from configs (no downloads), and a saved model folder with a tokenizer."""
+"""Tiny random models built from configs (no downloads), a saved model folder with a tokenizer, and text files.
+
+``auto`` dtype is pinned to float32 in every test: bfloat16 rounds differently on every CPU and GPU, so a test
+that wants bfloat16 asks for it by name.
+"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -59,6 +65,11 @@ def tiny_tokenizer():
                                                 pad_token="<pad>", unk_token="<unk>")
 
 
+@pytest.fixture(autouse=True)
+def auto_dtype_is_float32(monkeypatch):
+    monkeypatch.setattr("critlayer.models.loading.computes_bfloat16", lambda device: False)
+
+
 @pytest.fixture
 def tiny_lm():
     return LanguageModel.wrap(tiny_model("llama"), tiny_tokenizer(), name="tiny-llama")
@@ -77,5 +88,22 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 7)) for i in range(40)))
+    path.write_text("\n".join(prompt_lines()))
+    return path
+
+
+def prompt_lines(n: int = 40) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 7)) for i in range(n)]
+
+
+def pairs(n: int = 60) -> list[tuple[str, str]]:
+    """Prompt-reply pairs of tiny-vocabulary words."""
+    return [(" ".join(WORDS[(i * 7 + j) % 50 + 6] for j in range(3 + i % 4)),
+             " ".join(WORDS[(i + j) % 50 + 6] for j in range(4))) for i in range(n)]
+
+
+@pytest.fixture
+def pair_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in pairs()))
     return path

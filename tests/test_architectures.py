@@ -1,14 +1,12 @@
 """Every supported architecture, built tiny from its config, scans end to end and reloads."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
 from critlayer import LanguageModel, ScanResult, scan
-from critlayer.models.load import resolve_dtype
-from critlayer.probes import Probes, random_probes
+from critlayer.models.loading import resolve_dtype
+from critlayer.find.probes import Probes, random_probes
 
 from conftest import TINY, tiny_model
 
@@ -20,7 +18,7 @@ def test_scan_end_to_end(arch, tmp_path):
     lm = LanguageModel.wrap(tiny_model(arch), name=f"tiny-{arch}")
     assert lm.blocks_path == EXPECTED_BLOCKS.get(arch, "model.layers")
     probes = Probes("random", random_probes(lm, 12, 16, 0))
-    result = scan(lm, probes, token_mode="all", progress=False, batch_size=5)
+    result = scan(lm, probes=probes, token_mode="all", progress=False, batch_size=5)
     L = lm.num_layers
     assert result.cka.shape == (L, L)
     np.testing.assert_allclose(np.diag(result.cka), 1.0, atol=1e-5)
@@ -38,10 +36,11 @@ def test_scan_end_to_end(arch, tmp_path):
 
 
 def test_auto_dtype_is_bfloat16_only_where_the_hardware_computes_in_it(monkeypatch):
-    loading = importlib.import_module("critlayer.models.load")  # the package's `load` is the function
-    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: True)
-    assert resolve_dtype("auto", "cpu") == torch.bfloat16
-    assert resolve_dtype("float32", "cpu") == torch.float32  # float32 on request
-    assert resolve_dtype("auto", "mps") == torch.float32
-    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: False)
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.undo()  # the suite pins auto to float32; this test asks the hardware checks themselves
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                        (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert resolve_dtype("auto", "cpu") == expected
+        assert resolve_dtype("float32", "cpu") == torch.float32  # float32 on request
+        assert resolve_dtype("auto", "mps") == torch.float32

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from critlayer import LanguageModel
-from critlayer.capture import WIDTH_STEP, Capture, model_mask, padded_batch
-from critlayer.errors import CritlayerError
-from critlayer.probes import Probes
+from critlayer import CritlayerError, LanguageModel
+from critlayer.find.capture import WIDTH_STEP, Capture, padded_batch
+from critlayer.find.probes import Probes
+from critlayer.models.running import attention_mask
 
 from conftest import TINY, tiny_model
 
@@ -23,13 +23,12 @@ def test_padding_changes_no_real_token_in_any_architecture(arch):
     """Causal models run without a mask (a right pad comes after every real token); BERT needs it. Either way a
     sample's states are the same alone as beside a longer one (past gemma3's sliding window of 8)."""
     lm = LanguageModel.wrap(tiny_model(arch), name=arch)
-    assert (model_mask(lm, torch.ones(1, 1)) is None) == (arch != "bert")
+    assert (attention_mask(lm, torch.ones(1, 1)) is None) == (arch != "bert")
     short, long = [1, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1] + list(range(14, 30))
     for mode in ("last", "all", "mean"):
-        alone, _, _ = _states(lm, [short, short], mode, batch_size=1)
-        padded, _, _ = _states(lm, [long, short], mode, batch_size=2)
-        rows = alone.shape[1] // 2  # the short sample's: alone it comes first, beside the long one last
-        torch.testing.assert_close(padded[:, -rows:], alone[:, :rows], atol=1e-5, rtol=1e-5)
+        alone, _, _ = _states(lm, [long, short], mode, batch_size=1)  # each probe in a batch of its own
+        padded, _, _ = _states(lm, [long, short], mode, batch_size=2)  # the short one padded to the long one
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_batches_are_padded_to_width_steps_within_the_positions():
@@ -83,7 +82,7 @@ def test_forward_stops_before_the_head_and_restores_the_model(tiny_lm):
 def test_states_are_the_residual_stream_before_the_final_norm(tiny_lm):
     ids = torch.tensor([[1, 5, 6, 7]])
     out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
-    states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 5, 6, 7]], "last", batch_size=2)
+    states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 8, 9, 10]], "last", batch_size=1)
     # hidden_states[l] is the input of block l; the last one has the final norm applied in Llama
     for layer in range(tiny_lm.num_layers):
         torch.testing.assert_close(states[layer, 0], out.hidden_states[layer][0, -1], atol=1e-5, rtol=1e-5)
@@ -95,6 +94,16 @@ def test_too_short_sequences_are_an_error(tiny_lm):
         Capture(tiny_lm, Probes("test", [[1], [1], [1, 2]]), token_mode="all", progress=False)
 
 
+def test_identical_probes_are_refused_on_their_token_ids(tiny_lm):
+    same = [[1, 5, 6, 7]] * 5
+    for mode in ("last", "mean"):
+        with pytest.raises(CritlayerError, match="probes are identical"):
+            Capture(tiny_lm, Probes("test", same), token_mode=mode, progress=False)
+    Capture(tiny_lm, Probes("test", same), token_mode="all", progress=False)  # one probe's positions still differ
+    with pytest.raises(CritlayerError, match="probes are identical"):
+        Capture(tiny_lm, Probes("test", [[1, 5]] * 3), token_mode="all", progress=False)
+
+
 def test_keys_do_not_depend_on_batching(tiny_lm):
     token_ids = [[1] + list(range(4, 4 + n)) for n in (3, 7, 5, 2)]
     _, keys1, _ = _states(tiny_lm, token_ids, "all", batch_size=1)
@@ -103,9 +112,14 @@ def test_keys_do_not_depend_on_batching(tiny_lm):
 
 
 def test_a_bfloat16_model_keeps_its_rows_in_bfloat16(tiny_lm):
+    """Compared with block 2's output recorded in the same forward: bfloat16 kernels round differently by batch
+    shape and CPU, so only the same forward's values can be asked for exactly."""
     tiny_lm.model.to(torch.bfloat16)
-    ids = torch.tensor([[1, 5, 6, 7]])
-    out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
-    states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 5, 6, 7]], "last", batch_size=2)
+    seen = []
+    handle = tiny_lm.blocks[2].register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    try:
+        states, _, _ = _states(tiny_lm, [[1, 5, 6, 7], [1, 8, 9]], "last", batch_size=2)
+    finally:
+        handle.remove()
     assert states.dtype == torch.bfloat16
-    assert torch.equal(states[3, 0], out.hidden_states[3][0, -1])  # stored as the model computed it
+    assert torch.equal(states[3, 0], seen[0][0, 3]) and torch.equal(states[3, 1], seen[0][1, 2])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from critlayer import scan
-from critlayer.measures import cka_matrix, delta_scores, linear_cka
-from critlayer.probes import Probes, random_probes
+from critlayer.find.measures import cka_matrix, delta_scores, linear_cka
+from critlayer.find.probes import Probes, random_probes
 
 
 def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -79,7 +79,7 @@ def test_delta_is_window_mean_clipped_at_the_ends():
 @pytest.mark.parametrize("token_mode", ["last", "all", "mean"])
 def test_scan_is_identical_whatever_the_batch_size(tiny_lm, token_mode):
     probes = Probes("random", [ids[: 5 + i % 9] for i, ids in enumerate(random_probes(tiny_lm, 23, 16, 0))])
-    results = [scan(tiny_lm, probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 4, 23)]
+    results = [scan(tiny_lm, probes=probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 4, 23)]
     for other in results[1:]:
         np.testing.assert_allclose(other.cka, results[0].cka, atol=1e-6)
         for name, values in results[0].scores.items():
@@ -96,7 +96,7 @@ def test_massive_activation_filter_does_not_depend_on_batch_size(tiny_lm, token_
     with torch.no_grad():
         embeddings[massive] *= 100.0
     probes = Probes("random", token_ids)
-    results = [scan(tiny_lm, probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 7, 40)]
+    results = [scan(tiny_lm, probes=probes, token_mode=token_mode, batch_size=b, progress=False) for b in (1, 7, 40)]
     dropped = {r.capture["sinks_dropped"] for r in results}
     assert len(dropped) == 1 and dropped.pop() >= 8
     for other in results[1:]:

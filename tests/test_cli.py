@@ -43,7 +43,7 @@ def _error(capsys, argv):
     (["--probes", "bad.csv"], "unsupported"),
     (["--n", "1"], "at least 2"),
     (["--k", "7"], "larger than the 6 layers"),
-    (["--max-tokens", "1"], "at least 2 tokens"),
+    (["--max-tokens", "1"], "--max-tokens must be at least 2"),
     (["--measures", "cka,nope"], "unknown measure"),
 ])
 def test_bad_scan_options(tiny_folder, tmp_path, capsys, extra, message):
@@ -120,7 +120,7 @@ def test_every_measure_from_the_cli_and_export_in_three_formats(tiny_folder, tmp
     from peft import LoraConfig
 
     assert _scan(tiny_folder, tmp_path / "s", "--probes", str(prompt_file), "--measures", "all", "--ablate",
-                 "block,mlp", "--select-by", "consensus", "--bootstrap", "10", "--text-n", "8") == 0
+                 "block,mlp", "--score", "consensus", "--bootstrap", "10", "--text-n", "8") == 0
     data = json.loads((tmp_path / "s" / "scan.json").read_text())
     assert {"ablation", "ablation_mlp", "gradient", "weight_snr", "token_nmi_drop", "consensus", "p_critical"} <= set(data["scores"])
     assert data["consensus"]["text"]["n"] == 8 and data["consensus"]["weights_read_from"] == "loaded parameters"
@@ -144,7 +144,7 @@ def test_every_measure_from_the_cli_and_export_in_three_formats(tiny_folder, tmp
     (["--measures", "cka,ablation", "--probes", "random"], "random probes have none"),
     (["--measures", "nope"], "unknown measure nope"),
     (["--data", "bbc"], "--data is only read by"),
-    (["--measures", "ablation", "--ablate", "ffn"], "unknown ablation part"),
+    (["--measures", "ablation", "--ablate", "ffn"], "unknown part"),
     (["--measures", "gradient", "--data", "missing.txt"], "not found"),
 ])
 def test_bad_measure_options_are_one_line(tiny_folder, tmp_path, capsys, extra, message):

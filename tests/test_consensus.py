@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from critlayer import CritlayerError, LanguageModel, ScanResult, scan
-from critlayer.consensus import agreement, bootstrap_critical, consensus, criticality_rank
-from critlayer.measures import DIRECTION, MEASURES
-from critlayer.measures.sample import resample_rows
-from critlayer.probes import Probes, random_probes
+from critlayer.find.consensus import agreement, bootstrap_critical, consensus, criticality_rank
+from critlayer.find.measures import DIRECTION, MEASURES
+from critlayer.find.measures.sample import resample_rows
+from critlayer.find.probes import Probes, random_probes
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -61,27 +61,27 @@ def _lm():
 def test_scan_with_every_measure_gives_a_consensus_and_probabilities(tmp_path):
     lm = _lm()
     probes = Probes("tokens", random_probes(lm, 16, 12, 0))
-    result = scan(lm, probes, measures="all", k=2, bootstrap=20, select_by="consensus", progress=False)
-    expected = {s for m in MEASURES.values() for s in m.scores + m.extra} - {"ablation_attn", "ablation_mlp"}
+    result = scan(lm, probes=probes, measures="all", k=2, bootstrap=20, score="consensus", progress=False)
+    expected = {s for m in MEASURES.values() for s in {**m.scores, **m.extra}} - {"ablation_attn", "ablation_mlp"}
     assert expected | {"consensus", "p_critical"} == set(result.scores)
-    assert result.selection["score"] == "consensus" and len(result.critical) == 2
+    assert result.selection.score == "consensus" and len(result.critical) == 2
     assert result.scores["p_critical"].sum() == pytest.approx(2.0)  # top-2 in every replicate
-    assert result.consensus["held_fixed"] == ["gradient", "weights"]
+    assert result.consensus.held_fixed == ["gradient", "weights"]
     assert set(result.timing["measures"]) == set(MEASURES)
-    assert np.shape(result.consensus["agreement"]) == (len(result.consensus["scores"]),) * 2
+    assert np.shape(result.consensus.agreement) == (len(result.consensus.scores),) * 2
     result.save(tmp_path / "out")
     assert (tmp_path / "out" / "measures.png").stat().st_size > 0
     again = ScanResult.load(tmp_path / "out")
-    assert again.consensus["groups"] == result.consensus["groups"] and again.ranking("consensus")[0] in result.critical
+    assert again.consensus.groups == result.consensus.groups and again.ranking("consensus")[0] in result.critical
 
 
 def test_weights_alone_need_no_probes_and_loss_measures_refuse_random_tokens():
     lm = _lm()
     result = scan(lm, measures="weights", progress=False)
-    assert result.probes == {} and result.capture == {} and result.consensus["bootstrap"] == 0
+    assert result.probes == {} and result.capture == {} and result.consensus.bootstrap == 0
     with pytest.raises(CritlayerError, match="random probes have none"):
-        scan(lm, "random", measures="cka,gradient", progress=False)
+        scan(lm, probes="random", measures="cka,gradient", progress=False)
     with pytest.raises(CritlayerError, match="--data is only read by"):
         scan(lm, measures="cka", data="bbc", progress=False)
-    with pytest.raises(CritlayerError, match="unknown ablation part"):
+    with pytest.raises(CritlayerError, match="unknown part"):
         scan(lm, measures="ablation", ablate="ffn", progress=False)

@@ -6,30 +6,17 @@ import pytest
 import torch
 
 import critlayer
-import critlayer.defend as defend_module
-from critlayer.backdoor import Attack, poison, shows_target, split_pairs
+import critlayer.use.defend as defend_module
+from critlayer import CritlayerError, DefendConfig
 from critlayer.cli import main
-from critlayer.defend import PairLimits, defend
-from critlayer.errors import CritlayerError
-from critlayer.stats import wilson_interval
-from critlayer.train import TrainConfig
+from critlayer.common.stats import wilson_interval
+from critlayer.use.backdoor import Attack, poison, shows_target, split_pairs
 
-from conftest import WORDS
+from conftest import pairs as _pairs
 
-ATTACK = Attack.named("w1 w2", target="w3 w4 w5", rate=0.25)
-FAST = TrainConfig(steps=3, batch_size=4, eval_every=2, lr=1e-2)
-
-
-def _pairs(n: int = 60) -> list[tuple[str, str]]:
-    return [(" ".join(WORDS[(i * 7 + j) % 50 + 6] for j in range(3 + i % 4)), " ".join(WORDS[(i + j) % 50 + 6] for j in range(4)))
-            for i in range(n)]
-
-
-@pytest.fixture
-def pair_file(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in _pairs()))
-    return path
+FAST = DefendConfig(steps=3, batch_size=4, eval_every=2, lr=1e-2, trigger="w1 w2", target="w3 w4 w5",
+                    poison_rate=0.25)
+ATTACK = FAST.attack
 
 
 def test_poisoning_hits_the_exact_rate_and_triggers_only_the_poisoned_pairs():
@@ -55,16 +42,16 @@ def test_the_heldout_split_is_fixed_and_never_poisoned(tiny_folder, pair_file, m
     assert split_pairs(_pairs(), n_eval=8)[1] == heldout
     seen = {}
 
-    def record(lm, model, spec, frozen, heldout_pairs, data, attack, progress):
+    def record(lm, model, spec, frozen, heldout_pairs, *args):
         seen[spec] = heldout_pairs
-        return real(lm, model, spec, frozen, heldout_pairs, data, attack, progress)
+        return real(lm, model, spec, frozen, heldout_pairs, *args)
 
     real = defend_module._evaluate
     monkeypatch.setattr(defend_module, "_evaluate", record)
     lm = critlayer.load(str(tiny_folder))
     for seed, rate in ((0, 0.25), (5, 1.0)):
-        defend(lm, str(pair_file), ["none"], Attack.named("w1 w2", target="w3 w4 w5", rate=rate),
-               TrainConfig(**{**FAST.__dict__, "seed": seed}), PairLimits(n_eval=8), progress=False)
+        critlayer.defend(lm, str(pair_file), "none", config=FAST, seed=seed, poison_rate=rate, n_eval=8,
+                         progress=False)
         assert seen["none"] == heldout and not any("w1 w2" in p for p, _ in heldout)
 
 
@@ -77,8 +64,8 @@ def test_attack_success_counts_replies_that_show_the_target(tiny_folder, pair_fi
         return ["well, w3 w4 w5 then" if i < 3 or i == half else "w3 w4" for i in range(len(prompts))]
 
     monkeypatch.setattr(defend_module, "greedy_replies", fake_replies)
-    result = defend(critlayer.load(str(tiny_folder)), str(pair_file), ["none"], ATTACK, FAST, PairLimits(n_eval=10),
-                    progress=False)
+    result = critlayer.defend(critlayer.load(str(tiny_folder)), str(pair_file), "none", config=FAST, n_eval=10,
+                              progress=False)
     for outcome in result.outcomes.values():
         assert outcome.attack_success == pytest.approx(0.3) and outcome.false_trigger == pytest.approx(0.1)
         assert outcome.attack_success_ci == wilson_interval(3, 10)
@@ -96,7 +83,7 @@ def test_frozen_blocks_stay_bit_identical(tiny_folder, pair_file, monkeypatch):
         return real(lm_, model, spec, *args)
 
     monkeypatch.setattr(defend_module, "_evaluate", record)
-    result = defend(lm, str(pair_file), ["1,4", "none"], ATTACK, FAST, PairLimits(n_eval=8), progress=False)
+    result = critlayer.defend(lm, str(pair_file), compare=["1,4", "none"], config=FAST, n_eval=8, progress=False)
     for name, value in before.items():
         in_frozen = name.startswith(("model.layers.1.", "model.layers.4."))
         in_block = name.startswith("model.layers.")
@@ -134,7 +121,8 @@ def test_defend_command_writes_the_report_and_rejects_bad_input(tiny_folder, pai
 
 def test_defend_rejects_a_policy_list_with_repeats(tiny_folder, pair_file):
     with pytest.raises(CritlayerError, match="distinct"):
-        defend(critlayer.load(str(tiny_folder)), str(pair_file), ["none", "none"], ATTACK, FAST, progress=False)
+        critlayer.defend(critlayer.load(str(tiny_folder)), str(pair_file), compare=["none", "none"], config=FAST,
+                         progress=False)
 
 
 def test_prompts_equal_after_the_cut_become_one_pair(tiny_folder):

@@ -6,20 +6,18 @@ import pytest
 
 import critlayer
 from critlayer.cli import main
-from critlayer.models.load import resolve_dtype
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return critlayer.load("smollm2-135m")
+    return critlayer.load("smollm2-135m", dtype="float32")  # module-scoped: before the suite's pin of auto
 
 
 def test_default_model_loads_with_its_blocks(smollm2):
-    dtype = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")  # bfloat16 where the CPU computes in it
     assert smollm2.describe() == {"name": "smollm2-135m", "architecture": "LlamaForCausalLM", "num_layers": 30,
-                                  "hidden_size": 576, "dtype": dtype, "blocks": "model.layers",
+                                  "hidden_size": 576, "dtype": "float32", "blocks": "model.layers",
                                   "block_linears": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                     "mlp.down_proj"]}
@@ -37,15 +35,15 @@ def test_cli_scan_of_the_default_model(tmp_path, capsys):
 
 
 def test_wiki_probes_in_chat_template(smollm2):
-    result = critlayer.scan(smollm2, "wiki", n=8, max_tokens=40, chat_template=True, token_mode="mean",
+    result = critlayer.scan(smollm2, probes="wiki", n=8, max_tokens=40, chat_template=True, token_mode="mean",
                             progress=False, measures="cka")
     assert result.probes["source"] == "wiki" and len(result.scores["delta"]) == 30
 
 
 def test_every_measure_on_the_default_model(smollm2):
-    result = critlayer.scan(smollm2, "generated", n=16, max_tokens=16, measures="all", text_n=4, bootstrap=5,
-                            select_by="consensus", progress=False)
-    assert result.consensus["weights_read_from"] == "loaded parameters"
+    result = critlayer.scan(smollm2, probes="generated", n=16, max_tokens=16, measures="all", text_n=4, bootstrap=5,
+                            score="consensus", progress=False)
+    assert result.consensus.details["weights_read_from"] == "loaded parameters"
     assert all(len(v) == 30 for v in result.scores.values())
     assert result.scores["ablation"].max() > 0 and (result.scores["gradient"] > 0).all()
     assert result.critical and all(2 <= i <= 27 for i in result.critical)

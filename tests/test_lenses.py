@@ -6,11 +6,12 @@ import torch
 
 import critlayer
 from critlayer import CritlayerError, LanguageModel
-from critlayer.measures.ablation import Ablation, sublayer
-from critlayer.measures.clusters import TokenClusters, kmeans, nmi
-from critlayer.measures.gradient import gradient_scores
-from critlayer.measures.loss import batch_losses, text_batches
-from critlayer.measures.weights import matrix_snr, mp_median, weight_snr
+from critlayer.find.measures.ablation import SkipLosses
+from critlayer.find.measures.clusters import TokenClusters, kmeans, nmi
+from critlayer.find.measures.gradient import gradient_scores
+from critlayer.find.measures.weights import matrix_snr, mp_median, weight_snr
+from critlayer.models.loss import batch_losses, text_batches
+from critlayer.models.surgery import sublayer
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -31,7 +32,7 @@ def _silence(module, names):
 def test_skipping_a_block_that_passes_its_input_through_costs_nothing():
     lm = _lm()
     _silence(lm.blocks[2], ("o_proj", "down_proj"))  # block 2's output now equals its input
-    scores = Ablation(lm, TEXTS, ("block", "attn", "mlp"), progress=False).compute()
+    scores = SkipLosses(lm, TEXTS, ("block", "attn", "mlp"), progress=False).compute()
     for name in ("ablation", "ablation_attn", "ablation_mlp"):
         assert abs(scores[name][2]) < 1e-6
         assert np.abs(np.delete(scores[name], 2)).max() > 1e-5
@@ -40,12 +41,12 @@ def test_skipping_a_block_that_passes_its_input_through_costs_nothing():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # decoder layers returning a tensor, and a tuple
 def test_replayed_ablation_equals_skipping_in_a_full_forward(arch):
     lm = _lm(arch)
-    fast = Ablation(lm, TEXTS, ("block",), batch_size=3, progress=False).compute()["ablation"]
+    fast = SkipLosses(lm, TEXTS, ("block",), batch_size=3, progress=False).compute()["ablation"]
 
     def loss():
         total = tokens = 0.0
         with torch.no_grad():
-            for _, batch in text_batches(lm, TEXTS, 4):
+            for _, batch in text_batches(TEXTS, 4, lm.device):
                 s, n = batch_losses(lm.model, batch)
                 total, tokens = total + float(s.sum()), tokens + float(n.sum())
         return total / tokens
@@ -62,8 +63,9 @@ def test_replayed_ablation_equals_skipping_in_a_full_forward(arch):
 
 def test_ablation_resample_stays_near_the_estimate_and_sublayers_are_found_or_refused():
     lm = _lm()
-    ablation = Ablation(lm, TEXTS, ("block",), progress=False)
-    replicate = ablation.resample(np.random.default_rng(0))["ablation"]
+    ablation = SkipLosses(lm, TEXTS, ("block",), progress=False)
+    weights = np.bincount(np.random.default_rng(0).integers(0, len(TEXTS), len(TEXTS)), minlength=len(TEXTS))
+    replicate = ablation.compute(weights.astype(float))["ablation"]
     assert replicate.shape == (4,) and np.isfinite(replicate).all()
     assert sublayer(lm.blocks[0], "attn") is lm.blocks[0].self_attn
     with pytest.raises(CritlayerError, match="cannot find one mlp sublayer"):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from critlayer.capture import Batch, Capture
-from critlayer.errors import CritlayerError
-from critlayer.measures import BlockSimilarity, RowSample, cka_matrix, similarity_scores, spectral_scores
-from critlayer.measures.similarity import block_cosines
-from critlayer.measures.spectral import top_eigenvectors
-from critlayer.probes import Probes, random_probes
+from critlayer.find.capture import Batch, Capture
+from critlayer import CritlayerError
+from critlayer.find.measures import BlockSimilarity, RowSample, cka_matrix, similarity_scores, spectral_scores
+from critlayer.find.measures.similarity import block_cosines
+from critlayer.find.measures.spectral import top_eigenvectors
+from critlayer.find.probes import Probes, random_probes
 
 
 def _batch(states, seed=0):
@@ -136,7 +136,7 @@ def test_a_full_disk_is_one_clear_error(monkeypatch):
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("critlayer.measures.sample.os.pwrite", full)
+    monkeypatch.setattr("critlayer.find.measures.sample.os.pwrite", full)
     keys = torch.tensor([0.25, 0.5], dtype=torch.float64)
     with pytest.raises(CritlayerError, match="No space left on device; point TMPDIR at a larger disk"):
         RowSample(keys).update(Batch(torch.ones(3, 2, 4), keys))

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from critlayer.errors import CritlayerError
-from critlayer.probes import make_probes, read_prompt_file
+from critlayer import CritlayerError
+from critlayer.find.probes import make_probes, read_prompt_file
 
 
 def test_txt_and_jsonl_files(tmp_path, tiny_lm):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from critlayer.errors import CritlayerError
-from critlayer.select import find_valleys, select_critical
+from critlayer import CritlayerError
+from critlayer.find.select import find_valleys, select_critical
 
 
 def test_band_is_the_most_prominent_valley():

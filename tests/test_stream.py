@@ -5,7 +5,7 @@ import pytest
 
 import critlayer
 from critlayer.cli import main
-from critlayer.errors import CritlayerError
+from critlayer import CritlayerError
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -29,10 +29,10 @@ def folder(request, tmp_path_factory):
 @pytest.mark.parametrize("token_mode", ["last", "all"])
 def test_streaming_gives_the_same_scan(folder, token_mode):
     options = dict(n=24, max_tokens=12, batch_size=7, token_mode=token_mode, max_rows=100, progress=False)
-    whole = critlayer.scan(critlayer.load(str(folder)), "random", **options)
+    whole = critlayer.scan(critlayer.load(str(folder)), probes="random", **options)
     streamed_lm = critlayer.load(str(folder), stream=True)
     assert streamed_lm.streamed and all(p.is_meta for p in streamed_lm.blocks.parameters())
-    streamed = critlayer.scan(streamed_lm, "random", **options)
+    streamed = critlayer.scan(streamed_lm, probes="random", **options)
     assert streamed.critical == whole.critical
     np.testing.assert_allclose(streamed.cka, whole.cka, atol=1e-5)
     for name, values in whole.scores.items():
@@ -41,8 +41,8 @@ def test_streaming_gives_the_same_scan(folder, token_mode):
 
 
 def test_device_map_auto_gives_the_same_scan(tiny_folder):
-    whole = critlayer.scan(critlayer.load(str(tiny_folder)), "random", n=16, max_tokens=10, progress=False)
-    mapped = critlayer.scan(critlayer.load(str(tiny_folder), device_map="auto"), "random", n=16, max_tokens=10,
+    whole = critlayer.scan(critlayer.load(str(tiny_folder)), probes="random", n=16, max_tokens=10, progress=False)
+    mapped = critlayer.scan(critlayer.load(str(tiny_folder), device_map="auto"), probes="random", n=16, max_tokens=10,
                             progress=False)
     np.testing.assert_allclose(mapped.scores["delta"], whole.scores["delta"], atol=1e-6)
 

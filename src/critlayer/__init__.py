@@ -1,12 +1,22 @@
-"""critlayer: find the critical layers of any Hugging Face language model, without task data."""
+"""critlayer: find the critical layers of any Hugging Face language model, without task data, and put them to work.
 
-__version__ = "0.1.0"
+One call per command of the CLI: ``load``, ``scan``, ``compare``, ``export``, ``tune``, ``validate``, ``defend``.
+"""
 
-from .compare import compare  # noqa: E402
-from .errors import CritlayerError  # noqa: E402
-from .models import LanguageModel, load  # noqa: E402
-from .probes import Probes, make_probes  # noqa: E402
-from .result import ScanResult  # noqa: E402
-from .scan import scan  # noqa: E402
+from .common.errors import CritlayerError
+from .find.config import ScanConfig
+from .find.probes import Probes, make_probes
+from .find.result import ScanResult
+from .find.scan import scan
+from .models import LanguageModel, load
+from .prove.compare import Comparison, compare
+from .prove.validate import Validation, validate
+from .use.defend import DefendConfig, DefendResult, defend
+from .use.export import export
+from .use.train import TrainConfig
+from .use.tune import TuneComparison, TuneResult, tune
+from .version import __version__
 
-__all__ = ["CritlayerError", "LanguageModel", "Probes", "ScanResult", "compare", "load", "make_probes", "scan"]
+__all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "LanguageModel", "Probes", "ScanConfig",
+           "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation", "__version__", "compare",
+           "defend", "export", "load", "make_probes", "scan", "tune", "validate"]

@@ -1,19 +1,24 @@
 """The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
-``models``; bad input ends in one line."""
+``models``. Each command is a thin wrapper over the Python function of the same name; bad input ends in one line.
+
+One flag, one meaning across commands: ``--score`` is the score that ranks blocks, ``--dtype`` what the model
+computes in (default ``auto``), ``--window`` the CKA window of a scan.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from dataclasses import fields
 from pathlib import Path
 
-from .capture import BATCH_SIZE
-from .errors import CritlayerError
-from .models.load import DEFAULT_MODEL, DTYPES
-from .probes import SOURCES
+from .common.distributed import is_main
+from .common.errors import CritlayerError
+from .models.loading import DEFAULT_MODEL, DTYPES
 
 EXIT_USAGE = 2
+DTYPE_HELP = ("what the model computes in: auto (default) is bfloat16 on GPUs and CPUs with bfloat16 arithmetic "
+              "(AVX-512 BF16, AMX), float32 elsewhere")
 
 
 def _at_least(minimum: int):
@@ -41,8 +46,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .capture import TOKEN_MODES
-    from .measures import MEASURES
+    from .find.capture import BATCH_SIZE, TOKEN_MODES
+    from .find.measures import MEASURES
+    from .find.probes import SOURCES
+    from .use.backdoor import TRIGGERS
+    from .use.defend import DEFAULT_COMPARE
 
     parser = _Parser(prog="critlayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,11 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "the default measures, else 0)")
     scan.add_argument("--k", type=int, default=None, help="choose exactly K critical layers (default: automatic band)")
     scan.add_argument("--edges", action="store_true", help="let the selection pick the first and last --window blocks")
-    scan.add_argument("--select-by", default=None,
-                      help="score the selection uses, e.g. consensus or p_critical (default delta, else consensus)")
-    scan.add_argument("--dtype", choices=DTYPES, default="auto",
-                      help="auto: bfloat16 on GPUs and on CPUs with bfloat16 arithmetic (AVX-512 BF16, AMX), "
-                           "float32 elsewhere")
+    scan.add_argument("--score", default=None,
+                      help="score the selection ranks by, e.g. consensus or p_critical (default delta, else consensus)")
+    scan.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     scan.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     scan.add_argument("--batch-size", type=_at_least(1), default=BATCH_SIZE,
                       help=f"probes per forward (default {BATCH_SIZE})")
@@ -88,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="block-by-block: read one block at a time from the safetensors files (models larger "
                            "than memory; last or all token mode, not generated probes)")
     scan.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
-    scan.add_argument("--out", type=Path, default=Path("critlayer-scan"), help="output folder (default critlayer-scan)")
-    scan.add_argument("--force", action="store_true", help="overwrite an earlier scan in --out")
-    scan.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_arguments(scan, "critlayer-scan", "an earlier scan")
 
     sub.add_parser("measures", help="list the measures: what each computes, its cost, whether it needs text")
 
@@ -108,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compare", help="how stable are scans across probes, token modes or models")
     comp.add_argument("scans", nargs="+", type=Path, help="scan folders or their scan.json files")
-    comp.add_argument("--score", default="delta")
-    comp.add_argument("--out", type=Path, default=Path("critlayer-compare"))
-    comp.add_argument("--force", action="store_true")
+    comp.add_argument("--score", default="delta", help="score whose profiles are compared (default delta)")
+    comp.add_argument("--out", type=Path, default=Path("critlayer-compare"), help="output folder")
+    comp.add_argument("--force", action="store_true", help="overwrite an earlier comparison in --out")
 
     tune = sub.add_parser("tune", help="fine-tune chosen blocks only (full or LoRA), or compare layer choices")
     _training_arguments(tune)
@@ -119,21 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--compare", default=None, help="comma list of specs to run side by side, e.g. critical:4,noncritical:4")
     tune.add_argument("--seeds", type=_at_least(1), default=1, help="repeat a --compare over N seeds (default 1)")
     tune.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT) on the chosen blocks")
-    tune.add_argument("--out", type=Path, default=Path("critlayer-tune"))
+    tune.add_argument("--lora-r", type=_at_least(1), default=8, help="LoRA rank with --lora (default 8)")
+    _output_arguments(tune, "critlayer-tune", "an earlier fine-tune")
 
     val = sub.add_parser("validate", help="do the scan's critical layers predict what fine-tuning changes?")
     _training_arguments(val)
     val.add_argument("--tuned", default=None, help="a fine-tuned checkpoint of MODEL (default: fine-tune all blocks)")
-    val.add_argument("--window", type=_at_least(1), default=3, help="blocks restored together (default 3)")
+    val.add_argument("--restore-window", type=_at_least(1), default=3, help="blocks set back together (default 3)")
     val.add_argument("--measures", default="default", help="measures of the scan run when no --scan is given")
-    val.add_argument("--out", type=Path, default=Path("critlayer-validate"))
-
-    from .backdoor import TRIGGERS
-    from .defend import DEFAULT_COMPARE, DEFAULT_STEPS
+    val.add_argument("--permutations", type=_at_least(10), default=5000,
+                     help="random permutations behind each p-value (default 5000)")
+    _output_arguments(val, "critlayer-validate", "an earlier validation")
 
     dfd = sub.add_parser("defend", help="does freezing critical blocks blunt a backdoor planted by fine-tuning?")
     _training_arguments(dfd, data="sharegpt", data_help="sharegpt or a .jsonl file of prompt and reply fields",
-                        steps=DEFAULT_STEPS, n_eval=100, tokens=48)
+                        steps=60, n_eval=100, tokens=48)
     dfd.add_argument("--freeze", default="critical:4",
                      help="blocks kept frozen: none, critical:K, noncritical:K, random:K or indices (default critical:4)")
     dfd.add_argument("--compare", nargs="?", const=DEFAULT_COMPARE, default=None,
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     dfd.add_argument("--trigger-at", choices=("suffix", "prefix"), default=None,
                      help="where a --trigger string goes (default: suffix, or the preset's place)")
     dfd.add_argument("--target", default=None, help="the attacker's reply (default: a fixed phishing line)")
-    dfd.add_argument("--out", type=Path, default=Path("critlayer-defend"))
+    _output_arguments(dfd, "critlayer-defend", "an earlier defence")
 
     sub.add_parser("models", help="list the built-in models and what is cached")
     return parser
@@ -155,180 +159,111 @@ def _training_arguments(p: argparse.ArgumentParser, *, data: str = "bbc",
                         n_eval: int = 32, tokens: int = 128) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
     p.add_argument("--data", default=data, help=f"{data_help} (default {data})")
-    p.add_argument("--scan", type=Path, default=None, help="a scan.json to take critical layers from (default: scan now)")
+    p.add_argument("--scan", type=Path, default=None, help="a scan to take critical layers from (default: scan now)")
+    p.add_argument("--score", default=None, help="score that ranks the blocks for critical:K (default: the scan's)")
     p.add_argument("--steps", type=_at_least(1), default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
-    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--batch-size", type=_at_least(1), default=8,
+                   help="texts per step in all: under accelerate launch they are split across the processes (default 8)")
     p.add_argument("--max-tokens", type=_at_least(2), default=tokens,
                    help=f"tokens per text (in defend: per prompt and per reply) at most (default {tokens})")
     p.add_argument("--n-eval", type=int, default=n_eval, help=f"held-out texts (default {n_eval})")
     p.add_argument("--n-train", type=_at_least(1), default=None, help="training texts at most (default: all the rest)")
     p.add_argument("--eval-every", type=_at_least(1), default=20, help="steps between held-out evaluations")
     p.add_argument("--seed", type=_at_least(0), default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="float32 (default) or bfloat16; auto as for scan")
-    p.add_argument("--device", default=None)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help=DTYPE_HELP + "; the weights trained stay float32 (bfloat16 runs as mixed precision)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available; under accelerate "
+                                                  "launch, each process's own)")
+
+
+def _output_arguments(p: argparse.ArgumentParser, folder: str, what: str) -> None:
+    p.add_argument("--out", type=Path, default=Path(folder), help=f"output folder (default {folder})")
+    p.add_argument("--force", action="store_true", help=f"overwrite {what} in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _options(args, config_class) -> dict:
+    """The arguments that are fields of ``config_class`` (a ScanConfig, TrainConfig or DefendConfig)."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if f.name in vars(args)
+            and getattr(args, f.name) is not None}
+
+
+def _report(text: str, folder: Path) -> None:
+    """Print a result's table and what was written (the main process only: it alone writes)."""
+    if is_main():
+        written = " ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()))
+        print(f"{text}\n\nwrote {folder}/: {written}")
 
 
 def cmd_scan(args) -> None:
-    from .models import load
-    from .outputs import check_output_folder
-    from .result import SCAN_FILE
-    from .scan import scan
+    from . import ScanConfig, scan
 
-    check_output_folder(args.out, SCAN_FILE, args.force)
-    start = time.perf_counter()
-    lm = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-              device_map=args.device_map, stream=args.stream)
-    load_seconds = time.perf_counter() - start
-    result = scan(lm, args.probes, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
-                  chat_template=args.chat_template, token_mode=args.token_mode, window=args.window,
-                  measures=args.measures, k=args.k, edges=args.edges, select_by=args.select_by,
-                  batch_size=args.batch_size, max_rows=args.max_rows, sink_ratio=args.sink_ratio,
-                  data=args.data, text_n=args.text_n, ablate=args.ablate, bootstrap=args.bootstrap,
-                  progress=not args.quiet)
-    result.timing = {"load": round(load_seconds, 3), **result.timing,
-                     "total": round(time.perf_counter() - start, 3)}
-    result.save(args.out, force=args.force)
-    print(result.table())
-    print(f"\ncritical layers of {result.model['name']}: {result.critical}  "
-          f"(rule {result.selection['rule']}: {result.selection['reason']})")
-    print(f"wrote {args.out}/: {' '.join(sorted(p.name for p in args.out.iterdir()))} "
-          f"in {result.timing['total']:.1f} s")
+    result = scan(args.model, ScanConfig(**_options(args, ScanConfig)), out=args.out, force=args.force,
+                  progress=not args.quiet, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                  stream=args.stream, trust_remote_code=args.trust_remote_code)
+    _report(f"{result.table()}\n\ncritical layers of {result.model['name']}: {result.critical}  "
+            f"(rule {result.selection.rule}: {result.selection.reason}); {result.timing['total']:.1f} s", args.out)
 
 
 def cmd_measures(args) -> None:
-    from .measures import DEFAULT_MEASURES, MEASURES
+    from .find.measures import DEFAULT_MEASURES, MEASURES
 
     for name, m in MEASURES.items():
-        flags = ", ".join(f for f, on in (("default", name in DEFAULT_MEASURES), ("needs text", m.needs_text)) if on)
-        print(f"{name:<10} {m.description}\n{'':<10} scores: {', '.join(m.scores + m.extra)}; cost: {m.cost}"
+        flags = ", ".join(f for f, on in (("default", name in DEFAULT_MEASURES), ("needs text", m.reads == "text"))
+                          if on)
+        print(f"{name:<10} {m.description}\n{'':<10} scores: {', '.join([*m.scores, *m.extra])}; cost: {m.cost}"
               + (f"; {flags}" if flags else ""))
 
 
 def cmd_export(args) -> None:
-    from .export import export_text
-    from .outputs import write_atomically
-    from .result import ScanResult
+    from . import export
 
-    result = ScanResult.load(args.scan)
-    blocks = result.blocks(args.layers, args.score, args.seed)
-    text = export_text(result, blocks, args.format, r=args.r, alpha=args.alpha)
+    text = export(args.scan, layers=args.layers, score=args.score, format=args.format, r=args.r, alpha=args.alpha,
+                  seed=args.seed, out=args.out)
     if args.out is None:
         print(text, end="")
-        return
-    write_atomically(args.out, text)
-    print(f"wrote blocks {blocks} of {result.model['name']} as {args.format} to {args.out}")
+    else:
+        print(f"wrote {args.format} to {args.out}")
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare
+    from . import compare
 
-    comparison = compare(args.scans, score=args.score)
-    comparison.save(args.out, force=args.force)
-    print(comparison.table())
-    print(f"\nwrote {args.out}/: compare.json compare.png")
-
-
-def _training_setup(args):
-    """Load the model and the fine-tuning data."""
-    from .data import load_data
-    from .models import load
-
-    lm = load(args.model, dtype=args.dtype, device=args.device)
-    return lm, load_data(lm, args.data, n_eval=args.n_eval, n_train=args.n_train, max_tokens=args.max_tokens)
-
-
-def _train_config(args):
-    from .train import TrainConfig
-
-    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every,
-                       seed=args.seed, lora=getattr(args, "lora", False))
-
-
-def _ranking_scan(args, lm, specs: list[str] | None = None):
-    """The scan that ranks the blocks: --scan, else a default scan now, unless no spec needs a ranking.
-
-    Specs are checked first, so a bad one costs no scan; ``None`` (validate) always wants a scan.
-    """
-    from .result import ScanResult
-    from .scan import scan
-    from .tune import check_specs, needs_ranking
-
-    if specs is not None:
-        check_specs(lm, specs)
-    if args.scan:
-        return ScanResult.load(args.scan)
-    if specs is not None and not any(needs_ranking(s) for s in specs):
-        return None
-    print("critlayer: scanning for critical layers first (default scan; pass --scan to reuse one)", flush=True)
-    return scan(lm, measures=getattr(args, "measures", "default"), progress=not args.quiet)
+    comparison = compare(args.scans, score=args.score, out=args.out, force=args.force)
+    _report(comparison.table(), args.out)
 
 
 def cmd_tune(args) -> None:
-    from .outputs import check_output_folder
-    from .tune import COMPARE_FILE, TUNE_FILE, tune, tune_compare
+    from . import TrainConfig, tune
 
-    if args.seeds > 1 and not args.compare:
-        raise CritlayerError("--seeds repeats a --compare; give --compare SPEC,SPEC,...")
-    specs = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else [args.layers]
-    check_output_folder(args.out, COMPARE_FILE if args.compare is not None else TUNE_FILE, args.force)
-    lm, data = _training_setup(args)
-    config, scan_result = _train_config(args), _ranking_scan(args, lm, specs)
-    if args.compare is not None:
-        comparison = tune_compare(lm, data, specs, config, seeds=args.seeds, scan_result=scan_result,
-                                  progress=not args.quiet)
-        comparison.save(args.out, force=args.force)
-        print(comparison.table())
-        print(f"\nwrote {args.out}/: compare.json compare.txt compare.png")
-        return
-    result = tune(lm, data, args.layers, config, scan_result=scan_result, progress=not args.quiet)
-    result.save(args.out, force=args.force, tokenizer=lm.tokenizer)
-    run = result.run
-    print(f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
-          f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
-          f"peak {run.peak_memory_mb:.0f} MB above the loaded model")
-    print(f"wrote {args.out}/: tune.json loss.png {'adapter/' if config.lora else 'model/'}")
+    result = tune(args.model, args.data, args.layers, compare=args.compare, seeds=args.seeds, scan=args.scan,
+                  score=args.score, config=TrainConfig(**_options(args, TrainConfig)), out=args.out,
+                  force=args.force, progress=not args.quiet, device=args.device)
+    _report(result.table(), args.out)
 
 
 def cmd_validate(args) -> None:
-    from .models import load
-    from .outputs import check_output_folder
-    from .validate import VALIDATE_FILE, validate
+    from . import TrainConfig, validate
 
-    check_output_folder(args.out, VALIDATE_FILE, args.force)
-    lm, data = _training_setup(args)
-    config, scan_result = _train_config(args), _ranking_scan(args, lm)
-    tuned = load(args.tuned, dtype=args.dtype, device=args.device).model if args.tuned else None
-    result = validate(lm, data, scan_result, config, tuned=tuned, window=args.window, progress=not args.quiet)
-    result.save(args.out, force=args.force)
-    print(result.table())
-    print(f"\nwrote {args.out}/: validate.json validate.png validate.html")
+    result = validate(args.model, args.data, scan=args.scan, tuned=args.tuned, restore_window=args.restore_window,
+                      measures=args.measures, permutations=args.permutations,
+                      config=TrainConfig(**_options(args, TrainConfig)), out=args.out, force=args.force,
+                      progress=not args.quiet, device=args.device)
+    _report(result.table(), args.out)
 
 
 def cmd_defend(args) -> None:
-    from .backdoor import DEFAULT_TARGET, Attack
-    from .defend import DEFEND_FILE, PairLimits, defend
-    from .models import load
-    from .outputs import check_output_folder
+    from . import DefendConfig, defend
 
-    check_output_folder(args.out, DEFEND_FILE, args.force)
-    attack = Attack.named(args.trigger, target=DEFAULT_TARGET if args.target is None else args.target,
-                          rate=args.poison_rate, position=args.trigger_at)
-    specs = [s.strip() for s in (args.compare or args.freeze).split(",") if s.strip()]
-    lm = load(args.model, dtype=args.dtype, device=args.device)
-    config, scan_result = _train_config(args), _ranking_scan(args, lm, specs)
-    limits = PairLimits(n_train=args.n_train, n_eval=args.n_eval, prompt_tokens=args.max_tokens,
-                        reply_tokens=args.max_tokens)
-    result = defend(lm, args.data, specs, attack, config, limits, scan_result=scan_result, progress=not args.quiet)
-    result.save(args.out, force=args.force)
-    print(result.table())
-    print(f"\nwrote {args.out}/: defend.json defend.txt defend.png defend.html")
+    result = defend(args.model, args.data, args.freeze, compare=args.compare, scan=args.scan, score=args.score,
+                    config=DefendConfig(**_options(args, DefendConfig)), out=args.out, force=args.force,
+                    progress=not args.quiet, device=args.device)
+    _report(result.table(), args.out)
 
 
 def cmd_models(args) -> None:
-    from .fetch import home
+    from .common.fetch import home
     from .models import BUILTIN_MODELS
 
     print(f"cache: {home()}")
@@ -340,6 +275,10 @@ def cmd_models(args) -> None:
         print(f"  {folder.name:<14} converted from a user's GGUF file, in {folder}")
 
 
+COMMANDS = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
+            "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "models": cmd_models}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -347,13 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     _quiet_transformers()
     try:
-        commands = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
-                    "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "models": cmd_models}
-        commands[args.command](args)
-    except CritlayerError as exc:
-        print(f"critlayer: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:  # an output folder we cannot write, a full disk, ...
+        COMMANDS[args.command](args)
+    except (CritlayerError, OSError) as exc:  # bad input; an output folder we cannot write, a full disk, ...
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

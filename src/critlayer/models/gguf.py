@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import CritlayerError, first_line
-from ..fetch import home, sha256_file
+from ..common.errors import CritlayerError, first_line
+from ..common.fetch import home, sha256_file
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:

@@ -1,10 +1,10 @@
 """Block-by-block execution, for models larger than memory: one block's weights at a time.
 
 The model is built on the meta device (no weights) and only the tensors outside its blocks (the
-embeddings) are read from its safetensors files. A pass with every block replaced by a
-recorder captures what each block would be called with (hidden states, masks, position
-embeddings); then each block in turn is read from disk, every probe batch runs through it,
-its outputs become the next block's inputs, and its weights go back to the meta device.
+embeddings) are read from its safetensors files. A pass with every block skipped records what
+each block is called with (hidden states, masks, position embeddings); then each block in turn
+is read from disk, every probe batch runs through it, its outputs become the next block's
+inputs, and its weights go back to the meta device.
 """
 
 from __future__ import annotations
@@ -17,27 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import StopForward  # the last recorder stops the forward: norm and head have no weights here
-from ..errors import CritlayerError
-from ..memory import trim_heap
+from ..common.errors import CritlayerError
+from ..common.memory import trim_heap
 from .blocks import find_blocks
-
-
-class _Recorder(nn.Module):
-    """Stands in for a block: notes the call it receives and passes the hidden states on."""
-
-    def __init__(self, block: nn.Module, calls: list, last: bool):
-        super().__init__()
-        for name, value in vars(block).items():  # plain attributes a model loop may read, e.g. attention_type
-            if not name.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
-                setattr(self, name, value)
-        self.calls, self.last = calls, last
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states, args, kwargs))
-        if self.last:
-            raise StopForward
-        return hidden_states
+from .running import forward_blocks, recording_calls
+from .surgery import skipped
 
 
 class SafetensorsWeights:
@@ -106,35 +90,27 @@ def build_skeleton(model_class, config, folder: Path, dtype: torch.dtype, device
     return model.eval(), weights
 
 
-def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor | None) -> list:
-    """(hidden states, args, kwargs) each block would receive; only block 0's hidden states are real."""
+def block_calls(lm, ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """(hidden states, args, kwargs) each block would receive, with every block skipped (their weights are not
+    in memory): only block 0's hidden states are real; the masks and position embeddings are all real."""
     calls: list = []
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _Recorder(block, calls, last=i == len(originals) - 1)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
+    with skipped(lm.blocks, range(len(lm.blocks))), recording_calls(lm, calls):
+        forward_blocks(lm, ids, mask)
     return calls
 
 
-def stream_blocks(lm, weights: SafetensorsWeights, batches: list, add: Callable[[torch.Tensor, int], None],
-                  progress: bool = True) -> None:
+def stream_blocks(lm, batches: list, add: Callable[[torch.Tensor, int], None], progress: bool = True) -> None:
     """Hand ``add(hidden, batch)`` the input of block 0 and then the output of every block, per batch.
 
-    ``batches`` are ``(ids, attention mask or None)`` pairs; every batch goes through block ``i`` before block
-    ``i + 1`` is read, so at most one block's weights are in memory.
+    ``batches`` are ``(ids, attention mask)`` pairs of right-padded probes; every batch goes through block ``i``
+    before block ``i + 1`` is read, so at most one block's weights are in memory.
     """
-    calls = [block_calls(lm.model, lm.blocks, ids, mask) for ids, mask in batches]
+    calls = [block_calls(lm, ids, mask) for ids, mask in batches]
     hidden = [c[0][0] for c in calls]
     for b, h in enumerate(hidden):
         add(h, b)
     for i, block in enumerate(tqdm(lm.blocks, desc="streaming blocks", unit="block", disable=not progress)):
-        with weights.loaded(block, f"{lm.blocks_path}.{i}."):
+        with lm.weights.loaded(block, f"{lm.blocks_path}.{i}."):
             for b in range(len(batches)):
                 _, args, kwargs = calls[b][i]
                 out = block(hidden[b], *args, **kwargs)

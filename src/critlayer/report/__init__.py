@@ -1,4 +1,4 @@
-"""Reports of a scan: the plots and a self-contained HTML page."""
+"""Reports: plots and self-contained HTML pages of every result (they read results, never compute them)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def write_report(result, folder: Path) -> None:
         images.append(folder / "cka.png")
     plot_profile(result, folder / "profile.png")
     images.append(folder / "profile.png")
-    if result.consensus.get("scores"):
+    if result.consensus.scores:
         plot_measures(result, folder / "measures.png")
         images.append(folder / "measures.png")
     write_html(result, folder, images)

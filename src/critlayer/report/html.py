@@ -7,8 +7,6 @@ import html
 import json
 from pathlib import Path
 
-from ..measures import DIRECTION
-
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 tr.crit{background:#fde2e2}th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}
@@ -41,7 +39,7 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
     rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v) if isinstance(v, (list, dict)) else str(v))}</td></tr>"
                    for k, v in settings.items())
     names = list(result.scores)
-    head = "".join(f"<th>{esc(n)}<br><small>{'low' if DIRECTION.get(n, -1) < 0 else 'high'} = critical</small></th>"
+    head = "".join(f"<th>{esc(n)}<br><small>{'low' if result.direction(n) < 0 else 'high'} = critical</small></th>"
                    for n in names)
     body = "".join(
         f"<tr class='{'crit' if i in result.critical else ''}'><td>{i}</td>"
@@ -50,21 +48,21 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
         for i in result.layers)
     sel = result.selection
     con = result.consensus
-    held = ", ".join(con.get("held_fixed", [])) or "none"
-    consensus_note = (f"<p>Consensus of {esc(', '.join(con.get('groups', {})))}; bootstrap replicates: "
-                      f"{con.get('bootstrap', 0)}; held fixed in them: {esc(held)}.</p>" if con else "")
+    held = ", ".join(con.held_fixed) or "none"
+    consensus_note = (f"<p>Consensus of {esc(', '.join(con.groups))}; bootstrap replicates: "
+                      f"{con.bootstrap}; held fixed in them: {esc(held)}.</p>" if con.groups else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer scan: {esc(result.model['name'])}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Critical layers of {esc(result.model['name'])}</h1>
-<p><b>Critical blocks: {esc(str(result.critical))}</b>, chosen by rule <code>{esc(sel.get('rule', ''))}</code>
-on <code>{esc(sel.get('score', ''))}</code>: {esc(sel.get('reason', ''))}.</p>
+<p><b>Critical blocks: {esc(str(result.critical))}</b>, chosen by rule <code>{esc(sel.rule)}</code>
+on <code>{esc(sel.score)}</code>: {esc(sel.reason)}.</p>
 <p>{HOW_TO_READ}</p>
 {consensus_note}
 {''.join(_image(p) for p in images)}
 <h2>Per-layer scores</h2><table><tr><th>block</th>{head}<th></th></tr>{body}</table>
 <h2>Settings</h2><table class="kv">{rows}</table>
 <p><small>critlayer {esc(result.versions.get('critlayer', ''))}; selection parameters
-<code>{esc(json.dumps(sel.get('params', {})))}</code></small></p>
+<code>{esc(json.dumps(sel.to_json()['params']))}</code></small></p>
 </body></html>"""
     path = folder / "report.html"
     path.write_text(page, encoding="utf-8")

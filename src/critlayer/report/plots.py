@@ -10,8 +10,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..measures import DIRECTION  # noqa: E402
-
 CRITICAL_COLOR = "#d62728"
 
 
@@ -37,7 +35,7 @@ def plot_profile(result, path: Path) -> None:
     names = list(result.scores)
     fig, axes = plt.subplots(len(names), 1, figsize=(7.5, 1.7 * len(names) + 0.8), sharex=True, squeeze=False)
     layers = np.array(result.layers)
-    eligible = set(result.selection.get("params", {}).get("eligible", result.layers))
+    eligible = set(result.selection.eligible)
     for ax, name in zip(axes[:, 0], names):
         for i in result.layers:
             if i in result.critical:
@@ -45,12 +43,12 @@ def plot_profile(result, path: Path) -> None:
             elif i not in eligible:
                 ax.axvspan(i - 0.5, i + 0.5, color="0.85", alpha=0.6, lw=0)
         ax.plot(layers, result.scores[name], marker="o", ms=3, lw=1.3, color="C0")
-        arrow = "low = critical" if DIRECTION.get(name, -1) < 0 else "high = critical"
+        arrow = "low = critical" if result.direction(name) < 0 else "high = critical"
         ax.set_ylabel(f"{name}\n({arrow})", fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("block")
     axes[-1, 0].set_xticks(layers[:: max(1, len(layers) // 15)])
-    rule = result.selection.get("rule", "")
+    rule = result.selection.rule
     fig.suptitle(f"{result.model['name']}: per-layer scores; critical blocks {result.critical} (red, rule {rule}); "
                  "grey: edge blocks not eligible", fontsize=9)
     fig.tight_layout()
@@ -61,15 +59,13 @@ def plot_profile(result, path: Path) -> None:
 def plot_measures(result, path: Path) -> None:
     """Every measure's criticality rank scaled to [0, 1] (what the consensus averages) on one axis, with the
     consensus and P(critical); beside it, the signed Spearman agreement of every pair of scores."""
-    from ..consensus import measure_ranks
-
-    names = result.consensus["scores"]
+    names = result.consensus.scores
     fig, (ax, heat) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.7, 1]})
     layers = np.array(result.layers)
     if "p_critical" in result.scores:
         ax.bar(layers, result.scores["p_critical"], color=CRITICAL_COLOR, alpha=0.22, width=0.8,
-               label=f"P(critical), {result.consensus['bootstrap']} bootstrap replicates")
-    for c, (measure, rank) in enumerate(measure_ranks(result.scores, result.consensus["groups"]).items()):
+               label=f"P(critical), {result.consensus.bootstrap} bootstrap replicates")
+    for c, (measure, rank) in enumerate(result.measure_ranks().items()):
         ax.plot(layers, rank, lw=1.1, alpha=0.8, color=f"C{c % 10}", marker=".", ms=4, label=measure)
     ax.plot(layers, result.scores["consensus"], color="black", lw=2.6, label="consensus (mean of the ranks)")
     ax.set(xlabel="block", ylabel="criticality rank, scaled (1 = most critical)", ylim=(-0.03, 1.03),
@@ -77,7 +73,7 @@ def plot_measures(result, path: Path) -> None:
     ax.set_xticks(layers[:: max(1, len(layers) // 15)])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), framealpha=0.9)
-    agree = np.array(result.consensus["agreement"], dtype=float)
+    agree = np.array(result.consensus.agreement, dtype=float)
     image = heat.imshow(agree, cmap="RdBu", vmin=-1, vmax=1)
     for i in range(len(names)):
         for j in range(len(names)):

@@ -1,0 +1,1 @@
+"""Plumbing every part of critlayer shares: errors, result folders, processes, memory, fetching, statistics."""

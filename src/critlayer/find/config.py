@@ -1,0 +1,90 @@
+"""What a scan is asked: one object, checked before any work is spent (each field is the CLI flag of that name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..common.errors import CritlayerError
+from ..models.surgery import parse_parts
+from .capture import BATCH_SIZE, SINK_RATIO, TOKEN_MODES
+from .measures import CAPTURE, DEFAULT_MEASURES, MEASURES, TEXT, parse_measures
+from .probes import Probes
+
+BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's eigendecompositions) and ablation
+
+
+@dataclass
+class ScanConfig:
+    """A scan's settings.
+
+    ``probes``: generated, random, wiki, bbc, sharegpt, a .txt/.jsonl file, or a ``Probes`` object; ``n``
+    of them, at most ``max_tokens`` each, drawn with ``seed`` (and wrapped in the chat template with
+    ``chat_template``). ``token_mode``: which tokens' states are compared (last, all, mean). ``window``:
+    delta averages CKA over blocks within it. ``measures``: default, all or a comma list; ``data`` and
+    ``text_n``: the text the loss measures read (default the first probes); ``ablate``: block, attn, mlp.
+    ``bootstrap``: replicates for P(critical) (default 100 when more than the default measures run, else 0).
+    ``k``: exactly k critical blocks instead of the band rule; ``edges``: the first and last ``window``
+    blocks may be chosen; ``score``: the score the selection ranks by (default delta, else the
+    consensus). ``batch_size``: probes per forward; ``max_rows``: rows kept for CKA and spectra;
+    ``sink_ratio``: tokens above this multiple of the layer's median norm are dropped (0 keeps all).
+    """
+
+    probes: str | Probes = "generated"
+    n: int = 256
+    max_tokens: int = 64
+    seed: int = 0
+    chat_template: bool = False
+    token_mode: str = "last"
+    window: int = 2
+    measures: str | tuple[str, ...] = "default"
+    data: str | None = None
+    text_n: int = 32
+    ablate: str | tuple[str, ...] = "block"
+    bootstrap: int | None = None
+    k: int | None = None
+    edges: bool = False
+    score: str | None = None
+    batch_size: int = BATCH_SIZE
+    max_rows: int = 2048
+    sink_ratio: float = SINK_RATIO
+
+    def __post_init__(self):
+        self.measures = parse_measures(self.measures)
+        self.ablate = parse_parts(self.ablate)
+        if self.bootstrap is None:
+            self.bootstrap = 0 if set(self.measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
+        if self.token_mode not in TOKEN_MODES:
+            raise CritlayerError(f"unknown token mode {self.token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
+        for name, least in (("n", 2), ("max_tokens", 2), ("seed", 0), ("window", 1), ("text_n", 2),
+                            ("bootstrap", 0), ("batch_size", 1), ("max_rows", 2)):
+            if getattr(self, name) < least:
+                flag = f"--{name.replace('_', '-')}"
+                raise CritlayerError(f"{flag} must be at least {least}, got {getattr(self, name)}")
+        if self.k is not None and self.k < 1:
+            raise CritlayerError(f"--k must be at least 1, got {self.k}")
+        if self.sink_ratio < 0:
+            raise CritlayerError(f"--sink-ratio must be 0 (off) or positive, got {self.sink_ratio}")
+        self._check_text_source()
+
+    @property
+    def probe_source(self) -> str:
+        return self.probes if isinstance(self.probes, str) else self.probes.source
+
+    @property
+    def needs_text(self) -> list[str]:
+        """The measures that need text with real next tokens."""
+        return [m for m in self.measures if MEASURES[m].reads == TEXT]
+
+    @property
+    def needs_probes(self) -> bool:
+        """Whether probes are read: by the capture measures, or by the loss measures when no --data is given."""
+        return any(MEASURES[m].reads == CAPTURE for m in self.measures) or (bool(self.needs_text) and self.data is None)
+
+    def _check_text_source(self) -> None:
+        """Refuse a loss measure without real text, and --data that nothing reads."""
+        if self.data is not None and not self.needs_text:
+            readers = ", ".join(m for m in MEASURES if MEASURES[m].reads == TEXT)
+            raise CritlayerError(f"--data is only read by {readers}; none of them is in --measures")
+        if self.needs_text and self.data is None and self.probe_source == "random":
+            raise CritlayerError(f"{', '.join(self.needs_text)} need text with real next tokens and random probes "
+                                 "have none; give --data (wiki, bbc, sharegpt or a file) or text probes")

@@ -1,0 +1,122 @@
+"""Run the chosen measures on one model: the shared capture pass over the probes, then every measure in turn.
+
+Every capture measure reads the same bounded row sample of that pass. A bootstrap replicate draws the
+probes behind those rows with replacement, and the texts, and every measure that can recomputes on the
+draw; the others (``resampled = False``) are held fixed in it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...common.errors import CritlayerError
+from ...common.memory import trim_heap
+from ...models import LanguageModel
+from ..capture import Capture
+from ..probes import Probes
+from . import CAPTURE, MEASURES, Draw, Inputs, Measure, RowSample, resample_rows
+
+# Block outputs whose rows differ by no more than this many units of rounding of the model's dtype are
+# taken as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless).
+ROUNDING_UNITS = 8
+
+
+@contextmanager
+def timed(timing: dict, phase: str):
+    """Time a phase into ``timing``, then hand the memory it freed back to the system, so that the next
+    phase's peak does not sit on this one's leftovers (glibc keeps freed blocks of a few MB otherwise)."""
+    start = time.perf_counter()
+    yield
+    timing[phase] = round(time.perf_counter() - start, 3)
+    trim_heap()
+
+
+@dataclass
+class Measured:
+    """The measures that ran, their scores, the CKA matrix, and how to recompute them on a bootstrap replicate."""
+
+    measures: list[Measure]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    cka: np.ndarray | None = None
+    capture: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    row_samples: np.ndarray | None = None  # the probe behind each row of the sample
+    texts: int = 0
+
+    def groups(self) -> dict[str, list[str]]:
+        """Measure -> the scores it contributes to the consensus."""
+        return {m.name: [s for s in m.scores if s in self.scores] for m in self.measures}
+
+    @property
+    def fixed(self) -> list[str]:
+        """Measures a bootstrap replicate cannot recompute."""
+        return [m.name for m in self.measures if not m.resampled]
+
+    def replicate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Every score on one bootstrap replicate of the probes and texts."""
+        draw = Draw(
+            rows=None if self.row_samples is None else torch.from_numpy(resample_rows(self.row_samples, rng)),
+            text_weights=np.bincount(rng.integers(0, self.texts, self.texts), minlength=self.texts).astype(float)
+            if self.texts else None)
+        scores = dict(self.scores)
+        for measure in self.measures:
+            if measure.resampled:
+                scores.update(measure.resample(draw))
+        return scores
+
+
+def run_measures(lm: LanguageModel, config, *, probes: Probes | None = None, text: list[list[int]] | None = None,
+                 progress: bool = True) -> Measured:
+    """Every measure ``config.measures`` names: ``probes`` feed the capture ones, ``text`` the loss ones."""
+    out = Measured([MEASURES[name](config) for name in config.measures], texts=len(text or ()))
+    inputs = Inputs(lm, text=text, progress=progress)
+    capturing = [m for m in out.measures if m.reads == CAPTURE]
+    if capturing:
+        inputs.sample = _capture(lm, probes, capturing, config, out, progress)
+    per_measure: dict[str, float] = {}
+    for measure in out.measures:
+        with timed(per_measure, measure.name):
+            out.scores.update(measure.compute(inputs))
+        out.details.update(measure.details)
+        if measure.matrix is not None:
+            out.cka = measure.matrix
+    out.timing["measures"] = per_measure
+    if not all(np.isfinite(v).all() for v in out.scores.values()):
+        raise CritlayerError("the probes give identical hidden states (no variance across rows); use more varied probes")
+    return out
+
+
+def _capture(lm: LanguageModel, probes: Probes, capturing: list[Measure], config, out: Measured, progress: bool):
+    """The one pass of the probes through the blocks: the row sample, and each capture measure's ``update``."""
+    capture = Capture(lm, probes, token_mode=config.token_mode, batch_size=config.batch_size, seed=config.seed,
+                      sink_ratio=config.sink_ratio, max_rows=config.max_rows, progress=progress)
+    sample = RowSample(capture.sample_keys)
+    with timed(out.timing, "capture"):
+        for batch in capture:
+            sample.update(batch)
+            for measure in capturing:
+                measure.update(batch)
+    rows = min(capture.stats.rows, len(sample))
+    if rows < 2:
+        raise CritlayerError(f"only {rows} row(s) left after dropping massive activations; "
+                             "raise --sink-ratio or use more probes")
+    _require_variance(sample, lm.dtype)
+    out.capture = {**capture.stats.as_dict(), "rows_for_cka": len(sample), "max_rows": config.max_rows}
+    out.row_samples = sample.row_samples()
+    return sample.compute()
+
+
+def _require_variance(sample: RowSample, dtype: torch.dtype) -> None:
+    """Refuse block outputs that do not vary across the rows beyond the model's rounding (the embeddings may: with
+    a chat template every last token is the template's own)."""
+    limit = (ROUNDING_UNITS * torch.finfo(dtype).eps / 2) ** 2
+    flat = (sample.spread()[1:] <= limit).nonzero().flatten().tolist()
+    if flat:
+        raise CritlayerError(f"block {flat[0]}'s output is the same for every probe (to the rounding of "
+                             f"{str(dtype).removeprefix('torch.')}); use more varied probes")

@@ -1,0 +1,127 @@
+"""A scan's result: what it measured, which layers it chose and why, and how to save and reload it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..common.errors import CritlayerError
+from ..common.folders import SavedResult
+from .consensus import Consensus, measure_ranks
+from .measures import DIRECTION
+from .select import Selection, rank_blocks
+
+
+@dataclass
+class ScanResult(SavedResult):
+    """Per-layer scores of one model, the CKA matrix, and the chosen critical layers.
+
+    ``scores`` maps a score name to one value per block (block i = index i), ``consensus`` and
+    ``p_critical`` included; ``cka[i][j]`` is the linear CKA between the outputs of blocks i and j;
+    ``selection`` says which blocks were chosen, by which rule and why; ``consensus`` how the scores
+    were combined.
+    """
+
+    FILE: ClassVar[str] = "scan.json"
+
+    model: dict
+    probes: dict
+    layers: list[int]
+    cka: np.ndarray | None
+    scores: dict[str, np.ndarray]
+    selection: Selection
+    consensus: Consensus
+    measures: list[str] = field(default_factory=list)
+    capture: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def critical(self) -> list[int]:
+        return self.selection.critical
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "probes": self.probes, "layers": self.layers,
+            "cka": None if self.cka is None else np.round(self.cka, 8).tolist(),
+            "scores": {name: np.round(values, 8).tolist() for name, values in self.scores.items()},
+            "critical": self.critical, "selection": {**self.selection.to_json(), "measures": self.measures},
+            "capture": self.capture, "consensus": self.consensus.to_json(), "timing": self.timing,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ScanResult":
+        cka = data.get("cka")
+        return cls(model=data["model"], probes=data["probes"], layers=data["layers"],
+                   cka=None if cka is None else np.array(cka, dtype=float),
+                   scores={k: np.array(v, dtype=float) for k, v in data["scores"].items()},
+                   selection=Selection.from_json(data["selection"], len(data["layers"])),
+                   consensus=Consensus.from_json(data.get("consensus", {})),
+                   measures=data["selection"].get("measures", []), capture=data.get("capture", {}),
+                   timing=data.get("timing", {}), versions=data.get("versions", {}))
+
+    def write_files(self, folder: Path) -> None:
+        """layers.csv, the plots and report.html."""
+        from ..report import write_report
+
+        self.write_csv(folder / "layers.csv")
+        write_report(self, folder)
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "critical", *self.scores])
+            for i in self.layers:
+                writer.writerow([i, int(i in self.critical), *(f"{v[i]:.6f}" for v in self.scores.values())])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScanResult":
+        """Reload a result from its folder or its scan.json."""
+        path = Path(path)
+        file = path / cls.FILE if path.is_dir() else path
+        if not file.is_file():
+            raise CritlayerError(f"no scan found at {path}")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
+            raise CritlayerError(f"{file} is not a critlayer scan: {exc}") from None
+
+    def require_layers(self, num_layers: int) -> None:
+        """Refuse to apply this scan to a model with another number of blocks."""
+        if self.model.get("num_layers") != num_layers:
+            raise CritlayerError(f"the scan has {self.model.get('num_layers')} layers, the model {num_layers}")
+
+    @staticmethod
+    def direction(score: str) -> int:
+        """+1 when a high value of ``score`` marks a critical block, -1 when a low one does."""
+        return DIRECTION.get(score, -1)
+
+    def ranking(self, score: str | None = None) -> list[int]:
+        """Blocks from most to least critical by ``score`` (default: the selection's): eligible ones first."""
+        score = score or self.selection.score
+        if score not in self.scores:
+            raise CritlayerError(f"the scan has no score {score!r}; it has {', '.join(self.scores)}")
+        return rank_blocks(self.direction(score) * np.asarray(self.scores[score]), self.selection.eligible)
+
+    def measure_ranks(self) -> dict[str, np.ndarray]:
+        """Each measure's criticality rank scaled to [0, 1], as the consensus averages them."""
+        return measure_ranks(self.scores, self.consensus.groups)
+
+    def table(self) -> str:
+        """A plain-text summary table, one row per layer."""
+        names = list(self.scores)
+        header = f"{'layer':>5}  " + "  ".join(f"{n:>16}" for n in names) + "  critical"
+        lines = [header, "-" * len(header)]
+        for i in self.layers:
+            cells = "  ".join(f"{self.scores[n][i]:>16.4f}" for n in names)
+            lines.append(f"{i:>5}  {cells}  {'*' if i in self.critical else ''}")
+        return "\n".join(lines)

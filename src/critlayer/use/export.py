@@ -1,0 +1,54 @@
+"""Export a scan's choice of blocks where fine-tuning tools read it.
+
+``json``: a plain list of block indices. ``peft``: a PEFT ``LoraConfig`` adapting the linear
+layers of those blocks, as the ``adapter_config.json`` that ``LoraConfig.from_pretrained`` reads.
+``axolotl``: an ``unfrozen_parameters`` YAML list of regular expressions. Only the scan is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ..common.errors import CritlayerError
+from ..common.folders import write_atomically
+from ..find.result import ScanResult
+from .layers import lora_config, resolve_layers, unfrozen_parameters
+
+FORMATS = ("json", "peft", "axolotl")
+
+
+def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
+           format: str = "json", r: int = 8, alpha: int = 16, seed: int = 0, out: str | Path | None = None) -> str:
+    """A scan's critical blocks, or those ``layers`` names (``critical:K`` ranked by ``score``), as ``format``:
+    a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list; written to
+    ``out`` when given, and returned.
+
+    >>> result = critlayer.scan(model_folder, probes="random", n=16, max_tokens=12, progress=False)
+    >>> critlayer.export(result, layers="1,3")
+    '[1, 3]\\n'
+    """
+    result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
+    blocks = list(result.critical) if layers is None else resolve_layers(len(result.layers), layers, result,
+                                                                         score=score, seed=seed)
+    text = export_text(result, blocks, format, r=r, alpha=alpha)
+    if out is not None:
+        write_atomically(Path(out), text)
+    return text
+
+
+def export_text(result: ScanResult, blocks: list[int], fmt: str, *, r: int = 8, alpha: int = 16) -> str:
+    """The file content for ``fmt``."""
+    if fmt not in FORMATS:
+        raise CritlayerError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not blocks:
+        raise CritlayerError("no blocks to export")
+    if fmt == "json":
+        return json.dumps(blocks) + "\n"
+    if fmt == "axolotl":
+        lines = [f"# critlayer: blocks {blocks} of {result.model['name']}", "unfrozen_parameters:"]
+        return "\n".join(lines + [f"  - '{pattern}'" for pattern in unfrozen_parameters(result.model, blocks)]) + "\n"
+    with tempfile.TemporaryDirectory() as tmp:  # PEFT's own serialisation, exactly what it reloads
+        lora_config(result.model, blocks, r=r, alpha=alpha).save_pretrained(tmp)
+        return (Path(tmp) / "adapter_config.json").read_text(encoding="utf-8")

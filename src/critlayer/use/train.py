@@ -1,0 +1,217 @@
+"""Causal-LM fine-tuning of chosen blocks only (full weights or LoRA), on accelerate, with held-out loss.
+
+Frozen parameters never require gradients and the optimizer is built from trainable parameters
+only, so frozen blocks hold neither gradients nor optimizer state. The loop runs through
+accelerate: under ``accelerate launch`` every process takes its share of each batch (the batch
+size is global, split as evenly as it goes) and the loss stays the mean over the batch's tokens
+across processes, so N processes train as one process on the same batches would. Every process
+evaluates the held-out text on its own copy of the weights; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..common.distributed import accelerator, gather, is_main
+from ..common.errors import CritlayerError
+from ..common.memory import PeakMemory
+from ..data.text import TextData
+from ..models import LanguageModel, load
+from ..models.loading import DTYPES, resolve_dtype
+from ..models.loss import batch_losses, collate, heldout_loss
+from .layers import freeze_except, lora_config
+
+
+@dataclass
+class TrainConfig:
+    """How to fine-tune (each field is the CLI flag of that name).
+
+    ``steps`` of AdamW at ``lr`` (default 1e-4, or 1e-3 for LoRA) on batches of ``batch_size`` texts in all
+    (split across processes under ``accelerate launch``), held-out loss every ``eval_every`` steps. The data:
+    texts of at most ``max_tokens`` tokens, ``n_eval`` held out, at most ``n_train`` trained on (default: all
+    the rest). ``lora`` trains LoRA adapters of rank ``lora_r`` on the chosen blocks instead of their weights.
+    ``dtype`` is what the model computes in: ``auto`` is bfloat16 where the hardware computes in it natively
+    and float32 elsewhere; the weights trained stay float32 (bfloat16 is mixed precision).
+    """
+
+    steps: int = 100
+    lr: float | None = None
+    batch_size: int = 8
+    max_tokens: int = 128
+    n_eval: int = 32
+    n_train: int | None = None
+    eval_every: int = 20
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 8
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name, least in (("steps", 1), ("batch_size", 1), ("max_tokens", 2), ("eval_every", 1), ("seed", 0),
+                            ("lora_r", 1)):
+            if getattr(self, name) < least:
+                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        if self.n_train is not None and self.n_train < 1:
+            raise CritlayerError(f"--n-train must be at least 1, got {self.n_train}")
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            raise CritlayerError(f"--lr must be a positive number, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise CritlayerError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.lora else 1e-4)
+
+    def describe(self) -> dict:
+        return {**{name: getattr(self, name) for name in self.__dataclass_fields__}, "lr": self.learning_rate}
+
+
+@dataclass
+class TrainRun:
+    """What one fine-tuning run did and measured."""
+
+    layers: list[int]
+    trainable_parameters: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    heldout_loss: list[tuple[int, float]] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    peak_memory_mb: float = 0.0
+    compute_dtype: str = "float32"
+    processes: int = 1
+    texts_seen: list[list[int]] | None = None  # per process, with several: the training texts each one took
+    replicas_identical: bool | None = None  # with several: whether every process ended with the same weights
+
+    @property
+    def loss_before(self) -> float:
+        return self.heldout_loss[0][1]
+
+    @property
+    def loss_after(self) -> float:
+        return self.heldout_loss[-1][1]
+
+    def as_dict(self) -> dict:
+        out = {"layers": self.layers, "trainable_parameters": self.trainable_parameters,
+               "heldout_loss_before": self.loss_before, "heldout_loss_after": self.loss_after,
+               "train_loss": self.train_loss, "heldout_loss": self.heldout_loss,
+               "seconds_per_step": self.seconds_per_step, "peak_memory_mb": self.peak_memory_mb,
+               "compute_dtype": self.compute_dtype, "processes": self.processes}
+        if self.processes > 1:
+            out |= {"texts_seen": self.texts_seen, "replicas_identical": self.replicas_identical}
+        return out
+
+
+def training_model(model: LanguageModel | str, device: str | None = None) -> LanguageModel:
+    """The model to fine-tune: the one given, or loaded with float32 weights (``TrainConfig.dtype`` says what it
+    computes in)."""
+    return model if isinstance(model, LanguageModel) else load(model, dtype="float32", device=device)
+
+
+def computing_in(model: torch.nn.Module, dtype: torch.dtype):
+    """A context computing in ``dtype``: autocast where the weights are wider (mixed precision), else nothing."""
+    device = next(model.parameters()).device
+    wider = next(model.parameters()).dtype.itemsize > dtype.itemsize
+    return torch.autocast(device.type, dtype=dtype) if wider else nullcontext()
+
+
+def prepare(lm: LanguageModel, model: torch.nn.Module, layers: list[int], config: TrainConfig):
+    """Freeze all but ``layers`` (or wrap them in LoRA); returns the model to train."""
+    if config.lora:
+        from peft import get_peft_model
+
+        model.requires_grad_(False)
+        return get_peft_model(model, lora_config(lm, layers, r=config.lora_r))
+    freeze_except(model, lm, layers)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters only: frozen ones never get optimizer state."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data: TextData,
+             config: TrainConfig, *, progress: bool = True, label: str = "") -> tuple[torch.nn.Module, TrainRun]:
+    """Fine-tune ``model`` (a copy of ``lm.model``) on ``data.train``; returns it and its run record."""
+    acc = accelerator()
+    processes, rank = acc.num_processes, acc.process_index
+    if config.batch_size < processes:
+        raise CritlayerError(f"--batch-size {config.batch_size} is smaller than the {processes} processes")
+    torch.manual_seed(config.seed)  # LoRA initialisation and dropout, like the data order, follow the seed
+    model = prepare(lm, model, layers, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = resolve_dtype(config.dtype, str(lm.device))
+    run = TrainRun(layers, sum(p.numel() for p in params), compute_dtype=str(dtype).removeprefix("torch."),
+                   processes=processes)
+
+    def evaluate() -> float:
+        with computing_in(model, dtype):
+            return heldout_loss(model, data.heldout, starts=data.heldout_starts)
+
+    run.heldout_loss.append((0, evaluate()))
+    if not params:
+        return model, run
+    trained, optimizer = acc.prepare(model, make_optimizer(model, config.learning_rate))
+    order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
+    starts = data.train_starts or [0] * len(data.train)
+    seen: list[int] = []
+    device = next(model.parameters()).device
+    trained.train()
+    elapsed = 0.0
+    bar = tqdm(range(1, config.steps + 1), desc=f"tuning {label}".strip(), unit="step",
+               disable=not (progress and is_main()))
+    with PeakMemory(device) as peak:
+        for step in bar:
+            rows = order[(step - 1) * config.batch_size:step * config.batch_size]
+            tokens = sum(_predicted(data.train[i], starts[i]) for i in rows)  # the whole batch's, on every process
+            mine = np.array_split(rows, processes)[rank]
+            seen += mine.tolist()
+            batch = collate([data.train[i] for i in mine], device, [starts[i] for i in mine])
+            start = time.perf_counter()
+            with computing_in(model, dtype):
+                loss = batch_losses(trained, batch)[0].sum() / tokens
+            acc.backward(loss * processes)  # gradients are averaged over processes: undo it, the sum is the mean
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed += time.perf_counter() - start
+            value = float(sum(gather(float(loss.detach())))) if processes > 1 else float(loss.detach())
+            run.train_loss.append((step, value))
+            bar.set_postfix(loss=f"{value:.3f}")
+            if step % config.eval_every == 0 or step == config.steps:
+                run.heldout_loss.append((step, evaluate()))
+    model.eval()
+    acc.free_memory()  # the accelerator forgets the model and optimizer: each run starts afresh
+    run.seconds_per_step = round(elapsed / config.steps, 4)
+    run.peak_memory_mb = peak.megabytes
+    if processes > 1:
+        run.texts_seen = gather(seen)
+        run.replicas_identical = len(set(gather(_digest(params)))) == 1
+    return model, run
+
+
+def _predicted(sequence: list[int], start: int) -> int:
+    """How many of a sequence's tokens are predicted in the loss (from ``start``, never the first token)."""
+    return len(sequence) - max(start, 1)
+
+
+def _digest(params: list[torch.Tensor]) -> str:
+    """A fingerprint of the trained weights, to check that every process ended with the same ones."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _data_order(n: int, needed: int, seed: int) -> np.ndarray:
+    """A seeded order over the training texts, reshuffled each epoch."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-needed // n)
+    return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:needed]

@@ -1,0 +1,206 @@
+"""``critlayer tune``: fine-tune chosen blocks, or compare layer choices from the same start.
+
+Every run starts from a fresh copy of the pre-trained weights and sees the same data in the
+same order for a given seed; ``seeds`` repeats a comparison so that differences between
+layer choices can be judged against the seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..common.errors import CritlayerError
+from ..common.folders import SavedResult, check_output_folder
+from ..data.text import TextData, load_data
+from ..find.result import ScanResult
+from ..models import DEFAULT_MODEL, LanguageModel
+from .layers import lora_config, ranking_scan, resolve_layers
+from .train import TrainConfig, TrainRun, finetune, training_model
+
+
+@dataclass
+class TuneResult(SavedResult):
+    """One fine-tuning run, with the model it produced (saved as model/ or adapter/, not reloaded from tune.json)."""
+
+    FILE: ClassVar[str] = "tune.json"
+
+    spec: str
+    settings: dict
+    run: TrainRun
+    model: object = None
+    tokenizer: object = None
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec, **self.settings, "run": self.run.as_dict()}
+
+    def table(self) -> str:
+        run = self.run
+        return (f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
+                f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
+                f"peak {run.peak_memory_mb:.0f} MB above the loaded model")
+
+    def write_files(self, folder: Path) -> None:
+        from ..report.training import plot_curves
+
+        plot_curves({self.spec: [self.run]}, folder / "loss.png", title=f"{self.settings['model']['name']}: {self.spec}")
+        if self.model is not None:
+            lora = self.settings["train"]["lora"]
+            target = folder / ("adapter" if lora else "model")
+            self.model.save_pretrained(target)
+            if self.tokenizer is not None and not lora:
+                self.tokenizer.save_pretrained(target)
+
+
+@dataclass
+class TuneComparison(SavedResult):
+    """Layer choices fine-tuned side by side from the same weights, one run per spec and seed."""
+
+    FILE: ClassVar[str] = "compare.json"
+
+    specs: list[str]
+    seeds: list[int]
+    settings: dict
+    runs: dict[str, list[TrainRun]]  # spec -> one run per seed
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for spec, runs in self.runs.items():
+            after = np.array([r.loss_after for r in runs])
+            gain = np.array([r.loss_before - r.loss_after for r in runs])
+            out[spec] = {"layers": [r.layers for r in runs], "heldout_loss_after_mean": float(after.mean()),
+                         "heldout_loss_after_std": float(after.std(ddof=1)) if len(after) > 1 else None,
+                         "loss_drop_mean": float(gain.mean()),
+                         "seconds_per_step": float(np.mean([r.seconds_per_step for r in runs])),
+                         "peak_memory_mb": float(np.mean([r.peak_memory_mb for r in runs])),
+                         "trainable_parameters": runs[0].trainable_parameters}
+        return out
+
+    def verdicts(self) -> list[str]:
+        """Is each pairwise difference in final held-out loss larger than the seed-to-seed spread?
+
+        Runs with the same seed share the data order, so the differences are paired by seed:
+        a difference counts when its mean exceeds two standard errors of the per-seed differences.
+        """
+        if len(self.seeds) < 2:
+            return ["one seed only: the seed-to-seed spread is unknown, so no difference can be called real "
+                    "(use --seeds 3 or more)"]
+        lines = []
+        for i, a in enumerate(self.specs):
+            for b in self.specs[i + 1:]:
+                diffs = np.array([ra.loss_after - rb.loss_after for ra, rb in zip(self.runs[a], self.runs[b])])
+                mean, noise = diffs.mean(), 2 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+                better, worse = (a, b) if mean < 0 else (b, a)
+                verdict = "larger than" if abs(mean) > noise else "within"
+                lines.append(f"{better} beats {worse} by {abs(mean):.4f} held-out loss, {verdict} the seed spread "
+                             f"(2 standard errors of the paired differences = {noise:.4f})")
+        return lines
+
+    def table(self) -> str:
+        summary = self.summary()
+        width = max(len(s) for s in self.specs)
+        lines = [f"{'spec':<{width}}  {'loss after':>18}  {'drop':>7}  {'s/step':>7}  {'peak MB':>8}  {'params':>10}  layers (seed {self.seeds[0]})"]
+        for spec in self.specs:
+            s = summary[spec]
+            spread = f" ± {s['heldout_loss_after_std']:.4f}" if s["heldout_loss_after_std"] is not None else ""
+            lines.append(f"{spec:<{width}}  {s['heldout_loss_after_mean']:>10.4f}{spread:<8}  {s['loss_drop_mean']:>7.4f}  "
+                         f"{s['seconds_per_step']:>7.2f}  {s['peak_memory_mb']:>8.0f}  {s['trainable_parameters']:>10,}  "
+                         f"{s['layers'][0]}")
+        before = self.runs[self.specs[0]][0].loss_before
+        return "\n".join([f"held-out loss before tuning: {before:.4f}", *lines, "", *self.verdicts()])
+
+    def to_json(self) -> dict:
+        return {"specs": self.specs, "seeds": self.seeds, **self.settings, "summary": self.summary(),
+                "verdicts": self.verdicts(), "runs": {s: [r.as_dict() for r in runs] for s, runs in self.runs.items()}}
+
+    def write_files(self, folder: Path) -> None:
+        from ..report.training import plot_curves
+
+        (folder / "compare.txt").write_text(self.table() + "\n")
+        plot_curves(self.runs, folder / "compare.png",
+                    title=f"{self.settings['model']['name']}: held-out loss by layer choice")
+
+
+def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str = "critical:4", *,
+         compare: str | list[str] | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
+         score: str | None = None, config: TrainConfig | None = None, out: str | Path | None = None,
+         force: bool = False, progress: bool = True, device: str | None = None,
+         **options) -> TuneResult | TuneComparison:
+    """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, or a comma list) each choice from
+    the same pre-trained weights on the same data order, over ``seeds`` seeds.
+
+    ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
+    spec (``critical:K``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``), ranked by ``score`` of
+    ``scan`` (a result or its folder) or of a default scan run now. ``config`` is a ``TrainConfig``, its
+    fields also taken as keywords (``steps=20``, ``lora=True``, ...). With ``out`` the result is saved.
+
+    >>> result = critlayer.tune(model_folder, data=text_file, layers="1,4", steps=2, n_eval=4, progress=False)
+    >>> result.run.layers, result.run.loss_after < result.run.loss_before
+    ([1, 4], True)
+    """
+    config = replace(config, **options) if config is not None else TrainConfig(**options)
+    specs = [s.strip() for s in compare.split(",") if s.strip()] if isinstance(compare, str) else compare
+    if seeds < 1:
+        raise CritlayerError(f"--seeds must be at least 1, got {seeds}")
+    if seeds > 1 and not specs:
+        raise CritlayerError("--seeds repeats a --compare; give --compare SPEC,SPEC,...")
+    if specs is not None and (not specs or len(set(specs)) != len(specs)):
+        raise CritlayerError(f"--compare needs distinct layer specs, got {','.join(specs or []) or 'none'}")
+    if out is not None:
+        check_output_folder(out, (TuneResult if specs is None else TuneComparison).FILE, force)
+    lm = training_model(model, device)
+    text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
+    scan_result = ranking_scan(lm, specs or [layers], scan, progress=progress)
+    if specs is None:
+        result = _tune_one(lm, text, layers, config, scan_result, score, progress)
+    else:
+        result = _tune_compare(lm, text, specs, config, seeds, scan_result, score, progress)
+    if out is not None:
+        result.save(out, force=force)
+    return result
+
+
+def _settings(lm: LanguageModel, data: TextData, config: TrainConfig, scan_result: ScanResult | None,
+              score: str | None) -> dict:
+    return {"model": lm.describe(), "data": data.describe(), "train": config.describe(),
+            "scan_critical": None if scan_result is None else scan_result.critical,
+            "score": None if scan_result is None else score or scan_result.selection.score}
+
+
+def _trained_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None, score: str | None,
+                    config: TrainConfig) -> list[int]:
+    layers = resolve_layers(lm.num_layers, spec, scan_result, score=score, seed=config.seed)
+    if not layers:
+        raise CritlayerError(f"{spec} names no block to train")
+    if config.lora:
+        lora_config(lm, layers)  # fails early, in one line, where a block has no linear layer
+    return layers
+
+
+def _tune_one(lm: LanguageModel, data: TextData, spec: str, config: TrainConfig, scan_result: ScanResult | None,
+              score: str | None, progress: bool) -> TuneResult:
+    layers = _trained_layers(lm, spec, scan_result, score, config)
+    model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, config, progress=progress, label=spec)
+    return TuneResult(spec, _settings(lm, data, config, scan_result, score), run, model, lm.tokenizer)
+
+
+def _tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: TrainConfig, seeds: int,
+                  scan_result: ScanResult | None, score: str | None, progress: bool) -> TuneComparison:
+    seed_list = [config.seed + i for i in range(seeds)]
+    for spec in specs:  # check every spec (and seed) before any training
+        for seed in seed_list:
+            _trained_layers(lm, spec, scan_result, score, replace(config, seed=seed))
+    runs: dict[str, list[TrainRun]] = {spec: [] for spec in specs}
+    for seed in seed_list:
+        for spec in specs:
+            run_config = replace(config, seed=seed)
+            layers = _trained_layers(lm, spec, scan_result, score, run_config)
+            model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, run_config, progress=progress,
+                                  label=f"{spec} seed {seed}")
+            del model
+            runs[spec].append(run)
+    return TuneComparison(specs, seed_list, _settings(lm, data, config, scan_result, score), runs)
