@@ -4,8 +4,9 @@ On the same model, probe tokens, dtype and thread count, with every weight resid
 is measured (weights are memory-mapped, so a peak would otherwise count which weights a method's
 tokens page in):
 
-  bare                a forward through the decoder only (no hooks, no logits) over the scan's own batches
-                      (length-sorted, padded to its width steps, with the mask it passes: none for a causal model)
+  bare                a forward through the blocks only (one hook, stopping after the last block: no final norm,
+                      no logits) over the scan's own batches (length-sorted, padded to its width steps, with the
+                      mask it passes: none for a causal model), as critlayer.models.running runs them
   critlayer           ``critlayer.scan`` with the data-oblivious measures (cka, influence, spectral)
   pytorch-cka         pytorch-cka's CKA matrix over the same blocks and batches (hooks on each block; run on
                       the decoder, spared the LM head like the bare forward; whole sequences, no attention mask)
@@ -65,7 +66,7 @@ def prepare(spec: dict):
 
 def run_memory(spec: dict) -> dict:
     """One method in this fresh process: its seconds and the process's peak resident memory while it runs."""
-    from critlayer.memory import trim_heap
+    from critlayer.common.memory import trim_heap
 
     lm, probes = prepare(spec)
     trim_heap()
@@ -84,7 +85,7 @@ def run_timing(spec: dict):
     """Every method once on a few probes to warm up, then rounds: each method right beside a bare forward of
     its own (after it in odd rounds), the methods in a rotating order, then the scan interleaved batch by
     batch with a bare forward. Yields the process's float32 matmul rate, then each timed run."""
-    from critlayer.probes import Probes
+    from critlayer.find.probes import Probes
 
     lm, probes = prepare(spec)
     for method in spec["methods"]:
@@ -129,7 +130,7 @@ def _status_mb(field: str) -> float:
 
 def _batches(lm, probes):
     """The scan's batches of the probe tokens: length-sorted, right-padded to its width steps."""
-    from critlayer.capture import BATCH_SIZE, padded_batch
+    from critlayer.find.capture import BATCH_SIZE, padded_batch
 
     order = sorted(range(len(probes)), key=lambda i: -len(probes.token_ids[i]))
     for first in range(0, len(order), BATCH_SIZE):
@@ -139,32 +140,31 @@ def _batches(lm, probes):
 
 def _bare(lm, probes, mode):
     import torch
-    from critlayer.capture import model_mask
+    from critlayer.models import running
 
-    decoder = lm.model.base_model  # the blocks and final norm: no LM head, so no logits
-    with torch.inference_mode():
+    with torch.inference_mode(), running.watching(lm):  # no hook but the one that stops after the last block
         for ids, mask in _batches(lm, probes):
-            decoder(input_ids=ids, attention_mask=model_mask(lm, mask), use_cache=False)
+            running.forward_blocks(lm, ids, mask)
 
 
 def _critlayer(lm, probes, mode) -> dict:
     """The scan; returns its own phase timings (capture pass, then each measure on the row sample)."""
     import critlayer
 
-    timing = critlayer.scan(lm, probes, token_mode=mode, measures=("cka", "influence", "spectral"),
+    timing = critlayer.scan(lm, probes=probes, token_mode=mode, measures=("cka", "influence", "spectral"),
                             progress=False).timing
     return {"capture": timing["capture"], **timing["measures"]}
 
 
 def _critlayer_interleaved(lm, probes, mode) -> tuple[float, float]:
-    """The scan, with a bare forward of every batch run (hooks off) right before the scan's own forward of it.
+    """The scan, with a bare forward of every batch run (the scan's hooks off) right before the scan's own forward.
 
     Returns the scan's seconds without those bare forwards, and theirs: the two interleave batch by batch,
     so the machine's slow spells weigh on both alike.
     """
-    import critlayer.capture as capture
+    from critlayer.models import running
 
-    run_blocks, decoder, bare = capture.run_blocks, lm.model.base_model, []
+    forward_blocks, bare = running.forward_blocks, []
 
     def bare_first(lm_, ids, mask):
         hooks = [(dict(b._forward_hooks), dict(b._forward_pre_hooks)) for b in lm.blocks]
@@ -172,20 +172,21 @@ def _critlayer_interleaved(lm, probes, mode) -> tuple[float, float]:
             block._forward_hooks.clear()
             block._forward_pre_hooks.clear()
         start = time.perf_counter()
-        decoder(input_ids=ids, attention_mask=mask, use_cache=False)  # the mask run_blocks is given
+        with running.watching(lm):
+            forward_blocks(lm_, ids, mask)
         bare.append(time.perf_counter() - start)
         for block, (after, before) in zip(lm.blocks, hooks):
             block._forward_hooks.update(after)
             block._forward_pre_hooks.update(before)
-        run_blocks(lm_, ids, mask)
+        forward_blocks(lm_, ids, mask)
 
-    capture.run_blocks = bare_first
+    running.forward_blocks = bare_first
     try:
         start = time.perf_counter()
         _critlayer(lm, probes, mode)
         total = time.perf_counter() - start
     finally:
-        capture.run_blocks = run_blocks
+        running.forward_blocks = forward_blocks
     return total - sum(bare), sum(bare)
 
 

@@ -123,3 +123,17 @@ def test_a_bfloat16_model_keeps_its_rows_in_bfloat16(tiny_lm):
         handle.remove()
     assert states.dtype == torch.bfloat16
     assert torch.equal(states[3, 0], seen[0][0, 3]) and torch.equal(states[3, 1], seen[0][1, 2])
+
+
+def test_outputs_that_do_not_vary_are_refused_whatever_the_measures(tiny_lm):
+    """Different token ids with one embedding give identical states: caught on the block outputs, to the model's
+    rounding, even by a measure (influence) that would not fail on them by itself."""
+    from critlayer import scan
+
+    with torch.no_grad():
+        embeddings = tiny_lm.model.get_input_embeddings().weight
+        embeddings[5:] = embeddings[5]
+    probes = Probes("test", [[1, 5 + i, 20 + i] for i in range(8)])
+    for measures in ("influence", "default"):
+        with pytest.raises(CritlayerError, match="output is the same for every probe"):
+            scan(tiny_lm, probes=probes, measures=measures, progress=False)

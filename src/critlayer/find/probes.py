@@ -40,7 +40,13 @@ class Probes:
 
 def make_probes(lm: LanguageModel, source: str = "generated", *, n: int = 256, max_tokens: int = 64,
                 seed: int = 0, chat_template: bool = False, progress: bool = True) -> Probes:
-    """Build ``n`` probe sequences of at most ``max_tokens`` tokens from ``source``."""
+    """Build ``n`` probe sequences of at most ``max_tokens`` tokens from ``source``: ``generated`` (the model writes
+    them from its BOS token), ``random`` token ids, a built-in corpus (wiki, bbc, sharegpt) or a .txt/.jsonl file.
+
+    >>> probes = critlayer.make_probes(critlayer.load(model_folder), "random", n=4, max_tokens=8)
+    >>> len(probes), [len(ids) for ids in probes.token_ids]
+    (4, [8, 8, 8, 8])
+    """
     if n < 2:
         raise CritlayerError(f"need at least 2 probe samples, got n={n}")
     if max_tokens < 2:

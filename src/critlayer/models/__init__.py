@@ -3,6 +3,7 @@ blocks (``running``), cutting them (``surgery``), streaming them from disk, and 
 
 from .blocks import find_blocks
 from .builtin import BUILTIN_MODELS, builtin_folder
-from .loading import DEFAULT_MODEL, LanguageModel, load
+from .language_model import LanguageModel
+from .loading import DEFAULT_MODEL, load
 
 __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "LanguageModel", "builtin_folder", "find_blocks", "load"]

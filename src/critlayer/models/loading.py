@@ -3,100 +3,20 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..common.distributed import launched, main_first, state
 from ..common.errors import CritlayerError, first_line
 from .blocks import find_blocks
 from .builtin import BUILTIN_MODELS, builtin_folder
 from .gguf import cached_gguf_folder
+from .language_model import LanguageModel
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("auto", "float32", "bfloat16")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-@dataclass
-class LanguageModel:
-    """A loaded model with its tokenizer and its stack of transformer blocks."""
-
-    name: str
-    model: nn.Module
-    tokenizer: object
-    blocks: nn.ModuleList
-    blocks_path: str
-    weights: object = None  # a SafetensorsWeights when the blocks stay on disk (block-by-block mode)
-
-    @property
-    def streamed(self) -> bool:
-        return self.weights is not None
-
-    @classmethod
-    def wrap(cls, model: nn.Module, tokenizer: object = None, name: str | None = None) -> "LanguageModel":
-        """Wrap a model already in memory (for example one built from a config)."""
-        path, blocks = find_blocks(model)
-        return cls(name or type(model).__name__, model.eval(), tokenizer, blocks, path)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
-
-    @property
-    def architecture(self) -> str:
-        return type(self.model).__name__
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights.dtype if self.streamed else next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the embeddings' device (the first of several under a device map)."""
-        return self.model.get_input_embeddings().weight.device
-
-    @property
-    def is_causal(self) -> bool:
-        """Whether the model generates text (what generated probes and the loss measures need)."""
-        return hasattr(self.model, "generate") and self.model.can_generate()
-
-    @cached_property
-    def attends_causally(self) -> bool:
-        """Whether every attention in the blocks is causal: then no real token sees a pad after it, and a
-        right-padded batch needs no attention mask. (Asked every batch, so walked once.)"""
-        flags = [m.is_causal for m in self.blocks.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-        return bool(flags) and all(flags)
-
-    @property
-    def block_linears(self) -> list[str]:
-        """Names of the linear layers inside a block (what LoRA adapts), e.g. ``self_attn.q_proj``."""
-        return [name for name, module in self.blocks[0].named_modules() if isinstance(module, linear_types())]
-
-    def describe(self) -> dict:
-        return {"name": self.name, "architecture": self.architecture, "num_layers": self.num_layers,
-                "hidden_size": self.hidden_size, "dtype": str(self.dtype).removeprefix("torch."),
-                "blocks": self.blocks_path, "block_linears": self.block_linears}
-
-
-def linear_types() -> tuple[type, ...]:
-    """nn.Linear, and GPT-2's Conv1D where transformers has it."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -162,9 +82,9 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
     ``stream=True`` loads no block at all: a scan then reads one block at a time from the
     model folder's safetensors files (block-by-block mode, for models larger than memory).
 
-    >>> lm = critlayer.load("smollm2-135m")          # doctest: +SKIP
-    >>> lm.num_layers, lm.blocks_path
-    (30, 'model.layers')
+    >>> lm = critlayer.load(model_folder)  # or "smollm2-135m", "gemma3-270m", a .gguf file, a hub id
+    >>> lm.num_layers, lm.blocks_path, str(lm.dtype)
+    (6, 'model.layers', 'torch.float32')
     """
     from transformers import AutoConfig, AutoTokenizer
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..common.errors import CritlayerError
-from .loading import LanguageModel
+from .language_model import LanguageModel
 
 BATCH = 8  # texts per forward with logits: keeps a 49k- or 262k-word vocabulary affordable
 

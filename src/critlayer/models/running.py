@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .loading import LanguageModel
+from .language_model import LanguageModel
 
 
 class StopForward(Exception):

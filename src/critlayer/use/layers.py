@@ -10,6 +10,7 @@ only the model's description, so a saved scan is enough.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,8 @@ def the_scan(lm: LanguageModel, scan: ScanResult | str | Path | None = None, *, 
         result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
         result.require_layers(lm.num_layers)
         return result
-    if is_main():
-        print("critlayer: scanning for critical layers first (pass a scan to reuse one)", flush=True)
+    if progress and is_main():
+        print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr, flush=True)
     return on_main(lambda: scan_model(lm, config or ScanConfig(), progress=progress))
 
 

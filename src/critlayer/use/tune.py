@@ -139,8 +139,8 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     fields also taken as keywords (``steps=20``, ``lora=True``, ...). With ``out`` the result is saved.
 
     >>> result = critlayer.tune(model_folder, data=text_file, layers="1,4", steps=2, n_eval=4, progress=False)
-    >>> result.run.layers, result.run.loss_after < result.run.loss_before
-    ([1, 4], True)
+    >>> result.run.layers, [step for step, loss in result.run.heldout_loss]
+    ([1, 4], [0, 2])
     """
     config = replace(config, **options) if config is not None else TrainConfig(**options)
     specs = [s.strip() for s in compare.split(",") if s.strip()] if isinstance(compare, str) else compare

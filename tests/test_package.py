@@ -1,0 +1,166 @@
+"""The package's promises: no import cycle, every public function's example runs, the Python call writes what its
+CLI command writes, and training runs on several processes under accelerate."""
+
+import ast
+import doctest
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import critlayer
+from critlayer.cli import main
+
+PACKAGE = Path(critlayer.__file__).parent
+FUNCTIONS = [name for name in critlayer.__all__ if inspect.isfunction(getattr(critlayer, name))]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every critlayer module ``path`` imports, at its top or inside a function."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: _imports(path, set(files)) for name, path in files.items()}
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in graph[node]:
+            assert state.get(nxt) != "open", "import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt])
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    assert graph["critlayer.find.result"] and "critlayer.report" in graph["critlayer.find.result"]  # the walk sees calls
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_every_public_function_has_an_example_that_runs(name, tiny_folder, prompt_file, pair_file):
+    examples = doctest.DocTestFinder().find(getattr(critlayer, name), name, globs={
+        "critlayer": critlayer, "model_folder": str(tiny_folder), "text_file": str(prompt_file),
+        "pair_file": str(pair_file)})
+    assert examples and examples[0].examples, f"critlayer.{name} has no example"
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for example in examples:
+        runner.run(example)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def _comparable(data):
+    """JSON without what differs between two runs of the same work: times, memory, where it was written."""
+    if isinstance(data, dict):
+        return {k: _comparable(v) for k, v in data.items()
+                if k not in ("timing", "seconds_per_step", "peak_memory_mb")}
+    if isinstance(data, list):
+        return [_comparable(v) for v in data]
+    return data
+
+
+def _same_outputs(cli: Path, api: Path) -> None:
+    assert sorted(p.name for p in cli.iterdir()) == sorted(p.name for p in api.iterdir())
+    for path in cli.rglob("*"):
+        twin = api / path.relative_to(cli)
+        if path.suffix == ".json" and path.name not in ("config.json", "generation_config.json"):
+            assert _comparable(json.loads(path.read_text())) == _comparable(json.loads(twin.read_text())), path.name
+        elif path.suffix == ".safetensors":
+            theirs = load_file(twin)
+            assert all(torch.equal(value, theirs[key]) for key, value in load_file(path).items()), path.name
+
+
+def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_file, pair_file, tmp_path, capsys):
+    train = {"steps": 2, "batch_size": 4, "n_eval": 4, "max_tokens": 10, "eval_every": 1}
+    flags = ["--steps", "2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10", "--eval-every", "1", "--quiet"]
+    scan = {"probes": str(prompt_file), "n": 16, "max_tokens": 10}
+    assert main(["scan", str(tiny_folder), "--probes", str(prompt_file), "--n", "16", "--max-tokens", "10",
+                 "--out", str(tmp_path / "cli-scan"), "--quiet"]) == 0
+    critlayer.scan(str(tiny_folder), out=tmp_path / "api-scan", progress=False, **scan)
+    _same_outputs(tmp_path / "cli-scan", tmp_path / "api-scan")
+    scanned = str(tmp_path / "cli-scan")
+    runs = {
+        "tune": (["tune", str(tiny_folder), "--data", str(prompt_file), "--layers", "critical:2", "--scan", scanned],
+                 lambda out: critlayer.tune(str(tiny_folder), str(prompt_file), "critical:2", scan=scanned, out=out,
+                                            progress=False, **train)),
+        "tune-compare": (["tune", str(tiny_folder), "--data", str(prompt_file), "--compare", "1,random:2", "--lora"],
+                         lambda out: critlayer.tune(str(tiny_folder), str(prompt_file), compare="1,random:2",
+                                                    lora=True, out=out, progress=False, **train)),
+        "validate": (["validate", str(tiny_folder), "--data", str(prompt_file), "--scan", scanned,
+                      "--permutations", "50"],
+                     lambda out: critlayer.validate(str(tiny_folder), str(prompt_file), scan=scanned, permutations=50,
+                                                    out=out, progress=False, **train)),
+        "defend": (["defend", str(tiny_folder), "--data", str(pair_file), "--compare", "none,2-3", "--trigger",
+                    "w1 w2", "--target", "w3 w4"],
+                   lambda out: critlayer.defend(str(tiny_folder), str(pair_file), compare="none,2-3",
+                                                trigger="w1 w2", target="w3 w4", out=out, progress=False, **train)),
+        "compare": (["compare", scanned, str(tmp_path / "api-scan")],
+                    lambda out: critlayer.compare([scanned, str(tmp_path / "api-scan")], out=out)),
+    }
+    for name, (argv, call) in runs.items():
+        extra = [] if name == "compare" else flags
+        assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
+        call(tmp_path / f"api-{name}")
+        _same_outputs(tmp_path / f"cli-{name}", tmp_path / f"api-{name}")
+    capsys.readouterr()
+    assert main(["export", scanned, "--layers", "critical:2", "--format", "peft", "--out",
+                 str(tmp_path / "cli-peft" / "adapter_config.json")]) == 0
+    text = critlayer.export(scanned, layers="critical:2", format="peft", out=tmp_path / "api-peft" / "adapter_config.json")
+    assert (tmp_path / "cli-peft" / "adapter_config.json").read_text() == text
+    capsys.readouterr()
+    assert main(["export", scanned]) == 0 and capsys.readouterr().out == critlayer.export(scanned)
+
+
+@pytest.mark.parametrize("data", ["file", "bbc"])
+def test_tune_on_two_processes_equals_one_process_on_the_same_batches(data, tiny_folder, prompt_file, tmp_path):
+    """accelerate's ``--cpu`` launches one process unless mpirun is there; ``--multi_gpu`` starts two through
+    torchrun, which critlayer runs over gloo on a machine without GPUs."""
+    source = str(prompt_file) if data == "file" else "bbc"
+    options = ["--data", source, "--layers", "1", "--steps", "2", "--batch-size", "4", "--n-eval", "4",
+               "--max-tokens", "10", "--dtype", "float32", "--quiet"]
+    launcher = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "critlayer", "tune",
+                           str(tiny_folder), *options, "--out", str(tmp_path / "runs" / "two")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("tuned blocks [1]") == 1  # the main process alone reports
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["two"]  # and writes: nothing else, nothing half-done
+    run = json.loads((tmp_path / "runs" / "two" / "tune.json").read_text())["run"]
+    assert run["processes"] == 2 and run["replicas_identical"]
+    first, second = run["texts_seen"]
+    assert len(first) == len(second) == 4 and not set(first) & set(second)  # two halves of each batch of 4
+    assert main(["tune", str(tiny_folder), *options, "--out", str(tmp_path / "runs" / "one")]) == 0
+    one, two = (load_file(tmp_path / "runs" / name / "model" / "model.safetensors") for name in ("one", "two"))
+    original = load_file(tiny_folder / "model.safetensors")
+    for key, value in original.items():  # Adam's steps are about 1e-4 here: it amplifies gradients' rounding near 0
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+        assert torch.equal(two[key], value) != key.startswith("model.layers.1."), key  # block 1 alone changed
+    assert (two["model.layers.1.mlp.up_proj.weight"] - original["model.layers.1.mlp.up_proj.weight"]).abs().max() > 1e-4
+    single = json.loads((tmp_path / "runs" / "one" / "tune.json").read_text())["run"]
+    assert [loss for _, loss in run["heldout_loss"]] == pytest.approx([loss for _, loss in single["heldout_loss"]],
+                                                                      abs=1e-5)
