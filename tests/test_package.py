@@ -135,18 +135,21 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
     assert main(["export", scanned]) == 0 and capsys.readouterr().out == critlayer.export(scanned)
 
 
+def _launch_two(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``arguments`` (a script, or ``-m critlayer ...``) on two processes. accelerate's ``--cpu`` launches one process unless mpirun is there;
+    ``--multi_gpu`` starts two through torchrun, which critlayer runs over gloo on a machine without GPUs."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    return subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", *arguments],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
 @pytest.mark.parametrize("data", ["file", "bbc"])
 def test_tune_on_two_processes_equals_one_process_on_the_same_batches(data, tiny_folder, prompt_file, tmp_path):
-    """accelerate's ``--cpu`` launches one process unless mpirun is there; ``--multi_gpu`` starts two through
-    torchrun, which critlayer runs over gloo on a machine without GPUs."""
     source = str(prompt_file) if data == "file" else "bbc"
     options = ["--data", source, "--layers", "1", "--steps", "2", "--batch-size", "4", "--n-eval", "4",
                "--max-tokens", "10", "--dtype", "float32", "--quiet"]
-    launcher = Path(sys.executable).parent / "accelerate"
-    done = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "critlayer", "tune",
-                           str(tiny_folder), *options, "--out", str(tmp_path / "runs" / "two")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = _launch_two("-m", "critlayer", "tune", str(tiny_folder), *options, "--out", str(tmp_path / "runs" / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("tuned blocks [1]") == 1  # the main process alone reports
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["two"]  # and writes: nothing else, nothing half-done
@@ -164,3 +167,21 @@ def test_tune_on_two_processes_equals_one_process_on_the_same_batches(data, tiny
     single = json.loads((tmp_path / "runs" / "one" / "tune.json").read_text())["run"]
     assert [loss for _, loss in run["heldout_loss"]] == pytest.approx([loss for _, loss in single["heldout_loss"]],
                                                                       abs=1e-5)
+
+
+def test_an_error_in_work_done_on_the_main_process_ends_both(tmp_path):
+    """What the main process does once (a scan for ``critical:K``) may fail there alone: the other process hears it
+    and stops with the same line instead of waiting for a result that never comes."""
+    script = tmp_path / "fails_on_main.py"
+    script.write_text("from critlayer.common.distributed import is_main, on_main\n"
+                      "def work():\n"
+                      "    raise ValueError('no scan here')\n"
+                      "try:\n"
+                      "    on_main(work)\n"
+                      "except Exception as error:\n"
+                      "    print('main' if is_main() else 'other', 'stopped:', error, flush=True)\n"
+                      "    raise SystemExit(2)\n")
+    done = _launch_two(str(script), cwd=tmp_path)
+    assert done.returncode != 0
+    assert sorted(line for line in done.stdout.splitlines() if "stopped" in line) == [
+        "main stopped: no scan here", "other stopped: no scan here"]
