@@ -25,7 +25,7 @@ def test_scan_end_to_end(arch, tmp_path):
     assert set(result.scores) == {"delta", "block_influence", "angular_distance",
                                   "spectral_k1", "spectral_k3", "spectral_k10", "consensus"}  # no bootstrap by default
     assert all(len(v) == L and np.isfinite(v).all() for v in result.scores.values())
-    assert result.critical and all(0 <= i < L for i in result.critical)
+    assert all(0 <= i < L for i in result.selection.critical) and result.selection.reason
     result.save(tmp_path / "out")
     for name in ("scan.json", "layers.csv", "cka.png", "profile.png", "report.html"):
         assert (tmp_path / "out" / name).stat().st_size > 0

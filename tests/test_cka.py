@@ -1,4 +1,5 @@
-"""Linear CKA: the properties that define it, and exactness of the streaming scan."""
+"""Linear CKA (the unbiased HSIC estimator): the properties that define it, its bias, and exactness of the
+streaming scan."""
 
 import numpy as np
 import pytest
@@ -9,10 +10,18 @@ from critlayer.find.measures import cka_matrix, delta_scores, linear_cka
 from critlayer.find.probes import Probes, random_probes
 
 
+def _hsic_u(k: np.ndarray, l: np.ndarray) -> float:
+    """Song et al. (2012), eq. 5, written out in numpy, float64."""
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    one = np.ones(n)
+    return (np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
+
+
 def _reference_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Kornblith et al.'s formula written out in numpy, float64."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    k, l = x @ x.T, y @ y.T  # uncentred: the estimator does not need centring
+    return _hsic_u(k, l) / np.sqrt(_hsic_u(k, k) * _hsic_u(l, l))
 
 
 @pytest.fixture
@@ -63,8 +72,20 @@ def test_matrix_is_the_same_whatever_the_slabs_and_indexes_rows_without_copying_
     whole = cka_matrix(states, budget=1 << 20)
     for budget in (32, 100, 4 * 8 * 7):  # one row per slab, uneven slabs, slabs of 7 rows
         np.testing.assert_allclose(cka_matrix(states, budget=budget), whole, atol=1e-6)
-    rows = torch.randint(0, 50, (60,), generator=g)  # a bootstrap replicate: repeats allowed
+    rows = torch.randperm(50, generator=g)[:25]  # a replicate: half the rows, unsorted
     np.testing.assert_allclose(cka_matrix(states, rows, budget=100), cka_matrix(states[:, rows]), atol=1e-6)
+
+
+def test_unrelated_features_read_as_unrelated_however_few_the_rows():
+    """The plain estimator reads noise as shared structure when rows are fewer than features, less so with more
+    rows; the unbiased one stays near 0 whatever the number of rows."""
+    g = torch.Generator().manual_seed(4)
+    for rows in (16, 64, 256):
+        x, y = (torch.randn(rows, 128, generator=g, dtype=torch.float64) for _ in range(2))
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        plain = float((yc.T @ xc).square().sum() / ((xc.T @ xc).norm() * (yc.T @ yc).norm()))
+        assert plain > 0.3 if rows <= 64 else plain > 0.2
+        assert abs(linear_cka(x, y)) < 0.1
 
 
 def test_delta_is_window_mean_clipped_at_the_ends():

@@ -41,7 +41,8 @@ def _error(capsys, argv):
 @pytest.mark.parametrize("extra,message", [
     (["--probes", "missing.txt"], "not found"),
     (["--probes", "bad.csv"], "unsupported"),
-    (["--n", "1"], "at least 2"),
+    (["--n", "3"], "--n must be at least 4"),
+    (["--max-n", "10"], "--max-n must be at least 64"),
     (["--k", "7"], "larger than the 6 layers"),
     (["--max-tokens", "1"], "--max-tokens must be at least 2"),
     (["--measures", "cka,nope"], "unknown measure"),
@@ -127,8 +128,9 @@ def test_every_measure_from_the_cli_and_export_in_three_formats(tiny_folder, tmp
     assert (tmp_path / "s" / "measures.png").stat().st_size > 0
     capsys.readouterr()
     scan_file = str(tmp_path / "s" / "scan.json")
-    assert main(["export", scan_file]) == 0
-    assert json.loads(capsys.readouterr().out) == data["critical"]
+    assert main(["export", scan_file, "--layers", "critical:3"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert len(top) == 3 and set(data["firmness"]["firm"]) <= set(top)  # firm blocks first
     assert main(["export", scan_file, "--layers", "critical:2", "--score", "ablation", "--format", "peft",
                  "--out", str(tmp_path / "adapter" / "adapter_config.json")]) == 0
     config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))

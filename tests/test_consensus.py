@@ -46,12 +46,14 @@ def test_bootstrap_probabilities_lie_in_unit_interval_and_sum_to_the_mean_number
     assert p[-1] > p[0]
 
 
-def test_resampled_rows_keep_every_row_of_each_drawn_probe():
-    row_samples = np.array([0, 0, 0, 1, 2, 2])
-    rows = resample_rows(row_samples, np.random.default_rng(0))
-    counts = np.bincount(row_samples[rows], minlength=3)
-    per_probe = np.bincount(row_samples)
-    assert (counts % per_probe == 0).all() and (counts // per_probe).sum() == 3  # 3 probes drawn, whole
+def test_resampled_rows_are_half_the_probes_with_every_row_of_each():
+    row_samples = np.array([0, 0, 0, 1, 2, 2, 3, 3])
+    for seed in range(5):
+        rows = resample_rows(row_samples, np.random.default_rng(seed))
+        assert len(set(rows.tolist())) == len(rows)  # without replacement
+        counts = np.bincount(row_samples[rows], minlength=4)
+        drawn = np.flatnonzero(counts)
+        assert len(drawn) == 2 and (counts[drawn] == np.bincount(row_samples)[drawn]).all()
 
 
 def _lm():

@@ -63,54 +63,58 @@ def test_lanczos_finds_the_top_eigenvectors_without_a_full_decomposition(monkeyp
 
 def _sampled(lm, probes, batch_size, max_rows):
     capture = Capture(lm, probes, token_mode="all", batch_size=batch_size, max_rows=max_rows, progress=False)
-    sample = RowSample(capture.sample_keys)
-    for batch in capture:
-        sample.update(batch)
-    return sample, capture
+    for _ in capture:
+        pass
+    return capture.sample, capture
 
 
-def test_row_sample_is_the_smallest_keys_in_one_order_whatever_the_batching(tiny_lm):
+def _by_key(sample):
+    """The sample's rows, keys and probes in key order (slots hold them in whatever order they entered)."""
+    order = sample.row_keys().argsort()
+    return sample.compute()[:, order], sample.row_keys()[order], sample.row_samples()[order.numpy()]
+
+
+def test_row_sample_is_the_smallest_keys_whatever_the_batching(tiny_lm):
     probes = Probes("random", random_probes(tiny_lm, 12, 10, 0))
-    everything, _ = _sampled(tiny_lm, probes, 12, None)
+    everything, _ = _sampled(tiny_lm, probes, 12, 1000)
     assert len(everything) == 12 * 9
-    smallest = (everything.row_keys() <= everything.row_keys().sort().values[29]).nonzero().squeeze(1)
+    rows, keys, samples = _by_key(everything)
     for batch_size in (1, 5, 12):
         sample, capture = _sampled(tiny_lm, probes, batch_size, 30)
         assert len(sample) == 30 and capture.stats.rows == 12 * 9  # the cosines still cover every row
-        assert torch.equal(sample.row_keys(), everything.row_keys()[smallest])
-        torch.testing.assert_close(sample.compute()[:, :], everything.compute()[:, smallest], atol=1e-5, rtol=1e-5)
-        np.testing.assert_array_equal(sample.row_samples(), everything.row_samples()[smallest.numpy()])
+        kept_rows, kept_keys, kept_samples = _by_key(sample)
+        assert torch.equal(kept_keys, keys[:30])
+        torch.testing.assert_close(kept_rows, rows[:, :30], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(kept_samples, samples[:30])
 
 
-def test_row_sample_holds_the_rows_that_arrive_in_their_order():
+def test_row_sample_keeps_the_smallest_keys_seen_overwriting_larger_ones():
     g = torch.Generator().manual_seed(0)
-    states, keys = torch.randn(3, 10, 4, generator=g), torch.rand(10, generator=g, dtype=torch.float64).sort().values
-    sample = RowSample(keys)
-    first, then = torch.tensor([7, 2]), torch.tensor([9, 0, 3])  # rows 1, 4, 5, 6 and 8 never arrive
-    for part in (first, then):
-        sample.update(Batch(states[:, part], keys[part], np.arange(10)[part.numpy()]))
-    arrived = torch.cat([first, then])
-    assert len(sample) == 5
-    assert torch.equal(sample.compute()[:, :], states[:, arrived])
-    assert torch.equal(sample.row_keys(), keys[arrived])
-    np.testing.assert_array_equal(sample.row_samples(), arrived.numpy())
-    with pytest.raises(ValueError, match="not in the planned sample"):
-        sample.update(Batch(states[:, :1], torch.tensor([0.5], dtype=torch.float64)))
+    states, keys = torch.randn(3, 10, 4, generator=g), torch.rand(10, generator=g, dtype=torch.float64)
+    sample = RowSample(4)
+    for part in torch.arange(10).split(3):
+        sample.update(Batch(states[:, part], keys[part], part.numpy()))
+        assert len(sample) == min(4, int(part[-1]) + 1)
+    smallest = keys.argsort()[:4]
+    assert set(sample.row_samples().tolist()) == set(smallest.tolist())
+    for slot, probe in enumerate(sample.row_samples()):  # each slot holds its own row's states and key
+        assert torch.equal(sample.compute()[:, torch.tensor([slot])][:, 0], states[:, probe])
+        assert sample.row_keys()[slot] == keys[probe]
+    assert sample.threshold() == keys[smallest[-1]]
 
 
 def test_the_file_backed_sample_reads_like_the_tensor_it_holds():
     g = torch.Generator().manual_seed(1)
     states, keys = torch.randn(4, 40, 6, generator=g) + 3.0, torch.rand(40, generator=g, dtype=torch.float64).sort().values
-    arrive = torch.tensor([i for i in range(40) if i not in (0, 17, 18, 39)])  # some planned rows never arrive
-    sample = RowSample(keys)
-    for part in arrive.split(7):  # rows arrive over several batches
+    sample = RowSample(40)
+    for part in torch.arange(40).split(7):  # rows arrive over several batches
         sample.update(Batch(states[:, part], keys[part], part.numpy()))
-    stored, expected = sample.compute(), states[:, arrive]
+    stored, expected = sample.compute(), states
     assert stored.shape == expected.shape and len(stored) == 4
     assert torch.equal(stored[2], expected[2]) and torch.equal(stored[1:][0], expected[1])
     assert torch.equal(stored[-1], expected[-1])
     assert torch.equal(stored[1:3][:, 5:9], expected[1:3, 5:9])
-    rows = torch.randint(0, len(arrive), (50,), generator=g)  # a bootstrap replicate: unsorted, repeats
+    rows = torch.randperm(40, generator=g)[:20]  # a replicate: half the rows, unsorted
     assert torch.equal(stored[:, rows], expected[:, rows])
     np.testing.assert_allclose(cka_matrix(stored, rows, budget=100), cka_matrix(expected, rows), atol=1e-6)
     for on_file, in_memory in ((spectral_scores(stored, rows=rows), spectral_scores(expected, rows=rows)),
@@ -125,7 +129,7 @@ def test_a_bfloat16_sample_is_stored_as_it_came_in_half_the_space():
     keys = torch.rand(20, generator=g, dtype=torch.float64).sort().values
     samples = {}
     for dtype in (torch.bfloat16, torch.float32):
-        samples[dtype] = RowSample(keys)
+        samples[dtype] = RowSample(20)
         samples[dtype].update(Batch(states.to(dtype), keys))
         assert torch.equal(samples[dtype].compute()[:, :], states.float())  # read back as float32, exactly
     sizes = {dtype: os.fstat(sample.file.fileno()).st_size for dtype, sample in samples.items()}
@@ -139,4 +143,4 @@ def test_a_full_disk_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("critlayer.find.measures.sample.os.pwrite", full)
     keys = torch.tensor([0.25, 0.5], dtype=torch.float64)
     with pytest.raises(CritlayerError, match="No space left on device; point TMPDIR at a larger disk"):
-        RowSample(keys).update(Batch(torch.ones(3, 2, 4), keys))
+        RowSample(2).update(Batch(torch.ones(3, 2, 4), keys))

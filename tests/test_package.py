@@ -132,7 +132,8 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
     text = critlayer.export(scanned, layers="critical:2", format="peft", out=tmp_path / "api-peft" / "adapter_config.json")
     assert (tmp_path / "cli-peft" / "adapter_config.json").read_text() == text
     capsys.readouterr()
-    assert main(["export", scanned]) == 0 and capsys.readouterr().out == critlayer.export(scanned)
+    assert main(["export", scanned, "--layers", "critical:3"]) == 0
+    assert capsys.readouterr().out == critlayer.export(scanned, layers="critical:3")
 
 
 def _launch_two(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:

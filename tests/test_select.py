@@ -22,10 +22,9 @@ def test_edges_are_eligible_only_on_request():
     assert select_critical(delta, k=2, window=2, edges=True).critical == [0, 10]
 
 
-def test_monotone_profile_falls_back_to_the_most_critical_block():
+def test_a_monotone_profile_singles_out_no_band():
     sel = select_critical(np.linspace(0.9, 0.5, 10), window=1)
-    assert sel.critical == [8]
-    assert "no valley" in sel.reason
+    assert sel.critical == [] and "no valley" in sel.reason
 
 
 def test_high_is_critical_direction():

@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="find a model's critical layers without task data")
     scan.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                       help=f"built-in name, model folder, .gguf file or hub id (default {DEFAULT_MODEL})")
-    scan.add_argument("--probes", default="generated", help=f"{', '.join(SOURCES)}, or a .txt/.jsonl file (default generated)")
-    scan.add_argument("--n", type=int, default=256, help="number of probe samples (default 256)")
+    scan.add_argument("--probes", default="generated",
+                      help=f"{', '.join(SOURCES)}, a .txt/.jsonl file, or a probes.json a scan wrote (default generated)")
+    scan.add_argument("--n", type=int, default=None,
+                      help="number of probes (default: rounds of 32 until the answer is firm, at most --max-n)")
+    scan.add_argument("--max-n", type=int, default=512, help="most probes a scan without --n reads (default 512)")
     scan.add_argument("--max-tokens", type=int, default=64, help="tokens per probe at most (default 64)")
     scan.add_argument("--seed", type=_at_least(0), default=0)
     scan.add_argument("--chat-template", action="store_true", help="wrap text probes in the model's chat template")
@@ -202,8 +205,7 @@ def cmd_scan(args) -> None:
     result = scan(args.model, ScanConfig(**_options(args, ScanConfig)), out=args.out, force=args.force,
                   progress=not args.quiet, dtype=args.dtype, device=args.device, device_map=args.device_map,
                   stream=args.stream, trust_remote_code=args.trust_remote_code)
-    _report(f"{result.table()}\n\ncritical layers of {result.model['name']}: {result.critical}  "
-            f"(rule {result.selection.rule}: {result.selection.reason}); {result.timing['total']:.1f} s", args.out)
+    _report(f"{result.table()}\n\n{result.answer()}; {result.timing['total']:.1f} s", args.out)
 
 
 def cmd_measures(args) -> None:

@@ -1,15 +1,19 @@
-"""Capture the residual stream after every block, at the tokens a token mode selects.
+"""Capture the residual stream after every block, at the tokens a token mode selects, round by round.
 
-The blocks run through ``models.running`` (or block by block from disk, ``models.stream``), which hands
-over the input of block 0 (the embeddings) and each block's output, before the final norm; the forward
-stops after the last block, so the LM head never runs. Each hidden state is reduced at once to the
-token mode's rows' norms and the block's input/output dot products (turned into cosines once the last
-block has run), and only the rows planned for the row sample are kept whole, so no batch's hidden
-states outlive its forward.
+The hidden states come from one of three places: a forward over probes whose token ids are known
+(``models.running``), the same block by block from disk (``models.stream``), or the model writing its own
+probes (``find.writing``), which sees every block output as each token goes through, so that generated
+probes cost one pass. Each hidden state is reduced at once to the token mode's rows' norms and the block's
+input/output dot products (turned into cosines once the last block has run); rows are kept whole only
+while their key is among the ``max_rows`` smallest seen so far (the ``RowSample``), so no batch's hidden
+states outlive it. Probes arrive in rounds of consecutive indices, so the first ``n`` probes of a long
+scan are exactly those of a scan of ``n``, and nothing about a probe (its length, say) decides when it is
+seen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,19 +21,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.errors import CritlayerError
+from ..common.hashing import ROWS, uniform
 from ..models import LanguageModel, running
 from ..models.stream import stream_blocks
+from .measures.sample import Batch, RowSample
 from .probes import Probes
+from .writing import BATCH_SIZE as WRITING_BATCH
+from .writing import write_probes
 
 TOKEN_MODES = ("last", "all", "mean")
 # A token whose norm exceeds this multiple of its layer's median is a massive-activation token. On
 # smollm2-135m about 2% of tokens sit above 5x (and 3 of 64 last tokens, which alone made the CKA
 # of blocks 0-11 look "critical"), with a gap below; normal tokens stay under 3x.
 SINK_RATIO = 5.0
-# The medians that ratio refers to come from the rows of the first probes in (length-sorted) order,
-# so the filter does not depend on batch size.
+# The medians that ratio refers to come from the rows of the first probes by index, so the filter depends
+# neither on batch size nor on how many probes a scan reads.
 REFERENCE_SAMPLES = 32
-PLAN_CHUNK = 4096  # probes whose row keys are drawn at once when planning the row sample
 # Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 3-16% faster than 32
 # on smollm2-135m and gemma3-270m with 30-90 MB less peak memory; on a GPU a larger batch may pay.
 BATCH_SIZE = 16
@@ -38,24 +45,6 @@ BATCH_SIZE = 16
 # for 256 (3 widths); rounding adds 1% of padding there.
 WIDTH_STEP = 8
 COSINE_EPS = 1e-8  # a row norm below this counts as this, as in torch.nn.functional.cosine_similarity
-
-
-@dataclass
-class Batch:
-    """What one probe batch leaves after its pass.
-
-    ``states`` are the rows the row sample keeps whole: ``states[0]`` the input of block 0 (the
-    embeddings) and ``states[i + 1]`` the output of block ``i``, of shape ``(L + 1, rows, hidden)``
-    in ``kept_dtype`` (float32 means in ``mean`` mode); ``keys`` are their deterministic numbers in
-    [0, 1) (see ``Capture.sample_keys``) and ``samples`` the probe each comes from (what a bootstrap
-    resamples). ``cosines`` ``(L, all rows)`` holds, for every row of the batch whether kept or not,
-    the cosine between each block's input and output.
-    """
-
-    states: torch.Tensor
-    keys: torch.Tensor
-    samples: np.ndarray | None = None
-    cosines: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,15 +60,9 @@ class CaptureStats:
                 "sinks_dropped": self.sinks_dropped, "too_short": self.too_short}
 
 
-def row_keys(seed: int, samples: np.ndarray, positions: np.ndarray) -> torch.Tensor:
-    """A splitmix64 hash of (seed, sample, position) mapped to [0, 1)."""
-    with np.errstate(over="ignore"):
-        x = (samples.astype(np.uint64) << np.uint64(24)) ^ positions.astype(np.uint64)
-        x = x + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+def row_keys(seed: int, probes: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    """Each row's key in [0, 1): a hash of (seed, probe, position)."""
+    return uniform(seed, ROWS, probes, positions)
 
 
 class _Rows:
@@ -92,9 +75,9 @@ class _Rows:
     divided by the norms of both at once.
     """
 
-    def __init__(self, lm: LanguageModel, flat: torch.Tensor, samples: np.ndarray, keys: torch.Tensor,
+    def __init__(self, lm: LanguageModel, flat: torch.Tensor, probes: np.ndarray, keys: torch.Tensor,
                  kept: torch.Tensor | None):
-        self.flat, self.samples, self.keys, self.kept = flat, samples, keys, kept
+        self.flat, self.probes, self.keys, self.kept = flat, probes, keys, kept
         layers, rows, device = lm.num_layers + 1, len(flat), flat.device
         self.norms = torch.empty(layers, rows, device=device)
         self.cosines = torch.empty(layers - 1, rows, device=device)
@@ -117,22 +100,21 @@ class _Rows:
 
 
 class Capture:
-    """Iterate over probe batches, yielding what each leaves (see ``Batch``).
+    """Capture probes round by round: ``round(first, stop)`` yields what each batch of probes ``first`` ..
+    ``stop - 1`` leaves (see ``Batch``), and fills ``sample``, the rows kept whole.
 
-    Token modes: ``last`` takes the last non-pad token of each sample; ``all`` every non-pad
-    token but position 0 (an attention sink); ``mean`` the mean over the same tokens as ``all``.
-    In every mode, massive-activation tokens (norm above ``sink_ratio`` times the layer's median
-    row norm over the first ``REFERENCE_SAMPLES`` probes, at any layer; 0 disables) are dropped
-    and counted. Batches are sorted by length to spend little on padding.
-
-    Before the pass, the keys of every row it will take are known (they hash the sample and the
-    position), so ``sample_keys``, the ``max_rows`` smallest (all with None), fixes which rows are
-    kept whole; every other row is reduced to its norms and cosines inside the forward, so memory
-    does not grow with the number of tokens.
+    ``probes`` holds known token ids; without them the model writes its probes (``max_tokens`` at most,
+    drawn with ``seed``) while they are captured, and ``token_ids`` collects them. Token modes: ``last``
+    takes the last token of each probe; ``all`` every token but position 0 (an attention sink); ``mean`` the
+    mean over the same tokens as ``all``. In every mode, massive-activation tokens (norm above ``sink_ratio``
+    times the layer's median row norm over probes 0 .. ``REFERENCE_SAMPLES - 1``, at any layer; 0 disables)
+    are dropped and counted. Within a round, known probes run in batches sorted by length, to spend little
+    on padding.
     """
 
-    def __init__(self, lm: LanguageModel, probes: Probes, *, token_mode: str = "last", batch_size: int = BATCH_SIZE,
-                 seed: int = 0, sink_ratio: float = SINK_RATIO, max_rows: int | None = None, progress: bool = True):
+    def __init__(self, lm: LanguageModel, probes: Probes | None = None, *, token_mode: str = "last",
+                 batch_size: int = BATCH_SIZE, seed: int = 0, sink_ratio: float = SINK_RATIO,
+                 max_rows: int = 2048, max_tokens: int = 64, progress: bool = True):
         if token_mode not in TOKEN_MODES:
             raise CritlayerError(f"unknown token mode {token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
         if batch_size < 1:
@@ -141,136 +123,181 @@ class Capture:
             raise CritlayerError("block-by-block mode keeps every token of every batch for the mean; "
                                  "use --token-mode last or all with it")
         self.lm, self.token_mode, self.batch_size = lm, token_mode, batch_size
-        self.seed, self.sink_ratio, self.progress = seed, sink_ratio, progress
+        self.seed, self.sink_ratio, self.max_tokens, self.progress = seed, sink_ratio, max_tokens, progress
         self.stats = CaptureStats()
-        usable = [i for i, ids in enumerate(probes.token_ids) if len(ids) >= 2]
-        self.stats.too_short = len(probes) - len(usable)
+        self.sample = RowSample(max_rows)
+        self.written = probes is None
+        self.token_ids: list[list[int]] = [] if probes is None else probes.token_ids
+        self.pending: list[_Rows] = []
+        self.reference: torch.Tensor | None = None
+        if probes is not None:
+            self.check_variety(len(probes))
+
+    def check_variety(self, stop: int) -> None:
+        """Refuse probes ``0 .. stop - 1`` when too few are long enough or their rows cannot differ."""
+        usable = [ids for ids in self.token_ids[:stop] if len(ids) >= 2]
         if len(usable) < 2:
-            raise CritlayerError(f"sequences too short: {len(usable)} of {len(probes)} probes have 2 tokens "
+            raise CritlayerError(f"sequences too short: {len(usable)} of {stop} probes have 2 tokens "
                                  "(position 0 is an attention sink and never measured); need 2 such probes")
-        if not rows_can_differ([probes.token_ids[i] for i in usable], token_mode):
+        if not rows_can_differ(usable, self.token_mode):
             raise CritlayerError("the probes are identical, so every block gives each of them the same output; "
                                  "use more varied probes")
-        self.order = sorted(usable, key=lambda i: (-len(probes.token_ids[i]), i))
-        self.token_ids = probes.token_ids
-        self.sample_keys = self._plan(max_rows)
 
-    def _plan(self, max_rows: int | None) -> torch.Tensor:
-        """The sorted keys of the rows kept whole: the ``max_rows`` smallest over every row of the pass."""
-        kept = torch.empty(0, dtype=torch.float64)
-        for first in range(0, len(self.order), PLAN_CHUNK):
-            samples = np.array(self.order[first:first + PLAN_CHUNK])
-            lengths = np.array([len(self.token_ids[i]) for i in samples])
-            if self.token_mode == "last":
-                positions = lengths - 1
-            elif self.token_mode == "mean":
-                positions = np.zeros_like(samples)  # one row per sample
-            else:  # positions 1 .. length - 1 of every sample
-                starts = np.cumsum(lengths - 1) - (lengths - 1)  # where each sample's rows begin
-                positions = np.arange(int((lengths - 1).sum())) - np.repeat(starts - 1, lengths - 1)
-                samples = np.repeat(samples, lengths - 1)
-            kept = torch.cat([kept, row_keys(self.seed, samples, positions)])
-            if max_rows is not None and len(kept) > max_rows:
-                kept = kept.topk(max_rows, largest=False).values
-        return kept.sort().values
+    def __iter__(self) -> Iterator[Batch]:
+        """Every known probe, in one round."""
+        return self.round(0, len(self.token_ids))
 
-    def __iter__(self):
-        pending = []
-        self.reference = None
-        enough = min(len(self.order), REFERENCE_SAMPLES)
-        seen = 0
-        for rows, mask in self._captured():
-            pending.append(rows)
-            seen += mask.shape[0]
+    def round(self, first: int, stop: int) -> Iterator[Batch]:
+        """The batches of probes ``first`` .. ``stop - 1``; a massive-activation reference not yet complete when the
+        round ends is taken from what has been seen."""
+        reference_stop = min(stop, REFERENCE_SAMPLES)
+        for rows, mask in (self._written if self.written else self._forward)(first, stop):
+            self.pending.append(rows)
             self.stats.samples += mask.shape[0]
             self.stats.tokens += int(mask.sum())
-            if self.sink_ratio > 0 and self.reference is None:
-                if seen < enough:
-                    continue  # hold batches until the reference probes have been seen
-                self.reference = self._reference_norms(pending, set(self.order[:enough]))
-            for held in pending:
-                batch = self._finish(held)
-                self.stats.rows += batch.cosines.shape[1]
-                yield batch
-            pending = []
+            seen = sum(int((held.probes < reference_stop).sum()) for held in self.pending)
+            if self.sink_ratio > 0 and self.reference is None and seen < reference_stop:
+                continue  # hold batches until the reference probes have been seen
+            yield from self._flush()
+        yield from self._flush()
 
-    def _captured(self):
-        """Per batch, its rows (``_Rows``, every layer added) and its mask."""
+    def _flush(self) -> Iterator[Batch]:
+        if self.pending and self.sink_ratio > 0 and self.reference is None:
+            self.reference = self._reference_norms(self.pending)
+        for held in self.pending:
+            batch = self._finish(held)
+            self.stats.rows += batch.cosines.shape[1]
+            self.sample.update(batch)
+            yield batch
+        self.pending = []
+
+    def _forward(self, first: int, stop: int) -> Iterator[tuple[_Rows, torch.Tensor]]:
+        """Per batch of known probes, its rows (``_Rows``, every layer added) and its mask."""
         lm = self.lm
-        batches = [(samples, *self._pad(samples)) for samples in
-                   (np.array(self.order[i:i + self.batch_size]) for i in range(0, len(self.order), self.batch_size))]
+        self.stats.too_short += sum(len(ids) < 2 for ids in self.token_ids[first:stop])
+        order = sorted((i for i in range(first, stop) if len(self.token_ids[i]) >= 2),
+                       key=lambda i: (-len(self.token_ids[i]), i))
+        batches = [(probes, *self._pad(probes)) for probes in
+                   (np.array(order[i:i + self.batch_size]) for i in range(0, len(order), self.batch_size))]
         if lm.streamed:
-            collected = [self._rows(mask, samples) for samples, _, mask in batches]
+            collected = [self._rows(mask, probes) for probes, _, mask in batches]
             with torch.inference_mode():
                 stream_blocks(lm, [(ids, mask) for _, ids, mask in batches],
                               lambda hidden, b: collected[b].add(hidden), progress=self.progress)
             for _, _, mask in batches:
                 yield collected.pop(0), mask
             return
-        total = sum(len(self.token_ids[i]) for i in self.order)
+        total = sum(len(self.token_ids[i]) for i in order)
         bar = tqdm(total=total, desc=f"capturing {lm.num_layers} blocks", unit="tok", disable=not self.progress)
         current: list[_Rows] = []  # the batch in flight
         with running.watching(lm, lambda hidden: current[0].add(hidden)), torch.inference_mode(), bar:
-            for samples, ids, mask in batches:
-                current[:] = [self._rows(mask, samples)]
+            for probes, ids, mask in batches:
+                current[:] = [self._rows(mask, probes)]
                 running.forward_blocks(lm, ids, mask)
                 if current[0].added != lm.num_layers + 1:
                     raise CritlayerError(f"captured {current[0].added} hidden states, expected {lm.num_layers + 1}")
                 bar.update(int(mask.sum()))
                 yield current.pop(), mask
 
-    def _pad(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return padded_batch([self.token_ids[i] for i in samples], self.lm.device,
+    def _written(self, first: int, stop: int) -> Iterator[tuple[_Rows, torch.Tensor]]:
+        """Per batch of probes the model writes now, their rows and mask: the block outputs of every token are
+        kept as it goes through (in ``last`` mode only each probe's latest), then reduced like a forward's."""
+        bar = tqdm(total=stop - first, desc="writing and capturing probes", unit="probe", disable=not self.progress)
+        with bar:
+            for begin in range(first, stop, WRITING_BATCH):
+                probes = np.arange(begin, min(stop, begin + WRITING_BATCH))
+                states = _States(self.lm, len(probes), self.max_tokens, latest_only=self.token_mode == "last")
+                written = write_probes(self.lm, probes, self.max_tokens, self.seed, states.add)
+                self.token_ids.extend(written)
+                lengths = torch.tensor([len(ids) for ids in written])
+                mask = (torch.arange(self.max_tokens)[None, :] < lengths[:, None]).long()
+                if self.token_mode == "last":
+                    rows = self._rows(torch.ones(len(probes), 1, dtype=torch.long), probes, positions=lengths - 1)
+                else:
+                    rows = self._rows(mask[:, :int(lengths.max())], probes)
+                for hidden in states.hidden(int(lengths.max())):
+                    rows.add(hidden)
+                bar.update(len(probes))
+                yield rows, mask
+
+    def _pad(self, probes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return padded_batch([self.token_ids[i] for i in probes], self.lm.device,
                             getattr(self.lm.config, "max_position_embeddings", None))
 
-    def _rows(self, mask: torch.Tensor, samples: np.ndarray) -> _Rows:
-        """A batch's token-mode tokens (flat ``row * width + position`` indices), keyed, and which to keep whole."""
+    def _rows(self, mask: torch.Tensor, probes: np.ndarray, positions: torch.Tensor | None = None) -> _Rows:
+        """A batch's token-mode tokens (flat ``row * width + position`` indices), keyed, and which to keep whole.
+        ``positions`` are the last tokens' positions when each row's hidden state holds that token alone."""
         batch, width = mask.shape
+        mask = mask.to(self.lm.device)
         if self.token_mode == "last":
             flat = torch.arange(batch, device=mask.device) * width + mask.sum(1) - 1
         else:
             keep = mask.bool().clone()
             keep[:, 0] = False  # position 0 is an attention sink in every model we measured
             flat = keep.flatten().nonzero().squeeze(1)
-        row_sample, row_pos = samples[(flat // width).cpu().numpy()], (flat % width).cpu().numpy()
-        keys = row_keys(self.seed, row_sample, row_pos)
+        row_probe = probes[(flat // width).cpu().numpy()]
+        row_position = (flat % width).cpu().numpy() if positions is None else positions.numpy()
+        keys = row_keys(self.seed, row_probe, row_position)
         kept = None if self.token_mode == "mean" else self._in_sample(keys).nonzero().squeeze(1).to(mask.device)
-        return _Rows(self.lm, flat, row_sample, keys, kept)
+        return _Rows(self.lm, flat, row_probe, keys, kept)
 
     def _in_sample(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys <= self.sample_keys[-1]
+        return keys < self.sample.threshold()
 
-    def _reference_norms(self, pending: list[_Rows], reference: set[int]) -> torch.Tensor:
-        """Per-layer median row norm over the reference probes (the first, longest ones in order)."""
-        norms = [rows.norms[:, np.isin(rows.samples, list(reference))] for rows in pending]
+    def _reference_norms(self, pending: list[_Rows]) -> torch.Tensor:
+        """Per-layer median row norm over the reference probes (the first ones by index)."""
+        reference = min(REFERENCE_SAMPLES, 1 + max(int(rows.probes.max()) for rows in pending))
+        norms = [rows.norms[:, torch.from_numpy(rows.probes < reference).to(rows.norms.device)] for rows in pending]
         return torch.cat(norms, dim=1).median(dim=1, keepdim=True).values
 
     def _finish(self, rows: _Rows) -> Batch:
-        """Drop massive-activation rows and average per sample in ``mean`` mode."""
+        """Drop massive-activation rows and average per probe in ``mean`` mode."""
         cosines, states = rows.cosines, rows.states
         sinks = torch.zeros(cosines.shape[1], dtype=torch.bool, device=cosines.device)
         if self.sink_ratio > 0:
             sinks = (rows.norms > self.sink_ratio * self.reference).any(0)
             self.stats.sinks_dropped += int(sinks.sum())
         if self.token_mode == "mean":
-            states, samples = self._mean_per_sample(states[:, ~sinks], rows.samples[(~sinks).cpu().numpy()])
-            keys = row_keys(self.seed, samples, np.zeros_like(samples))
+            states, probes = self._mean_per_probe(states[:, ~sinks], rows.probes[(~sinks).cpu().numpy()])
+            keys = row_keys(self.seed, probes, np.zeros_like(probes))
             cosines = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1)
             kept = self._in_sample(keys)
-            return Batch(states[:, kept.to(states.device)], keys[kept], samples[kept.numpy()], cosines)
+            return Batch(states[:, kept.to(states.device)], keys[kept], probes[kept.numpy()], cosines)
         whole = ~sinks[rows.kept]
         kept = rows.kept[whole].cpu().numpy()
-        return Batch(states[:, whole], rows.keys[kept], rows.samples[kept], cosines[:, ~sinks])
+        return Batch(states[:, whole], rows.keys[kept], rows.probes[kept], cosines[:, ~sinks])
 
     @staticmethod
-    def _mean_per_sample(rows: torch.Tensor, row_sample: np.ndarray):
-        """Per sample (in the order they come), the mean of its rows."""
-        samples, first, index = np.unique(row_sample, return_index=True, return_inverse=True)
+    def _mean_per_probe(rows: torch.Tensor, row_probe: np.ndarray):
+        """Per probe (in the order they come), the mean of its rows."""
+        probes, first, index = np.unique(row_probe, return_index=True, return_inverse=True)
         order = np.argsort(first)
         index = torch.from_numpy(np.argsort(order)[index]).to(rows.device)
-        sums = torch.zeros(rows.shape[0], len(samples), rows.shape[2], device=rows.device).index_add_(1, index, rows)
-        counts = torch.bincount(index, minlength=len(samples)).to(rows.dtype)
-        return sums / counts[None, :, None], samples[order]
+        sums = torch.zeros(rows.shape[0], len(probes), rows.shape[2], device=rows.device).index_add_(1, index, rows)
+        counts = torch.bincount(index, minlength=len(probes)).to(rows.dtype)
+        return sums / counts[None, :, None], probes[order]
+
+
+class _States:
+    """The block outputs of a batch of probes being written, step by step: every position's, or (``latest_only``)
+    each live row's latest, which is its last token's once the row has ended."""
+
+    def __init__(self, lm: LanguageModel, rows: int, max_tokens: int, latest_only: bool):
+        shape = (lm.num_layers + 1, rows, 1 if latest_only else max_tokens, lm.hidden_size)
+        self.values = torch.zeros(shape, dtype=lm.dtype, device=lm.device)
+        self.latest_only = latest_only
+
+    def add(self, position: int, live: torch.Tensor, states: list[torch.Tensor]) -> None:
+        column = 0 if self.latest_only else position
+        live = live.to(self.values.device)
+        for layer, hidden in enumerate(states):
+            self.values[layer, :, column] = torch.where(live[:, None], hidden.to(self.values.dtype),
+                                                        self.values[layer, :, column])
+
+    def hidden(self, width: int) -> Iterator[torch.Tensor]:
+        """Each layer's ``(rows, width, hidden)`` states (width 1 with ``latest_only``)."""
+        for layer in self.values:
+            yield layer if self.latest_only else layer[:, :width]
 
 
 def rows_can_differ(sequences: list[list[int]], token_mode: str) -> bool:

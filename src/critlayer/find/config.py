@@ -8,8 +8,10 @@ from ..common.errors import CritlayerError
 from ..models.surgery import parse_parts
 from .capture import BATCH_SIZE, SINK_RATIO, TOKEN_MODES
 from .measures import CAPTURE, DEFAULT_MEASURES, MEASURES, TEXT, parse_measures
+from .firmness import MAX_PROBES, MIN_PROBES
 from .probes import Probes
 
+FIXED_N = 256  # probes when n is not given and the answer's firmness is not measured in rounds
 BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's eigendecompositions) and ablation
 
 
@@ -17,9 +19,10 @@ BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spec
 class ScanConfig:
     """A scan's settings.
 
-    ``probes``: generated, random, wiki, bbc, sharegpt, a .txt/.jsonl file, or a ``Probes`` object; ``n``
-    of them, at most ``max_tokens`` each, drawn with ``seed`` (and wrapped in the chat template with
-    ``chat_template``). ``token_mode``: which tokens' states are compared (last, all, mean). ``window``:
+    ``probes``: generated, random, wiki, bbc, sharegpt, a .txt/.jsonl file, a probes.json a scan wrote, or a
+    ``Probes`` object; ``n`` of them (None: in rounds until the answer is firm, at most ``max_n``; see
+    ``find.firmness``), at most ``max_tokens`` each, drawn with ``seed`` (and wrapped in the chat template
+    with ``chat_template``). ``token_mode``: which tokens' states are compared (last, all, mean). ``window``:
     delta averages CKA over blocks within it. ``measures``: default, all or a comma list; ``data`` and
     ``text_n``: the text the loss measures read (default the first probes); ``ablate``: block, attn, mlp.
     ``bootstrap``: replicates for P(critical) (default 100 when more than the default measures run, else 0).
@@ -30,7 +33,8 @@ class ScanConfig:
     """
 
     probes: str | Probes = "generated"
-    n: int = 256
+    n: int | None = None
+    max_n: int = MAX_PROBES
     max_tokens: int = 64
     seed: int = 0
     chat_template: bool = False
@@ -55,9 +59,9 @@ class ScanConfig:
             self.bootstrap = 0 if set(self.measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
         if self.token_mode not in TOKEN_MODES:
             raise CritlayerError(f"unknown token mode {self.token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
-        for name, least in (("n", 2), ("max_tokens", 2), ("seed", 0), ("window", 1), ("text_n", 2),
+        for name, least in (("n", 4), ("max_n", MIN_PROBES), ("max_tokens", 2), ("seed", 0), ("window", 1), ("text_n", 2),
                             ("bootstrap", 0), ("batch_size", 1), ("max_rows", 2)):
-            if getattr(self, name) < least:
+            if getattr(self, name) is not None and getattr(self, name) < least:
                 flag = f"--{name.replace('_', '-')}"
                 raise CritlayerError(f"{flag} must be at least {least}, got {getattr(self, name)}")
         if self.k is not None and self.k < 1:
@@ -69,6 +73,17 @@ class ScanConfig:
     @property
     def probe_source(self) -> str:
         return self.probes if isinstance(self.probes, str) else self.probes.source
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether probes are read in rounds until the answer is firm: no fixed ``n``, and the selection is by
+        delta, whose firmness is measured after every round."""
+        return self.n is None and self.score in (None, "delta") and "cka" in self.measures
+
+    @property
+    def probe_count(self) -> int:
+        """The most probes the scan may read."""
+        return self.n if self.n is not None else (self.max_n if self.adaptive else FIXED_N)
 
     @property
     def needs_text(self) -> list[str]:

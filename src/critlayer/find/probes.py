@@ -3,24 +3,30 @@
 Data-oblivious by default: the model writes its own probes from its BOS token (``generated``),
 or they are random token ids (``random``). Real text comes from built-in corpora (``wiki``,
 ``bbc``, ``sharegpt``) or from the user's ``.txt`` (one prompt per line) or ``.jsonl`` file
-(field ``text`` or ``prompt``).
+(field ``text`` or ``prompt``). Every scan saves the exact token ids it read as ``probes.json``, with a
+fingerprint of the tokenizer, and takes that file back as a source, so that a scan can be rerun anywhere
+on identical input.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..common.errors import CritlayerError
 from ..data.corpora import CORPORA, corpus_texts
 from ..data.prompts import read_prompt_file, tokenize
 from ..models import LanguageModel
+from .writing import BATCH_SIZE as WRITING_BATCH
+from .writing import write_probes
 
 SOURCES = ("generated", "random", *CORPORA)
+PROBE_FILE = "probes.json"
 
 
 @dataclass
@@ -53,12 +59,13 @@ def make_probes(lm: LanguageModel, source: str = "generated", *, n: int = 256, m
         raise CritlayerError(f"need at least 2 tokens per probe, got max_tokens={max_tokens}")
     if source == "generated":
         return Probes(source, generate_probes(lm, n, max_tokens, seed, progress))
+    if Path(source).suffix == ".json":
+        return Probes(source, read_probe_file(lm, source)[:n])
     if source == "random":
         return Probes(source, random_probes(lm, n, max_tokens, seed))
     if source in CORPORA:
         texts = list(corpus_texts(source))
-        rng = np.random.default_rng(seed)
-        texts = [texts[i] for i in sorted(rng.choice(len(texts), size=min(n, len(texts)), replace=False))]
+        texts = [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))[:n]]  # n more extend them
     elif Path(source).suffix or Path(source).exists():
         texts = read_prompt_file(source)[:n]
     else:
@@ -80,30 +87,11 @@ def random_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int) -> list
             for _ in range(n)]
 
 
-def generate_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int, progress: bool = True,
-                    batch_size: int = 64) -> list[list[int]]:
-    """Let the model write its own probes: seeded ancestral sampling from the BOS token."""
-    if not lm.is_causal:
-        raise CritlayerError(f"{lm.architecture} cannot generate text; use --probes random or a corpus")
-    start = _bos_id(lm)
-    if start is None:
-        start = lm.config.eos_token_id if isinstance(lm.config.eos_token_id, int) else None
-    if start is None:
-        raise CritlayerError(f"{lm.name} has neither a BOS nor an EOS token to generate from")
-    eos = _eos_ids(lm)
+def generate_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int, progress: bool = True) -> list[list[int]]:
+    """Let the model write its own probes from its BOS token (see ``find.writing``)."""
     sequences: list[list[int]] = []
-    devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        for begin in tqdm(range(0, n, batch_size), desc="generating probes", unit="batch", disable=not progress):
-            size = min(batch_size, n - begin)
-            ids = torch.full((size, 1), start, dtype=torch.long, device=lm.device)
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                    top_k=0, top_p=1.0, max_new_tokens=max_tokens - 1,
-                                    min_new_tokens=1, pad_token_id=next(iter(eos), start))
-            for row in out.tolist():
-                end = next((i for i, t in enumerate(row[1:], 1) if t in eos), len(row))
-                sequences.append(row[:end])
+    for begin in tqdm(range(0, n, WRITING_BATCH), desc="generating probes", unit="batch", disable=not progress):
+        sequences += write_probes(lm, range(begin, min(n, begin + WRITING_BATCH)), max_tokens, seed)
     return sequences
 
 
@@ -114,8 +102,33 @@ def _bos_id(lm: LanguageModel) -> int | None:
     return bos if isinstance(bos, int) else None
 
 
-def _eos_ids(lm: LanguageModel) -> set[int]:
-    eos = getattr(lm.config, "eos_token_id", None)
-    if eos is None and lm.tokenizer is not None:
-        eos = lm.tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+def tokenizer_fingerprint(lm: LanguageModel) -> str | None:
+    """A sha256 of the tokenizer's vocabulary (token -> id): probe ids mean the same tokens only where it matches."""
+    if lm.tokenizer is None:
+        return None
+    vocab = sorted(lm.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_probe_file(probes: Probes, fingerprint: str | None, path: Path) -> None:
+    path.write_text(json.dumps({"source": probes.source, "tokenizer": fingerprint, "token_ids": probes.token_ids}))
+
+
+def read_probe_file(lm: LanguageModel, path: str | Path) -> list[list[int]]:
+    """The token ids of a probes.json, refused where the model's tokenizer is not the one they were made with."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        ids, fingerprint = data["token_ids"], data.get("tokenizer")
+        if not all(isinstance(row, list) and all(isinstance(t, int) for t in row) for row in ids):
+            raise TypeError("token_ids must be lists of integers")
+    except FileNotFoundError:
+        raise CritlayerError(f"no probe file at {path}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CritlayerError(f"{path} is not a critlayer probe file: {exc}") from None
+    if fingerprint != tokenizer_fingerprint(lm):
+        raise CritlayerError(f"{path} was written with another tokenizer than {lm.name}'s; its ids would mean "
+                             "other tokens")
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    if any(not 0 <= t < vocab for row in ids for t in row):
+        raise CritlayerError(f"{path} holds token ids outside {lm.name}'s vocabulary of {vocab}")
+    return ids

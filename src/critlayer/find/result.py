@@ -13,7 +13,9 @@ import numpy as np
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult
 from .consensus import Consensus, measure_ranks
+from .firmness import Firmness
 from .measures import DIRECTION
+from .probes import PROBE_FILE, Probes, write_probe_file
 from .select import Selection, rank_blocks
 
 
@@ -23,8 +25,11 @@ class ScanResult(SavedResult):
 
     ``scores`` maps a score name to one value per block (block i = index i), ``consensus`` and
     ``p_critical`` included; ``cka[i][j]`` is the linear CKA between the outputs of blocks i and j;
-    ``selection`` says which blocks were chosen, by which rule and why; ``consensus`` how the scores
-    were combined.
+    ``selection`` says which blocks the rule chose from all the probes read, by which rule and why;
+    ``firmness`` how often it chose each over halves of them, and ``critical`` is the answer: the firm
+    blocks (possibly none), or the rule's choice where firmness was not measured. ``consensus`` says how
+    the scores were combined; ``probe_ids`` are the probes read (saved as probes.json, which ``--probes``
+    takes back).
     """
 
     FILE: ClassVar[str] = "scan.json"
@@ -36,6 +41,8 @@ class ScanResult(SavedResult):
     scores: dict[str, np.ndarray]
     selection: Selection
     consensus: Consensus
+    firmness: Firmness | None = None
+    probe_ids: Probes | None = None
     measures: list[str] = field(default_factory=list)
     capture: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
@@ -43,14 +50,16 @@ class ScanResult(SavedResult):
 
     @property
     def critical(self) -> list[int]:
-        return self.selection.critical
+        return self.selection.critical if self.firmness is None else self.firmness.firm
 
     def to_json(self) -> dict:
         return {
             "model": self.model, "probes": self.probes, "layers": self.layers,
             "cka": None if self.cka is None else np.round(self.cka, 8).tolist(),
             "scores": {name: np.round(values, 8).tolist() for name, values in self.scores.items()},
-            "critical": self.critical, "selection": {**self.selection.to_json(), "measures": self.measures},
+            "critical": self.critical,
+            "firmness": None if self.firmness is None else self.firmness.to_json(),
+            "selection": {**self.selection.to_json(), "measures": self.measures},
             "capture": self.capture, "consensus": self.consensus.to_json(), "timing": self.timing,
             "versions": self.versions,
         }
@@ -63,6 +72,7 @@ class ScanResult(SavedResult):
                    scores={k: np.array(v, dtype=float) for k, v in data["scores"].items()},
                    selection=Selection.from_json(data["selection"], len(data["layers"])),
                    consensus=Consensus.from_json(data.get("consensus", {})),
+                   firmness=None if data.get("firmness") is None else Firmness.from_json(data["firmness"]),
                    measures=data["selection"].get("measures", []), capture=data.get("capture", {}),
                    timing=data.get("timing", {}), versions=data.get("versions", {}))
 
@@ -71,6 +81,8 @@ class ScanResult(SavedResult):
         from ..report import write_report
 
         self.write_csv(folder / "layers.csv")
+        if self.probe_ids is not None:
+            write_probe_file(self.probe_ids, self.probes.get("tokenizer"), folder / PROBE_FILE)
         write_report(self, folder)
 
     def write_csv(self, path: Path) -> None:
@@ -106,15 +118,37 @@ class ScanResult(SavedResult):
         return DIRECTION.get(score, -1)
 
     def ranking(self, score: str | None = None) -> list[int]:
-        """Blocks from most to least critical by ``score`` (default: the selection's): eligible ones first."""
+        """Blocks from most to least critical by ``score`` (default: the selection's): eligible ones first, and
+        by the selection's score firm blocks before tentative ones before the rest."""
         score = score or self.selection.score
         if score not in self.scores:
             raise CritlayerError(f"the scan has no score {score!r}; it has {', '.join(self.scores)}")
-        return rank_blocks(self.direction(score) * np.asarray(self.scores[score]), self.selection.eligible)
+        ranked = rank_blocks(self.direction(score) * np.asarray(self.scores[score]), self.selection.eligible)
+        if self.firmness is None or score != self.selection.score:
+            return ranked
+        tier = {**dict.fromkeys(self.firmness.tentative, 1), **dict.fromkeys(self.firmness.firm, 2)}
+        return sorted(ranked, key=lambda block: -tier.get(block, 0))  # stable: by score within a tier
 
     def measure_ranks(self) -> dict[str, np.ndarray]:
         """Each measure's criticality rank scaled to [0, 1], as the consensus averages them."""
         return measure_ranks(self.scores, self.consensus.groups)
+
+    def answer(self) -> str:
+        """The answer in a sentence: the firm blocks, or plainly that none is firm, and the tentative ones."""
+        name, sel, firmness = self.model.get("name", "the model"), self.selection, self.firmness
+        rule = f"rule {sel.rule}: {sel.reason}"
+        if firmness is None:
+            return f"critical layers of {name}: {self.critical}  ({rule})"
+        p = firmness.probability
+        tentative = ", ".join(f"{b} ({p[b]:.2f})" for b in firmness.tentative) or "none"
+        where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
+        how = f"{where}{firmness.stopped}"
+        if not firmness.firm:
+            return (f"critical layers of {name}: no block is firm (picked in >= {firmness.thresholds['firm']:.0%} of "
+                    f"{firmness.replicates} halves of the probes); tentative: {tentative}; the rule on all probes "
+                    f"chose {sel.critical} ({how})")
+        return (f"critical layers of {name}: {firmness.firm}, firm (picked in >= {firmness.thresholds['firm']:.0%} of "
+                f"{firmness.replicates} halves of the probes); tentative: {tentative} ({how}; {rule})")
 
     def table(self) -> str:
         """A plain-text summary table, one row per layer."""

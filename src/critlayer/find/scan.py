@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,9 +16,10 @@ from ..data.text import sample_texts
 from ..models import DEFAULT_MODEL, LanguageModel, load
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
+from .firmness import REPLICATES, ROUND, Firmness, Round, delta_picks, probabilities, should_stop, summarise
 from .measures import DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
-from .probes import Probes, make_probes
+from .probes import Probes, make_probes, tokenizer_fingerprint
 from .result import ScanResult
 from .select import select_critical
 
@@ -61,21 +63,38 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         _check_streamable(config)
     if config.k is not None and config.k > lm.num_layers:
         raise CritlayerError(f"--k {config.k} is larger than the {lm.num_layers} layers of {lm.name}")
-    probes, built_here = None, isinstance(config.probes, str)
-    if config.needs_probes:
-        probes = config.probes
-        if built_here:
-            with timed(timing, "probes"):
-                probes = make_probes(lm, config.probes, n=config.n, max_tokens=config.max_tokens, seed=config.seed,
-                                     chat_template=config.chat_template, progress=progress)
+    probes = config.probes if isinstance(config.probes, Probes) else None
+    if config.needs_probes and probes is None and not _written_as_captured(lm, config):
+        with timed(timing, "probes"):
+            probes = make_probes(lm, config.probes, n=config.probe_count, max_tokens=config.max_tokens,
+                                 seed=config.seed, chat_template=config.chat_template, progress=progress)
     text, text_source = _loss_texts(lm, probes, config) if config.needs_text else (None, None)
-    measured = run_measures(lm, config, probes=probes, text=text, progress=progress)
-    timing.update(measured.timing)
-    scores, groups = measured.scores, measured.groups()
 
     def select(name: str, values: np.ndarray):
         return select_critical(values, direction=DIRECTION[name], score_name=name, k=config.k,
                                window=config.window, edges=config.edges)
+
+    rounds: list[Round] = []
+    picks: list[list[list[int]]] = []
+
+    def settle(rows, row_probes: np.ndarray, read: int) -> bool:
+        picks[:] = [delta_picks(rows, row_probes, lambda delta: select("delta", delta).critical, config.window,
+                                config.seed)]
+        rounds.append(summarise(read, probabilities(picks[0], lm.num_layers)))
+        if progress and config.adaptive:
+            print(f"critlayer: {read} probes: {_round_line(rounds[-1])}", file=sys.stderr, flush=True)
+        return config.adaptive and should_stop(rounds)
+
+    total = config.probe_count
+    if probes is not None:
+        total = len(probes) if config.n is None and not config.adaptive else min(len(probes), total)
+    plan = list(range(ROUND, total, ROUND)) + [total] if config.adaptive else [total]
+    measured = run_measures(lm, config, probes=probes, text=text, rounds=plan,
+                            settle=settle if "cka" in config.measures else None, progress=progress)
+    timing.update(measured.timing)
+    if probes is None and measured.probes is not None:
+        timing["probes"] = 0.0  # written during the capture: its time is the capture's
+    scores, groups = measured.scores, measured.groups()
 
     select_by = config.score or ("delta" if "delta" in scores else "consensus")
     basis = "consensus" if select_by == "p_critical" else select_by  # the score each replicate selects by
@@ -88,12 +107,15 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
                                                       replicates=config.bootstrap, seed=config.seed)
     if select_by not in scores:
         raise CritlayerError(f"cannot select by {select_by!r}; the scan computed {', '.join(scores)}")
+    firmness = _firmness(config, select_by, scores, rounds, picks, lm.num_layers, resampled)
     ranked = [s for names in groups.values() for s in names]
-    probe_info = {} if probes is None else {
-        **probes.describe(), "max_tokens": config.max_tokens if built_here else None,
+    read = measured.probes or probes
+    probe_info = {} if read is None else {
+        **read.describe(), "max_tokens": config.max_tokens if not isinstance(config.probes, Probes) else None,
         "token_mode": config.token_mode, "seed": config.seed,
-        "chat_template": config.chat_template if built_here else None, "batch_size": config.batch_size,
-        "sink_ratio": config.sink_ratio}
+        "chat_template": config.chat_template if not isinstance(config.probes, Probes) else None,
+        "batch_size": config.batch_size, "sink_ratio": config.sink_ratio,
+        "one_pass": probes is None and measured.probes is not None, "tokenizer": tokenizer_fingerprint(lm)}
     text_info = None if text is None else {"source": text_source, "n": len(text), "tokens": sum(map(len, text)),
                                            "ablate": list(config.ablate)}
     return ScanResult(
@@ -102,7 +124,37 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         consensus=Consensus(groups, ranked, np.round(agreement(scores, ranked), 6).tolist(),
                             config.bootstrap if resampled else 0,
                             measured.fixed if resampled else list(config.measures), text_info, measured.details),
-        capture=measured.capture, timing=timing, versions=_versions())
+        firmness=firmness, probe_ids=read, capture=measured.capture, timing=timing, versions=_versions())
+
+
+def _written_as_captured(lm: LanguageModel, config: ScanConfig) -> bool:
+    """Whether the model writes its probes during the capture (one pass) rather than before it: generated probes,
+    read only by the capture measures."""
+    return config.probes == "generated" and not lm.streamed and not (config.needs_text and config.data is None)
+
+
+def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Round], picks: list,
+              layers: int, resampled: bool) -> Firmness | None:
+    """How firm the answer is: from the halves of the last round when the selection is by delta, else from the
+    replicates behind P(critical); None when neither was measured."""
+    if select_by == "delta" and picks:
+        if not config.adaptive:
+            stopped = f"read the {rounds[-1].probes} probes asked for"
+        elif should_stop(rounds):
+            stopped = "settled: the same firm blocks and none undecided in two rounds running"
+        else:
+            stopped = f"read {rounds[-1].probes} probes (at most --max-n {config.max_n}) without settling"
+        return Firmness("delta", probabilities(picks[0], layers), REPLICATES, stopped, rounds)
+    if resampled and select_by in ("consensus", "p_critical"):
+        return Firmness("consensus", scores["p_critical"].tolist(), config.bootstrap,
+                        f"read the {config.probe_count} probes asked for")
+    return None
+
+
+def _round_line(round_: Round) -> str:
+    firm = ", ".join(map(str, round_.firm)) or "none"
+    undecided = ", ".join(map(str, round_.undecided)) or "none"
+    return f"firm {firm}; undecided {undecided}"
 
 
 def _check_streamable(config: ScanConfig) -> None:

@@ -103,11 +103,9 @@ def select_critical(score: np.ndarray, *, direction: int = -1, score_name: str =
                          + ("" if k <= len(eligible) else " (more than the eligible blocks: edges added)"),
                          **settings, k=k)
     valleys = find_valleys(-criticality[eligible])  # valleys of the "low = critical" profile
-    if not valleys:
-        best = rank_blocks(criticality, eligible)[0]
-        return Selection([best], "band", score_name,
-                         f"the {score_name} profile has no valley; took the most critical eligible block",
-                         **settings, valleys=[])
+    if not valleys:  # a profile that only rises or falls with depth singles out no band
+        return Selection([], "band", score_name, f"the {score_name} profile has no valley among blocks "
+                         f"{eligible[0]}-{eligible[-1]}: no band stands out", **settings, valleys=[])
     top = max(v["prominence"] for v in valleys)
     kept = [v for v in valleys if v["prominence"] >= MIN_RELATIVE_PROMINENCE * top]
     chosen = sorted({eligible[i] for v in kept for i in range(v["start"], v["end"])})

@@ -21,15 +21,19 @@ FORMATS = ("json", "peft", "axolotl")
 
 def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
            format: str = "json", r: int = 8, alpha: int = 16, seed: int = 0, out: str | Path | None = None) -> str:
-    """A scan's critical blocks, or those ``layers`` names (``critical:K`` ranked by ``score``), as ``format``:
-    a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list; written to
-    ``out`` when given, and returned.
+    """A scan's critical blocks (its firm ones, where it measured firmness), or those ``layers`` names
+    (``critical:K`` ranked by ``score``, firm blocks first), as ``format``: a JSON list, PEFT's
+    ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list; written to ``out`` when given,
+    and returned. A scan with no firm block has nothing to export by default: name the blocks with ``layers``.
 
     >>> result = critlayer.scan(model_folder, probes="random", n=16, max_tokens=12, progress=False)
     >>> critlayer.export(result, layers="1,3")
     '[1, 3]\\n'
     """
     result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
+    if layers is None and not result.critical:
+        raise CritlayerError("no block of this scan is firm, so it has no critical blocks to export; name them "
+                             "with --layers (critical:K takes the K top-ranked)")
     blocks = list(result.critical) if layers is None else resolve_layers(len(result.layers), layers, result,
                                                                          score=score, seed=seed)
     text = export_text(result, blocks, format, r=r, alpha=alpha)

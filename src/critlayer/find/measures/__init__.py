@@ -10,7 +10,7 @@ from .base import CAPTURE, TEXT, WEIGHTS, Draw, Inputs, Measure
 from .cka import Cka, cka_matrix, delta_scores, linear_cka
 from .clusters import Clusters
 from .gradient import Gradient
-from .sample import RowSample, resample_rows
+from .sample import RowSample, half_weights, resample_rows
 from .similarity import BlockSimilarity, Influence, similarity_scores
 from .spectral import KS, Spectral, spectral_scores
 from .weights import Weights
@@ -40,4 +40,4 @@ def parse_measures(measures: str | tuple[str, ...] | list[str]) -> tuple[str, ..
 
 __all__ = ["CAPTURE", "DEFAULT_MEASURES", "DIRECTION", "KS", "MEASURES", "TEXT", "WEIGHTS", "BlockSimilarity", "Draw",
            "Inputs", "Measure", "RowSample", "cka_matrix", "delta_scores", "linear_cka", "parse_measures",
-           "resample_rows", "similarity_scores", "spectral_scores"]
+           "half_weights", "resample_rows", "similarity_scores", "spectral_scores"]

@@ -1,9 +1,12 @@
 """Linear CKA between layers, and the paper's per-layer score delta.
 
-CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with columns centred. For all
-layer pairs at once we use the equivalent Gram form, HSIC(l, k) = <K_l, K_k> with
-K = Xc Xc^T: one product of the stacked Grams gives every pair (no loop over pairs), summed
-over blocks of rows so that no Gram is ever whole.
+CKA(X, Y) = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y)) with linear kernels K = X X^T. The plain estimator,
+<Kc, Lc> with K centred, is biased upward when there are fewer rows than features (it reads noise as
+shared structure), and the bias shrinks as rows are added, so the same model would look different with
+more probes. critlayer uses the unbiased HSIC estimator (Song et al., 2012) instead: its expectation does
+not depend on the number of rows, so a scan of 64 probes and one of 512 estimate the same thing. For all
+layer pairs at once the Gram products <K_l, K_k> come from one product of the stacked Grams, summed over
+blocks of rows so that no Gram is ever whole.
 """
 
 from __future__ import annotations
@@ -20,11 +23,33 @@ SLAB_ENTRIES = 1 << 21
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two feature matrices with the same rows, in float64 (the reference form)."""
-    x, y = x.double(), y.double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    cross = (y.T @ x).square().sum()
-    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+    """Linear CKA of two feature matrices with the same rows (at least 4), in float64: the reference form."""
+    grams = torch.stack([(m.double() - m.double().mean(0)) @ (m.double() - m.double().mean(0)).T for m in (x, y)])
+    diagonals = grams.diagonal(dim1=1, dim2=2)
+    products = grams.flatten(1) @ grams.flatten(1).T
+    return float(cka_from_hsic(debiased_hsic(products, diagonals, grams.sum((1, 2)), grams.sum(2)))[0, 1])
+
+
+def debiased_hsic(products: torch.Tensor, diagonals: torch.Tensor, sums: torch.Tensor,
+                  row_sums: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator of every pair of ``L`` Grams over ``n`` rows (up to the common factor
+    1 / (n (n - 3))), from their pairwise products ``<K_l, K_k>`` (L x L), diagonals (L x n), sums ``1' K 1`` (L)
+    and row sums ``K 1`` (L x n)."""
+    n = diagonals.shape[1]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs at least 4 rows, got {n}")
+    off = products - diagonals @ diagonals.T  # <K~_l, K~_k>, K~ the Gram with its diagonal zeroed
+    sums = sums - diagonals.sum(1)
+    row_sums = row_sums - diagonals
+    return off + torch.outer(sums, sums) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (row_sums @ row_sums.T)
+
+
+def cka_from_hsic(hsic: torch.Tensor) -> np.ndarray:
+    """CKA from a symmetric matrix of HSIC estimates, clipped to [0, 1] (an unbiased estimate may stray past
+    either end by its noise)."""
+    hsic = (hsic + hsic.T) / 2
+    norms = hsic.diagonal().clamp(min=0).sqrt()
+    return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()
 
 
 def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None,
@@ -55,15 +80,16 @@ def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = No
         mean += read(part).sum(1, keepdim=True)  # a slab's sum in float32 (a float64 one copies the slab), all in float64
     mean = (mean / n).float()
     hsic = torch.zeros(layers, layers, dtype=torch.float64, device=states.device)
+    diagonals = torch.zeros(layers, n, dtype=torch.float64, device=states.device)
     for i, part in enumerate(parts):
         a = read(part, 0).sub_(mean)
+        diagonals[:, part] = a.square().sum(-1).double()
         for j in range(i, len(parts)):
             b = a if j == i else read(parts[j], 1).sub_(mean)
             gram = torch.bmm(a, b.transpose(1, 2)).flatten(1)  # a block of every layer's Gram
             hsic.add_((gram @ gram.T).double(), alpha=1.0 if j == i else 2.0)  # off-diagonal blocks count twice
-    hsic = (hsic + hsic.T) / 2  # a float32 product of a matrix with its transpose is symmetric only to rounding
-    norms = hsic.diagonal().sqrt()
-    return (hsic / (norms[:, None] * norms[None, :])).clamp(0.0, 1.0).cpu().numpy()
+    zeros = torch.zeros_like(diagonals)
+    return cka_from_hsic(debiased_hsic(hsic, diagonals, zeros[:, 0], zeros))
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:

@@ -11,80 +11,110 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..capture import Batch
 from ...common.errors import CritlayerError
 
 
-class RowSample:
-    """The rows a capture keeps whole, for the measures that need whole matrices.
+@dataclass
+class Batch:
+    """What one probe batch leaves after its pass.
 
-    A capture fixes before its pass which rows these are (``Capture.sample_keys``: the ``max_rows``
-    smallest keys, which depend only on seed, sample and position), and hands them over in one order
-    whatever the batch size: probes longest first, tokens in position order. Each batch's rows are
-    appended to an unnamed temporary file (in ``$TMPDIR``; gone when the sample is), one write per
-    layer, so the sample never counts against memory. Massive-activation rows among the planned ones
-    never arrive, so the sample may hold fewer rows than planned.
+    ``states`` are the rows the row sample keeps whole: ``states[0]`` the input of block 0 (the
+    embeddings) and ``states[i + 1]`` the output of block ``i``, of shape ``(L + 1, rows, hidden)``
+    in ``kept_dtype`` (float32 means in ``mean`` mode); ``keys`` are their deterministic numbers in
+    [0, 1) (see ``Capture.sample_keys``) and ``samples`` the probe each comes from (what a bootstrap
+    resamples). ``cosines`` ``(L, all rows)`` holds, for every row of the batch whether kept or not,
+    the cosine between each block's input and output.
     """
 
-    def __init__(self, keys: torch.Tensor):
-        self.planned = keys
+    states: torch.Tensor
+    keys: torch.Tensor
+    samples: np.ndarray | None = None
+    cosines: torch.Tensor | None = None
+
+
+class RowSample:
+    """The rows kept whole for the measures that need whole matrices: the ``capacity`` rows with the smallest keys
+    of all rows seen so far (a bottom-k sample).
+
+    Row keys hash (seed, probe, position), so which rows end up kept depends only on which rows were seen,
+    never on batch sizes or the order they came in; a row that gives way to one with a smaller key is
+    overwritten in place. Rows live in an unnamed temporary file (in ``$TMPDIR``; gone when the sample is),
+    so the sample never counts against memory.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
         self.file = None
         self.count = 0
-        self._keys = torch.empty(len(keys), dtype=torch.float64)
-        self._samples = np.full(len(keys), -1, dtype=np.int64)
-        self.sums = self.squares = None  # per layer, in float64: the rows' sum and their summed squared norm
+        self._keys = torch.full((capacity,), float("inf"), dtype=torch.float64)
+        self._samples = np.full(capacity, -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.count
 
+    def threshold(self) -> float:
+        """Rows with a key at or above this cannot enter the sample."""
+        return float("inf") if self.count < self.capacity else float(self._keys.max())
+
     def update(self, batch: Batch) -> None:
-        rows = len(batch.keys)
-        if not rows:
+        keys = batch.keys
+        if not len(keys):
             return
-        found = torch.searchsorted(self.planned, batch.keys).clamp(max=len(self.planned) - 1)
-        if not torch.equal(self.planned[found], batch.keys) or self.count + rows > len(self.planned):
-            raise ValueError("a row that is not in the planned sample")
         layers, _, hidden = batch.states.shape
         if self.file is None:
             self.layers, self.hidden, self.device = layers, hidden, batch.states.device
             self.dtype = batch.states.dtype
             self.file = tempfile.TemporaryFile(buffering=0)
-            self.sums = torch.zeros(layers, hidden, dtype=torch.float64)
-            self.squares = torch.zeros(layers, dtype=torch.float64)
-        for layer, layer_rows in enumerate(batch.states):  # a layer at a time: no float64 copy of the batch
-            wide = layer_rows.double().cpu()
-            self.sums[layer] += wide.sum(0)
-            self.squares[layer] += wide.square().sum()
-        values = _bytes(batch.states.to(self.dtype).cpu())
+        candidates = torch.cat([self._keys[:self.count], keys])
+        chosen = torch.ones(len(candidates), dtype=torch.bool)
+        if len(candidates) > self.capacity:
+            chosen[:] = False
+            chosen[candidates.topk(self.capacity, largest=False).indices] = True
+        entering = chosen[self.count:].nonzero().squeeze(1)
+        freed = (~chosen[:self.count]).nonzero().squeeze(1)
+        slots = torch.cat([freed, torch.arange(self.count, self.count + len(entering) - len(freed))])
+        self._write(batch.states[:, entering.to(batch.states.device)], slots)
+        self._keys[slots] = keys[entering]
+        if batch.samples is not None:
+            self._samples[slots.numpy()] = batch.samples[entering.numpy()]
+        self.count += len(entering) - len(freed)
+
+    def _write(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """``rows`` (layers x rows x hidden) into ``slots``, one write per run of consecutive slots and layer."""
+        order = slots.argsort()
+        slots, values = slots[order], _bytes(rows[:, order.to(rows.device)].to(self.dtype).cpu())
+        breaks = (np.flatnonzero(np.diff(slots.numpy()) != 1) + 1).tolist()
         try:
-            for layer, layer_rows in enumerate(values):
-                os.pwrite(self.file.fileno(), layer_rows, self._offset(layer, self.count))
+            for begin, end in zip([0, *breaks], [*breaks, len(slots)]):
+                for layer, layer_rows in enumerate(values):
+                    os.pwrite(self.file.fileno(), layer_rows[begin:end], self._offset(layer, int(slots[begin])))
         except OSError as error:
-            size = self._offset(layers, 0) / 2**20
+            size = self._offset(self.layers, 0) / 2**20
             raise CritlayerError(f"cannot write the row sample ({size:.0f} MB) to {tempfile.gettempdir()}: "
                                  f"{error.strerror}; point TMPDIR at a larger disk or lower --max-rows") from error
-        self._keys[self.count:self.count + rows] = batch.keys
-        if batch.samples is not None:
-            self._samples[self.count:self.count + rows] = batch.samples
-        self.count += rows
 
     def _offset(self, layer: int, row: int) -> int:
-        return _offset(layer, row, len(self.planned), self.hidden, self.dtype)
+        return _offset(layer, row, self.capacity, self.hidden, self.dtype)
 
     def spread(self) -> torch.Tensor:
         """Per layer, the share of the rows' energy that is not their mean row (0 when every row is the same)."""
-        centred = self.squares - self.sums.square().sum(1) / self.count
-        return (centred / self.squares.clamp(min=1e-300)).clamp(min=0.0)
+        spreads = []
+        for layer in self.compute():
+            wide = layer.double()
+            squares = wide.square().sum()
+            spreads.append(((squares - wide.sum(0).square().sum() / len(wide)) / squares.clamp(min=1e-300)).item())
+        return torch.tensor(spreads, dtype=torch.float64).clamp(min=0.0)
 
     def compute(self) -> "StoredRows":
-        """The rows that arrived, in arrival order, as ``(L + 1, rows, hidden)`` float32 read on demand."""
+        """The rows held, in slot order, as ``(L + 1, rows, hidden)`` float32 read on demand."""
         if self.file is None:
             raise ValueError("no rows captured")
-        return StoredRows(self.file, range(self.layers), self.count, len(self.planned), self.hidden, self.dtype,
+        return StoredRows(self.file, range(self.layers), self.count, self.capacity, self.hidden, self.dtype,
                           self.device)
 
     def row_keys(self) -> torch.Tensor:
@@ -180,7 +210,17 @@ def pick_rows(layer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def resample_rows(row_samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one bootstrap replicate: probe samples drawn with replacement, all rows of each."""
+    """Row indices of one replicate: half the probes, drawn without replacement, and every row of each."""
     samples, inverse = np.unique(row_samples, return_inverse=True)
-    counts = np.bincount(rng.integers(0, len(samples), len(samples)), minlength=len(samples))
-    return np.repeat(np.arange(len(row_samples)), counts[inverse])
+    return np.flatnonzero(_half(len(samples), rng)[inverse])
+
+
+def half_weights(count: int, rng: np.random.Generator) -> np.ndarray:
+    """A weight per text of one replicate: 1 for half of them drawn without replacement, 0 for the rest."""
+    return _half(count, rng).astype(float)
+
+
+def _half(count: int, rng: np.random.Generator) -> np.ndarray:
+    chosen = np.zeros(count, dtype=bool)
+    chosen[rng.choice(count, size=max(1, count // 2), replace=False)] = True
+    return chosen

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ..capture import Batch
+from .sample import Batch
 from .base import CAPTURE, Inputs, Measure
 from .sample import StoredRows, pick_rows
 

@@ -1,13 +1,15 @@
 """Run the chosen measures on one model: the shared capture pass over the probes, then every measure in turn.
 
-Every capture measure reads the same bounded row sample of that pass. A bootstrap replicate draws the
-probes behind those rows with replacement, and the texts, and every measure that can recomputes on the
-draw; the others (``resampled = False``) are held fixed in it.
+The capture reads the probes in rounds (one round for a fixed number); after each, ``settle`` may say that
+enough have been read. Every capture measure reads the same bounded row sample of that pass. A replicate
+draws half the probes behind those rows and half the texts, without replacement, and every measure that
+can recomputes on the draw; the others (``resampled = False``) are held fixed in it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +21,8 @@ from ...common.memory import trim_heap
 from ...models import LanguageModel
 from ..capture import Capture
 from ..probes import Probes
-from . import CAPTURE, MEASURES, Draw, Inputs, Measure, RowSample, resample_rows
+from . import CAPTURE, MEASURES, Draw, Inputs, Measure, half_weights, resample_rows
+from .sample import StoredRows
 
 # Block outputs whose rows differ by no more than this many units of rounding of the model's dtype are taken
 # as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless). The least varied
@@ -50,6 +53,7 @@ class Measured:
     details: dict = field(default_factory=dict)
     row_samples: np.ndarray | None = None  # the probe behind each row of the sample
     texts: int = 0
+    probes: Probes | None = None  # the probes the capture read (written by the model, or the first of those given)
 
     def groups(self) -> dict[str, list[str]]:
         """Measure -> the scores it contributes to the consensus."""
@@ -64,8 +68,7 @@ class Measured:
         """Every score on one bootstrap replicate of the probes and texts."""
         draw = Draw(
             rows=None if self.row_samples is None else torch.from_numpy(resample_rows(self.row_samples, rng)),
-            text_weights=np.bincount(rng.integers(0, self.texts, self.texts), minlength=self.texts).astype(float)
-            if self.texts else None)
+            text_weights=half_weights(self.texts, rng) if self.texts else None)
         scores = dict(self.scores)
         for measure in self.measures:
             if measure.resampled:
@@ -73,14 +76,21 @@ class Measured:
         return scores
 
 
+# After a round: the row sample's block outputs (``(L, rows, hidden)``), the probe of each row and the probes read
+# so far; True when they are enough.
+Settle = Callable[[StoredRows, np.ndarray, int], bool]
+
+
 def run_measures(lm: LanguageModel, config, *, probes: Probes | None = None, text: list[list[int]] | None = None,
-                 progress: bool = True) -> Measured:
-    """Every measure ``config.measures`` names: ``probes`` feed the capture ones, ``text`` the loss ones."""
+                 rounds: list[int] | None = None, settle: Settle | None = None, progress: bool = True) -> Measured:
+    """Every measure ``config.measures`` names: ``probes`` feed the capture ones (None: the model writes them as
+    they are captured), ``text`` the loss ones. The probes are read up to each of ``rounds`` in turn (default
+    all of them at once) until ``settle`` says enough."""
     out = Measured([MEASURES[name](config) for name in config.measures], texts=len(text or ()))
     inputs = Inputs(lm, text=text, progress=progress)
     capturing = [m for m in out.measures if m.reads == CAPTURE]
     if capturing:
-        inputs.sample = _capture(lm, probes, capturing, config, out, progress)
+        inputs.sample = _capture(lm, probes, capturing, config, out, rounds or [len(probes)], settle, progress)
     per_measure: dict[str, float] = {}
     for measure in out.measures:
         with timed(per_measure, measure.name):
@@ -94,23 +104,30 @@ def run_measures(lm: LanguageModel, config, *, probes: Probes | None = None, tex
     return out
 
 
-def _capture(lm: LanguageModel, probes: Probes, capturing: list[Measure], config, out: Measured, progress: bool):
-    """The one pass of the probes through the blocks: the row sample, and each capture measure's ``update``."""
+def _capture(lm: LanguageModel, probes: Probes | None, capturing: list[Measure], config, out: Measured,
+             rounds: list[int], settle: Settle | None, progress: bool):
+    """The one pass of the probes through the blocks, round by round: the row sample, and each capture measure's
+    ``update``."""
     capture = Capture(lm, probes, token_mode=config.token_mode, batch_size=config.batch_size, seed=config.seed,
-                      sink_ratio=config.sink_ratio, max_rows=config.max_rows, progress=progress)
-    sample = RowSample(capture.sample_keys)
+                      sink_ratio=config.sink_ratio, max_rows=config.max_rows, max_tokens=config.max_tokens,
+                      progress=progress)
+    sample, first = capture.sample, 0
     with timed(out.timing, "capture"):
-        for batch in capture:
-            sample.update(batch)
-            for measure in capturing:
-                measure.update(batch)
-    rows = min(capture.stats.rows, len(sample))
-    if rows < 2:
-        raise CritlayerError(f"only {rows} row(s) left after dropping massive activations; "
-                             "raise --sink-ratio or use more probes")
+        for stop in rounds:
+            for batch in capture.round(first, stop):
+                for measure in capturing:
+                    measure.update(batch)
+            first = stop
+            if settle is not None and len(sample) >= 4 and settle(sample.compute()[1:], sample.row_samples(), stop):
+                break
+    capture.check_variety(first)
+    if len(sample) < 4:
+        raise CritlayerError(f"only {len(sample)} row(s) left after dropping massive activations; unbiased CKA "
+                             "needs 4: raise --sink-ratio or use more probes")
     _require_variance(sample, lm.dtype)
     out.capture = {**capture.stats.as_dict(), "rows_for_cka": len(sample), "max_rows": config.max_rows}
     out.row_samples = sample.row_samples()
+    out.probes = Probes(config.probe_source, capture.token_ids[:first])
     return sample.compute()
 
 
