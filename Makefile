@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned torch takes the local CPU wheel on our machines; elsewhere override TORCH= to keep your own build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench bench-firm clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
+# Minutes, not hours: the default scan's time to a firm answer against sampling alone and the fixed two-pass scan.
+bench-firm: setup
+	$(BIN)/python bench/firm.py $(FIRM_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) critlayer-demo bench-results

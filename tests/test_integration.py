@@ -29,8 +29,9 @@ def test_cli_scan_of_the_default_model(tmp_path, capsys):
     assert main(["scan", "--n", "24", "--max-tokens", "24", "--out", str(out), "--quiet"]) == 0
     data = json.loads((out / "scan.json").read_text())
     assert data["model"]["name"] == "smollm2-135m" and len(data["cka"]) == 30
-    assert data["critical"] and all(2 <= i <= 27 for i in data["critical"])
-    assert data["capture"]["samples"] == 24
+    assert data["selection"]["critical"] and all(2 <= i <= 27 for i in data["selection"]["critical"])
+    assert set(data["critical"]) <= set(data["selection"]["critical"]) and len(data["firmness"]["probability"]) == 30
+    assert data["capture"]["samples"] == 24 and data["probes"]["one_pass"] and (out / "probes.json").is_file()
     assert "critical layers of smollm2-135m" in capsys.readouterr().out
 
 
@@ -46,4 +47,5 @@ def test_every_measure_on_the_default_model(smollm2):
     assert result.consensus.details["weights_read_from"] == "loaded parameters"
     assert all(len(v) == 30 for v in result.scores.values())
     assert result.scores["ablation"].max() > 0 and (result.scores["gradient"] > 0).all()
-    assert result.critical and all(2 <= i <= 27 for i in result.critical)
+    assert result.selection.critical and all(2 <= i <= 27 for i in result.selection.critical)
+    assert result.firmness.score == "consensus" and result.firmness.replicates == 5

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--max-tokens", type=int, default=64, help="tokens per probe at most (default 64)")
     scan.add_argument("--seed", type=_at_least(0), default=0)
     scan.add_argument("--chat-template", action="store_true", help="wrap text probes in the model's chat template")
-    scan.add_argument("--token-mode", choices=TOKEN_MODES, default="last",
-                      help="last non-pad token (default), all tokens but attention sinks, or their mean")
+    scan.add_argument("--token-mode", choices=TOKEN_MODES, default="all",
+                      help="all tokens but attention sinks (default), the last token (the paper's), or their mean")
     scan.add_argument("--window", type=_at_least(1), default=2, help="delta averages CKA over |j - l| <= window (default 2)")
     scan.add_argument("--measures", default="default",
                       help=f"comma list of {', '.join(MEASURES)}; default (cka,influence,spectral: no task data, "

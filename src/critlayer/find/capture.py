@@ -139,7 +139,7 @@ class Capture:
         if len(usable) < 2:
             raise CritlayerError(f"sequences too short: {len(usable)} of {stop} probes have 2 tokens "
                                  "(position 0 is an attention sink and never measured); need 2 such probes")
-        if not rows_can_differ(usable, self.token_mode):
+        if not rows_can_differ(usable):
             raise CritlayerError("the probes are identical, so every block gives each of them the same output; "
                                  "use more varied probes")
 
@@ -300,12 +300,12 @@ class _States:
             yield layer if self.latest_only else layer[:, :width]
 
 
-def rows_can_differ(sequences: list[list[int]], token_mode: str) -> bool:
-    """Whether a token mode's rows can differ at all, decided on token ids: a row's state depends only on its
-    probe's tokens and its position, so identical probes give identical rows (in ``all`` mode the positions
-    of one probe still differ)."""
-    distinct = set(map(tuple, sequences))
-    return len(distinct) > 1 or (token_mode == "all" and len(next(iter(distinct))) > 2)
+def rows_can_differ(sequences: list[list[int]]) -> bool:
+    """Whether the probes differ at all, decided on token ids: a row's state depends only on its probe's tokens and
+    its position, so identical probes give identical rows in every token mode (in ``all`` mode one probe's
+    positions still differ from each other, but nothing varies between probes, which is what halves of the
+    probes, and the answer's firmness, are about)."""
+    return len(set(map(tuple, sequences))) > 1
 
 
 def padded_batch(sequences: list[list[int]], device: torch.device,

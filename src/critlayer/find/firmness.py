@@ -7,11 +7,12 @@ which the rule picks it. A block picked in at least ``FIRM`` of them is firm, on
 the unbiased CKA estimator would read a repeated probe as perfect agreement; a half has fewer probes than
 the whole, so its probabilities understate firmness rather than overstate it.
 
-A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read, every
-block either firm or picked in at most ``ABSENT`` of the halves (nothing in between), and the same firm
-blocks after two rounds in a row. Demanding it twice over, with no block in the band between, is the
-hysteresis that keeps a scan from stopping on a lucky round (optional stopping); ``REPLICATES`` halves put
-the Monte Carlo error of a probability near 0.9 at about 0.015.
+A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read and the
+same firm blocks in ``SETTLED_ROUNDS`` rounds running; an answer of no firm block at all settles only if,
+in those rounds, no block is picked in more than ``ABSENT`` of the halves either (nothing is on its way to
+firm). Demanding the same answer three times over is the hysteresis that keeps a scan from stopping on a
+lucky round (optional stopping): band edges hover near the firm line, and a single round that crosses it
+is not enough. ``REPLICATES`` halves put the Monte Carlo error of a probability near 0.9 at about 0.015.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ import numpy as np
 import torch
 
 from .measures.cka import cka_from_hsic, debiased_hsic, delta_scores
+from .measures.sample import RowSample, resample_rows
 
 FIRM, TENTATIVE, ABSENT = 0.9, 0.5, 0.1
+THRESHOLDS = {"firm": FIRM, "tentative": TENTATIVE, "absent": ABSENT}
 REPLICATES = 400
 ROUND = 32  # probes per round of an adaptive scan
 MIN_PROBES = 64
+SETTLED_ROUNDS = 3
 MAX_PROBES = 512  # where an adaptive scan stops if the answer never settles
-GRAM_ROWS = 1024  # rows (smallest keys first) whose Grams the halves are drawn from
+# Rows of the sample (smallest keys first: a random draw over every probe read) whose Grams the halves are drawn
+# from. Each half costs L^2 (GRAM_ROWS / 2)^2 multiply-adds: 1,024 rows took 40 s a round for 400 halves of
+# smollm2-135m, 512 rows about 2 s.
+GRAM_ROWS = 512
+STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and the firm blocks are the "
+                 f"same in {SETTLED_ROUNDS} rounds running (when none is firm, no block may be picked in more than "
+                 f"{ABSENT:.0%} of the halves in them either)")
 
 
 @dataclass
@@ -40,9 +50,11 @@ class Round:
     firm: list[int]
     tentative: list[int]
     undecided: list[int]  # picked in more than ABSENT but fewer than FIRM of the halves
+    probability: list[float] = field(default_factory=list)  # each block's, over this round's halves
 
     @property
     def settled(self) -> bool:
+        """Every block firm or all but never picked."""
         return not self.undecided
 
 
@@ -56,27 +68,27 @@ class Firmness:
     replicates: int
     stopped: str
     rounds: list[Round] = field(default_factory=list)
-    thresholds: dict = field(default_factory=lambda: {"firm": FIRM, "tentative": TENTATIVE, "absent": ABSENT})
+    thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
+    rule: str = STOPPING_RULE
 
     @property
     def firm(self) -> list[int]:
-        return [b for b, p in enumerate(self.probability) if p >= self.thresholds["firm"]]
+        return summarise(0, self.probability, self.thresholds).firm
 
     @property
     def tentative(self) -> list[int]:
-        return [b for b, p in enumerate(self.probability)
-                if self.thresholds["tentative"] <= p < self.thresholds["firm"]]
+        return summarise(0, self.probability, self.thresholds).tentative
 
     def to_json(self) -> dict:
         return {"score": self.score, "firm": self.firm, "tentative": self.tentative,
                 "probability": [round(p, 4) for p in self.probability], "replicates": self.replicates,
                 "halves": "half the probes, drawn without replacement", "thresholds": self.thresholds,
-                "stopped": self.stopped, "rounds": [asdict(r) for r in self.rounds]}
+                "rule": self.rule, "stopped": self.stopped, "rounds": [asdict(r) for r in self.rounds]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Firmness":
         return cls(data["score"], data["probability"], data["replicates"], data["stopped"],
-                   [Round(**r) for r in data.get("rounds", [])], data["thresholds"])
+                   [Round(**r) for r in data.get("rounds", [])], data["thresholds"], data.get("rule", ""))
 
 
 def probabilities(picks: list[list[int]], layers: int) -> list[float]:
@@ -86,45 +98,39 @@ def probabilities(picks: list[list[int]], layers: int) -> list[float]:
     return (counts / max(1, len(picks))).tolist()
 
 
-def summarise(probes: int, probability: list[float]) -> Round:
-    return Round(probes, [b for b, p in enumerate(probability) if p >= FIRM],
-                 [b for b, p in enumerate(probability) if TENTATIVE <= p < FIRM],
-                 [b for b, p in enumerate(probability) if ABSENT < p < FIRM])
+def summarise(probes: int, probability: list[float], thresholds: dict = THRESHOLDS) -> Round:
+    """The firm, tentative and undecided blocks of a round that read ``probes``."""
+    firm, tentative, absent = thresholds["firm"], thresholds["tentative"], thresholds["absent"]
+    return Round(probes, [b for b, p in enumerate(probability) if p >= firm],
+                 [b for b, p in enumerate(probability) if tentative <= p < firm],
+                 [b for b, p in enumerate(probability) if absent < p < firm], [round(p, 4) for p in probability])
 
 
 def should_stop(rounds: list[Round]) -> bool:
-    """Settled, with the same firm blocks, in the last two rounds, after at least ``MIN_PROBES`` probes."""
-    if len(rounds) < 2 or rounds[-1].probes < MIN_PROBES:
+    """The same firm blocks in the last ``SETTLED_ROUNDS`` rounds, after at least ``MIN_PROBES`` probes (and, when
+    none is firm, none undecided either)."""
+    last = rounds[-SETTLED_ROUNDS:]
+    if len(last) < SETTLED_ROUNDS or last[-1].probes < MIN_PROBES:
         return False
-    last, before = rounds[-1], rounds[-2]
-    return last.settled and before.settled and last.firm == before.firm
+    if any(r.firm != last[-1].firm for r in last):
+        return False
+    return bool(last[-1].firm) or all(r.settled for r in last)
 
 
-def delta_picks(rows, row_probes: np.ndarray, select: Callable[[np.ndarray], list[int]], window: int,
-                seed: int, replicates: int = REPLICATES) -> list[list[int]]:
+def delta_picks(sample: RowSample, select: Callable[[np.ndarray], list[int]], window: int, seed: int,
+                replicates: int = REPLICATES) -> list[list[int]]:
     """The blocks ``select`` picks from delta (unbiased CKA of the block outputs) on each of ``replicates`` halves
-    of the probes behind ``rows`` (block outputs, ``(L, rows, hidden)``)."""
-    keep = _first_rows(row_probes)
-    grams = _grams(rows, keep)
-    probes_of_rows = row_probes[keep]
-    probes, inverse = np.unique(probes_of_rows, return_inverse=True)
+    of the probes behind the rows of ``sample`` (at most ``GRAM_ROWS`` of them: those with the smallest keys, a
+    random draw over every probe read)."""
+    row_probes = sample.row_samples()
+    keep = np.sort(sample.row_keys().argsort()[:GRAM_ROWS].numpy())
+    grams = _grams(sample.compute()[1:], keep)
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(replicates):
-        half = np.zeros(len(probes), dtype=bool)
-        half[rng.choice(len(probes), size=len(probes) // 2, replace=False)] = True
-        chosen = torch.from_numpy(np.flatnonzero(half[inverse]))
-        cka = _cka_of(grams[:, chosen][:, :, chosen])
-        picks.append(select(delta_scores(cka, window)))
+        half = torch.from_numpy(resample_rows(row_probes[keep], rng))
+        picks.append(select(delta_scores(_cka_of(grams[:, half][:, :, half]), window)))
     return picks
-
-
-def _first_rows(row_probes: np.ndarray) -> np.ndarray:
-    """The rows the halves are drawn from: all, or those of the first probes by index up to ``GRAM_ROWS`` rows."""
-    if len(row_probes) <= GRAM_ROWS:
-        return np.arange(len(row_probes))
-    order = np.argsort(row_probes, kind="stable")
-    return np.sort(order[:GRAM_ROWS])
 
 
 def _grams(rows, keep: np.ndarray) -> torch.Tensor:
@@ -139,6 +145,8 @@ def _grams(rows, keep: np.ndarray) -> torch.Tensor:
 
 
 def _cka_of(grams: torch.Tensor) -> np.ndarray:
-    flat = grams.flatten(1).double()
+    """CKA of every pair of layers from their Grams: the products in float32, what they combine into in float64."""
+    flat = grams.flatten(1)
     diagonals = grams.diagonal(dim1=1, dim2=2).double()
-    return cka_from_hsic(debiased_hsic(flat @ flat.T, diagonals, flat.sum(1), grams.sum(2).double()))
+    return cka_from_hsic(debiased_hsic((flat @ flat.T).double(), diagonals, flat.sum(1).double(),
+                                       grams.sum(2).double()))

@@ -16,7 +16,8 @@ from ..data.text import sample_texts
 from ..models import DEFAULT_MODEL, LanguageModel, load
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
-from .firmness import REPLICATES, ROUND, Firmness, Round, delta_picks, probabilities, should_stop, summarise
+from .firmness import (REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Round, delta_picks, probabilities, should_stop,
+                       summarise)
 from .measures import DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
 from .probes import Probes, make_probes, tokenizer_fingerprint
@@ -77,9 +78,8 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
     rounds: list[Round] = []
     picks: list[list[list[int]]] = []
 
-    def settle(rows, row_probes: np.ndarray, read: int) -> bool:
-        picks[:] = [delta_picks(rows, row_probes, lambda delta: select("delta", delta).critical, config.window,
-                                config.seed)]
+    def settle(sample, read: int) -> bool:
+        picks[:] = [delta_picks(sample, lambda delta: select("delta", delta).critical, config.window, config.seed)]
         rounds.append(summarise(read, probabilities(picks[0], lm.num_layers)))
         if progress and config.adaptive:
             print(f"critlayer: {read} probes: {_round_line(rounds[-1])}", file=sys.stderr, flush=True)
@@ -141,7 +141,7 @@ def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Rou
         if not config.adaptive:
             stopped = f"read the {rounds[-1].probes} probes asked for"
         elif should_stop(rounds):
-            stopped = "settled: the same firm blocks and none undecided in two rounds running"
+            stopped = f"settled: the same firm blocks in {SETTLED_ROUNDS} rounds running"
         else:
             stopped = f"read {rounds[-1].probes} probes (at most --max-n {config.max_n}) without settling"
         return Firmness("delta", probabilities(picks[0], layers), REPLICATES, stopped, rounds)

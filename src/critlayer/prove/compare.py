@@ -29,7 +29,7 @@ class Comparison(SavedResult):
     score: str
     results: list[ScanResult]
     spearman: np.ndarray  # NaN where the layer counts differ
-    overlap: np.ndarray   # Jaccard of critical sets; NaN where the layer counts differ
+    overlap: np.ndarray   # Jaccard of critical (firm) sets, 1 where both are empty; NaN where the layer counts differ
 
     def to_json(self) -> dict:
         clean = lambda m: [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in m]  # noqa: E731
@@ -39,7 +39,9 @@ class Comparison(SavedResult):
 
     def table(self) -> str:
         width = max(len(label) for label in self.labels)
-        lines = [f"{'scan':<{width}}  critical", *(f"{lab:<{width}}  {r.critical}" for lab, r in zip(self.labels, self.results)),
+        lines = [f"{'scan':<{width}}  critical (firm where measured)",
+                 *(f"{lab:<{width}}  {r.critical}" + (f", tentative {r.firmness.tentative}" if r.firmness else "")
+                   for lab, r in zip(self.labels, self.results)),
                  "", f"Spearman of {self.score} profiles / Jaccard overlap of critical sets:"]
         lines.append(" " * width + "  " + "  ".join(f"{i:>13}" for i in range(len(self.labels))))
         for i, label in enumerate(self.labels):

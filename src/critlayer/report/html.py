@@ -13,7 +13,8 @@ tr.crit{background:#fde2e2}th{background:#f3f3f3}code{background:#f3f3f3;padding
 img{max-width:100%}.kv td{text-align:left}"""
 
 HOW_TO_READ = (
-    "Each block's <b>delta</b> is the mean linear CKA between its output and the outputs of the blocks within "
+    "Each block's <b>delta</b> is the mean linear CKA (the unbiased estimator, which does not drift with the number "
+    "of probes) between its output and the outputs of the blocks within "
     "the window around it: a low delta means the representation shifts sharply there. The heatmap shows CKA "
     "for every pair of blocks; bright squares along the diagonal are runs of blocks that barely change the "
     "representation, and dark bands crossing them mark the shifts. Block influence and angular distance measure "
@@ -21,7 +22,9 @@ HOW_TO_READ = (
     "principal components match its neighbours' (low = a shift). Edge blocks have clipped windows and are "
     "greyed out unless the scan was run with edges eligible. The <b>consensus</b> is the mean over measures of "
     "each block's criticality rank scaled to [0, 1] (1 = most critical); <b>p_critical</b> is how often the "
-    "selection rule picks a block from the consensus of a bootstrap replicate of the probe samples."
+    "selection rule picks a block from the consensus of a replicate drawn from half the probes. A block is "
+    "<b>firm</b> when the rule picks it in at least 90% of such halves, <b>tentative</b> at 50-90%; the firm "
+    "blocks are the answer."
 )
 
 
@@ -41,11 +44,21 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
     names = list(result.scores)
     head = "".join(f"<th>{esc(n)}<br><small>{'low' if result.direction(n) < 0 else 'high'} = critical</small></th>"
                    for n in names)
+    firmness = result.firmness
+    label = {**dict.fromkeys(firmness.tentative if firmness else [], "tentative"),
+             **dict.fromkeys(result.critical, "firm" if firmness else "critical")}
+    picked = (lambda i: f"<td>{firmness.probability[i]:.2f}</td>") if firmness else (lambda i: "")
     body = "".join(
         f"<tr class='{'crit' if i in result.critical else ''}'><td>{i}</td>"
         + "".join(f"<td>{result.scores[n][i]:.4f}</td>" for n in names)
-        + f"<td>{'critical' if i in result.critical else ''}</td></tr>"
+        + picked(i) + f"<td>{label.get(i, '')}</td></tr>"
         for i in result.layers)
+    picked_head = "<th>P(picked)</th>" if firmness else ""
+    rounds = "" if not firmness or not firmness.rounds else (
+        "<h2>Rounds</h2><table><tr><th>probes read</th><th>firm</th><th>tentative</th><th>undecided</th></tr>"
+        + "".join(f"<tr><td>{r.probes}</td><td>{r.firm}</td><td>{r.tentative}</td><td>{r.undecided}</td></tr>"
+                  for r in firmness.rounds)
+        + f"</table><p>Stopped: {esc(firmness.stopped)}. Rule: {esc(firmness.rule)}.</p>")
     sel = result.selection
     con = result.consensus
     held = ", ".join(con.held_fixed) or "none"
@@ -54,12 +67,14 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer scan: {esc(result.model['name'])}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Critical layers of {esc(result.model['name'])}</h1>
-<p><b>Critical blocks: {esc(str(result.critical))}</b>, chosen by rule <code>{esc(sel.rule)}</code>
-on <code>{esc(sel.score)}</code>: {esc(sel.reason)}.</p>
+<p><b>{esc(result.answer())}</b></p>
+<p>On all the probes read, rule <code>{esc(sel.rule)}</code> on <code>{esc(sel.score)}</code> chose
+{esc(str(sel.critical))}: {esc(sel.reason)}.</p>
 <p>{HOW_TO_READ}</p>
 {consensus_note}
 {''.join(_image(p) for p in images)}
-<h2>Per-layer scores</h2><table><tr><th>block</th>{head}<th></th></tr>{body}</table>
+<h2>Per-layer scores</h2><table><tr><th>block</th>{head}{picked_head}<th></th></tr>{body}</table>
+{rounds}
 <h2>Settings</h2><table class="kv">{rows}</table>
 <p><small>critlayer {esc(result.versions.get('critlayer', ''))}; selection parameters
 <code>{esc(json.dumps(sel.to_json()['params']))}</code></small></p>

@@ -1,4 +1,5 @@
-"""Figures of a scan: the CKA heatmap, the per-layer profile of every score, and all measures on one axis."""
+"""Figures of a scan: the CKA heatmap, the per-layer profile of every score, all measures on one axis, and how firm
+the answer is."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def plot_cka(result, path: Path) -> None:
     cka = result.cka
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     image = ax.imshow(cka, cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
-    fig.colorbar(image, ax=ax, label="linear CKA")
+    fig.colorbar(image, ax=ax, label="linear CKA (unbiased)")
     for i in result.critical:
         ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=CRITICAL_COLOR, lw=1.6))
     ax.set_xlabel("block (output of)")
@@ -82,6 +83,37 @@ def plot_measures(result, path: Path) -> None:
     heat.set_yticks(range(len(names)), names, fontsize=7)
     heat.set_title("agreement: Spearman of criticality", fontsize=9)
     fig.colorbar(image, ax=heat, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_firmness(result, path: Path) -> None:
+    """Each block's probability of being picked over halves of the probes, with the firm and tentative thresholds;
+    beside it, how the probabilities of the blocks ever above the tentative line moved round by round."""
+    firmness = result.firmness
+    probability = np.asarray(firmness.probability)
+    fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    colors = [CRITICAL_COLOR if p >= firmness.thresholds["firm"] else
+              "#ff9896" if p >= firmness.thresholds["tentative"] else "#9e9e9e" for p in probability]
+    bars.bar(result.layers, probability, color=colors)
+    for name, style in (("firm", "-"), ("tentative", "--")):
+        bars.axhline(firmness.thresholds[name], color="k", lw=0.8, ls=style, label=f"{name} ({firmness.thresholds[name]:.0%})")
+    bars.set(xlabel="block", ylabel="P(picked)", ylim=(0, 1.02),
+             title=f"{result.model['name']}: picked in {firmness.replicates} halves of the probes ({firmness.score})")
+    bars.legend(loc="upper left", fontsize=8)
+    if firmness.rounds:
+        read = [r.probes for r in firmness.rounds]
+        shown = sorted({b for r in firmness.rounds for b in r.tentative + r.firm})
+        for block in shown:
+            rounds.plot(read, [1.0 if block in r.firm else 0.7 if block in r.tentative else 0.0
+                               for r in firmness.rounds], marker=".", label=str(block))
+        rounds.set(xlabel="probes read", yticks=[0, 0.7, 1], yticklabels=["no", "tentative", "firm"],
+                   title=firmness.stopped[:60])
+        if shown:
+            rounds.legend(title="block", fontsize=7, ncol=2)
+    else:
+        rounds.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,7 +22,7 @@ from ...models import LanguageModel
 from ..capture import Capture
 from ..probes import Probes
 from . import CAPTURE, MEASURES, Draw, Inputs, Measure, half_weights, resample_rows
-from .sample import StoredRows
+from .sample import RowSample
 
 # Block outputs whose rows differ by no more than this many units of rounding of the model's dtype are taken
 # as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless). The least varied
@@ -76,9 +76,8 @@ class Measured:
         return scores
 
 
-# After a round: the row sample's block outputs (``(L, rows, hidden)``), the probe of each row and the probes read
-# so far; True when they are enough.
-Settle = Callable[[StoredRows, np.ndarray, int], bool]
+# After a round: the row sample and the number of probes read so far; True when they are enough.
+Settle = Callable[[RowSample, int], bool]
 
 
 def run_measures(lm: LanguageModel, config, *, probes: Probes | None = None, text: list[list[int]] | None = None,
@@ -118,7 +117,7 @@ def _capture(lm: LanguageModel, probes: Probes | None, capturing: list[Measure],
                 for measure in capturing:
                     measure.update(batch)
             first = stop
-            if settle is not None and len(sample) >= 4 and settle(sample.compute()[1:], sample.row_samples(), stop):
+            if settle is not None and len(sample) >= 4 and settle(sample, stop):
                 break
     capture.check_variety(first)
     if len(sample) < 4:
