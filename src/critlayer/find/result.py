@@ -140,7 +140,7 @@ class ScanResult(SavedResult):
         if firmness is None:
             return f"critical layers of {name}: {self.critical}  ({rule})"
         p = firmness.probability
-        tentative = ", ".join(f"{b} ({p[b]:.2f})" for b in firmness.tentative) or "none"
+        tentative = ", ".join(f"{b} ({p[b]:.3f})" for b in firmness.tentative) or "none"
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"
         if not firmness.firm:

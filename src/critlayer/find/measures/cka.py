@@ -25,23 +25,31 @@ SLAB_ENTRIES = 1 << 21
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two feature matrices with the same rows (at least 4), in float64: the reference form."""
     grams = torch.stack([(m.double() - m.double().mean(0)) @ (m.double() - m.double().mean(0)).T for m in (x, y)])
-    diagonals = grams.diagonal(dim1=1, dim2=2)
     products = grams.flatten(1) @ grams.flatten(1).T
-    return float(cka_from_hsic(debiased_hsic(products, diagonals, grams.sum((1, 2)), grams.sum(2)))[0, 1])
+    return float(cka_from_hsic(hsic_matrix(products, grams.diagonal(dim1=1, dim2=2), grams.sum((1, 2)),
+                                         grams.sum(2)))[0, 1])
 
 
-def debiased_hsic(products: torch.Tensor, diagonals: torch.Tensor, sums: torch.Tensor,
-                  row_sums: torch.Tensor) -> torch.Tensor:
-    """The unbiased HSIC estimator of every pair of ``L`` Grams over ``n`` rows (up to the common factor
-    1 / (n (n - 3))), from their pairwise products ``<K_l, K_k>`` (L x L), diagonals (L x n), sums ``1' K 1`` (L)
-    and row sums ``K 1`` (L x n)."""
+def debiased_hsic(products: torch.Tensor, diagonals: torch.Tensor, sums: torch.Tensor, row_sums: torch.Tensor,
+                  a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator (up to the common factor 1 / (n (n - 3))) of the pairs of Grams ``(a[i], b[i])``
+    over ``n`` rows, from their products ``<K_a, K_b>`` and each Gram's diagonal (L x n), sum ``1' K 1`` (L) and
+    row sums ``K 1`` (L x n)."""
     n = diagonals.shape[1]
     if n < 4:
         raise ValueError(f"the unbiased HSIC estimator needs at least 4 rows, got {n}")
-    off = products - diagonals @ diagonals.T  # <K~_l, K~_k>, K~ the Gram with its diagonal zeroed
+    off = products - (diagonals[a] * diagonals[b]).sum(1)  # <K~_a, K~_b>, K~ the Gram with its diagonal zeroed
     sums = sums - diagonals.sum(1)
     row_sums = row_sums - diagonals
-    return off + torch.outer(sums, sums) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (row_sums @ row_sums.T)
+    return off + sums[a] * sums[b] / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (row_sums[a] * row_sums[b]).sum(1)
+
+
+def hsic_matrix(products: torch.Tensor, diagonals: torch.Tensor, sums: torch.Tensor,
+              row_sums: torch.Tensor) -> torch.Tensor:
+    """``debiased_hsic`` of every pair of the L Grams, from their L x L products: an L x L matrix."""
+    layers = len(products)
+    a, b = (index.flatten() for index in torch.meshgrid(torch.arange(layers), torch.arange(layers), indexing="ij"))
+    return debiased_hsic(products.flatten(), diagonals, sums, row_sums, a, b).view(layers, layers)
 
 
 def cka_from_hsic(hsic: torch.Tensor) -> np.ndarray:
@@ -89,7 +97,7 @@ def cka_matrix(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = No
             gram = torch.bmm(a, b.transpose(1, 2)).flatten(1)  # a block of every layer's Gram
             hsic.add_((gram @ gram.T).double(), alpha=1.0 if j == i else 2.0)  # off-diagonal blocks count twice
     zeros = torch.zeros_like(diagonals)
-    return cka_from_hsic(debiased_hsic(hsic, diagonals, zeros[:, 0], zeros))
+    return cka_from_hsic(hsic_matrix(hsic, diagonals, zeros[:, 0], zeros))
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:
