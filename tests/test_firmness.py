@@ -47,6 +47,8 @@ def test_a_probe_is_the_same_whatever_its_batch_and_however_many_are_asked(tiny_
 def test_a_scan_reruns_from_the_probe_file_it_saved(tiny_folder, tmp_path):
     lm = load(tiny_folder)
     first = scan(lm, n=16, max_tokens=12, progress=False, out=tmp_path / "first")
+    assert (tmp_path / "first" / "firmness.png").stat().st_size > 0
+    assert "P(picked)" in (tmp_path / "first" / "report.html").read_text()
     saved = json.loads((tmp_path / "first" / "probes.json").read_text())
     assert saved["token_ids"] == first.probe_ids.token_ids and saved["tokenizer"] == first.probes["tokenizer"]
     again = scan(lm, probes=str(tmp_path / "first" / "probes.json"), n=16, progress=False)

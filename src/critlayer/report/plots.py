@@ -90,7 +90,7 @@ def plot_measures(result, path: Path) -> None:
 
 def plot_firmness(result, path: Path) -> None:
     """Each block's probability of being picked over halves of the probes, with the firm and tentative thresholds;
-    beside it, how the probabilities of the blocks ever above the tentative line moved round by round."""
+    beside it, round by round, the probabilities of the blocks that were ever firm or tentative."""
     firmness = result.firmness
     probability = np.asarray(firmness.probability)
     fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
@@ -106,10 +106,9 @@ def plot_firmness(result, path: Path) -> None:
         read = [r.probes for r in firmness.rounds]
         shown = sorted({b for r in firmness.rounds for b in r.tentative + r.firm})
         for block in shown:
-            rounds.plot(read, [1.0 if block in r.firm else 0.7 if block in r.tentative else 0.0
-                               for r in firmness.rounds], marker=".", label=str(block))
-        rounds.set(xlabel="probes read", yticks=[0, 0.7, 1], yticklabels=["no", "tentative", "firm"],
-                   title=firmness.stopped[:60])
+            rounds.plot(read, [r.probability[block] for r in firmness.rounds], marker=".", label=str(block))
+        rounds.axhline(firmness.thresholds["firm"], color="k", lw=0.8)
+        rounds.set(xlabel="probes read", ylabel="P(picked)", ylim=(0, 1.02), title=firmness.stopped[:60])
         if shown:
             rounds.legend(title="block", fontsize=7, ncol=2)
     else:
