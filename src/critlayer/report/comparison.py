@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_comparison(comparison: Comparison, path: Path) -> None:
+def plot_comparison(comparison, path: Path) -> None:
+    """A ``prove.compare.Comparison``: each scan's profile of its score against relative depth, and the pairwise
+    Spearman matrix."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.5, 1]})
     for label, r in zip(comparison.labels, comparison.results):
         values = r.scores[comparison.score]
