@@ -288,11 +288,16 @@ class _States:
         self.latest_only = latest_only
 
     def add(self, position: int, live: torch.Tensor, states: list[torch.Tensor]) -> None:
-        column = 0 if self.latest_only else position
-        live = live.to(self.values.device)
+        """Keep one step's states; an ended row's later positions lie past its length, where no mask reads them,
+        so only the latest-only buffer needs to leave ended rows alone."""
+        if not self.latest_only:
+            for layer, hidden in enumerate(states):
+                self.values[layer, :, position] = hidden
+            return
+        live = live.to(self.values.device)[:, None]
         for layer, hidden in enumerate(states):
-            self.values[layer, :, column] = torch.where(live[:, None], hidden.to(self.values.dtype),
-                                                        self.values[layer, :, column])
+            latest = self.values[layer, :, 0]
+            latest.copy_(torch.where(live, hidden.to(latest.dtype), latest))
 
     def hidden(self, width: int) -> Iterator[torch.Tensor]:
         """Each layer's ``(rows, width, hidden)`` states (width 1 with ``latest_only``)."""

@@ -77,10 +77,14 @@ class ScanConfig:
         return self.probes if isinstance(self.probes, str) else self.probes.source
 
     @property
+    def selects_by_delta(self) -> bool:
+        """Whether the selection is by delta, whose firmness is measured over halves of the probes."""
+        return self.score in (None, "delta") and "cka" in self.measures
+
+    @property
     def adaptive(self) -> bool:
-        """Whether probes are read in rounds until the answer is firm: no fixed ``n``, and the selection is by
-        delta, whose firmness is measured after every round."""
-        return self.n is None and self.score in (None, "delta") and "cka" in self.measures
+        """Whether probes are read in rounds until the answer is firm: no fixed ``n``, and the selection by delta."""
+        return self.n is None and self.selects_by_delta
 
     @property
     def probe_count(self) -> int:

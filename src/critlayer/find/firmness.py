@@ -123,13 +123,12 @@ def delta_picks(sample: RowSample, select: Callable[[np.ndarray], list[int]], wi
     """The blocks ``select`` picks from delta (unbiased CKA of the block outputs) on each of ``replicates`` halves
     of the probes behind the rows of ``sample`` (at most ``GRAM_ROWS`` of them: those with the smallest keys, a
     random draw over every probe read)."""
-    row_probes = sample.row_samples()
     keep = np.sort(sample.row_keys().argsort()[:GRAM_ROWS].numpy())
-    grams = _grams(sample.compute()[1:], keep)
+    grams, row_probes = _grams(sample.compute()[1:], keep), sample.row_samples()[keep]
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(replicates):
-        half = torch.from_numpy(resample_rows(row_probes[keep], rng))
+        half = torch.from_numpy(resample_rows(row_probes, rng))
         picks.append(select(_delta_of(grams[:, half][:, :, half], window)))
     return picks
 

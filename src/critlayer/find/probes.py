@@ -23,7 +23,7 @@ from ..data.corpora import CORPORA, corpus_texts
 from ..data.prompts import read_prompt_file, tokenize
 from ..models import LanguageModel
 from .writing import BATCH_SIZE as WRITING_BATCH
-from .writing import write_probes
+from .writing import bos_token, write_probes
 
 SOURCES = ("generated", "random", *CORPORA)
 PROBE_FILE = "probes.json"
@@ -81,7 +81,7 @@ def random_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int) -> list
     special = set(getattr(lm.tokenizer, "all_special_ids", None) or [])
     allowed = np.array([i for i in range(vocab) if i not in special])
     rng = np.random.default_rng(seed)
-    bos = _bos_id(lm)
+    bos = bos_token(lm)
     body = max_tokens - (bos is not None)
     return [([bos] if bos is not None else []) + allowed[rng.integers(0, len(allowed), body)].tolist()
             for _ in range(n)]
@@ -93,13 +93,6 @@ def generate_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int, progr
     for begin in tqdm(range(0, n, WRITING_BATCH), desc="generating probes", unit="batch", disable=not progress):
         sequences += write_probes(lm, range(begin, min(n, begin + WRITING_BATCH)), max_tokens, seed)
     return sequences
-
-
-def _bos_id(lm: LanguageModel) -> int | None:
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
-    if bos is None:
-        bos = getattr(lm.config, "bos_token_id", None)
-    return bos if isinstance(bos, int) else None
 
 
 def tokenizer_fingerprint(lm: LanguageModel) -> str | None:

@@ -90,7 +90,7 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         total = len(probes) if config.n is None and not config.adaptive else min(len(probes), total)
     plan = list(range(ROUND, total, ROUND)) + [total] if config.adaptive else [total]
     measured = run_measures(lm, config, probes=probes, text=text, rounds=plan,
-                            settle=settle if "cka" in config.measures else None, progress=progress)
+                            settle=settle if config.selects_by_delta else None, progress=progress)
     timing.update(measured.timing)
     if probes is None and measured.probes is not None:
         timing["probes"] = 0.0  # written during the capture: its time is the capture's

@@ -36,12 +36,18 @@ def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
+def bos_token(lm: LanguageModel) -> int | None:
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(lm.config, "bos_token_id", None)
+    return bos if isinstance(bos, int) else None
+
+
 def start_token(lm: LanguageModel) -> int:
     """What every probe starts from: the BOS token, else the EOS token."""
     if not lm.is_causal:
         raise CritlayerError(f"{lm.architecture} cannot generate text; use --probes random or a corpus")
-    for start in (getattr(lm.tokenizer, "bos_token_id", None), getattr(lm.config, "bos_token_id", None),
-                  lm.config.eos_token_id):
+    for start in (bos_token(lm), lm.config.eos_token_id):
         if isinstance(start, int):
             return start
     raise CritlayerError(f"{lm.name} has neither a BOS nor an EOS token to generate from")

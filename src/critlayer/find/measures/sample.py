@@ -26,8 +26,8 @@ class Batch:
     ``states`` are the rows the row sample keeps whole: ``states[0]`` the input of block 0 (the
     embeddings) and ``states[i + 1]`` the output of block ``i``, of shape ``(L + 1, rows, hidden)``
     in ``kept_dtype`` (float32 means in ``mean`` mode); ``keys`` are their deterministic numbers in
-    [0, 1) (see ``Capture.sample_keys``) and ``samples`` the probe each comes from (what a bootstrap
-    resamples). ``cosines`` ``(L, all rows)`` holds, for every row of the batch whether kept or not,
+    [0, 1) (``capture.row_keys``) and ``samples`` the probe each comes from (what a replicate draws
+    halves of). ``cosines`` ``(L, all rows)`` holds, for every row of the batch whether kept or not,
     the cosine between each block's input and output.
     """
 

@@ -65,7 +65,7 @@ class Measured:
         return [m.name for m in self.measures if not m.resampled]
 
     def replicate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Every score on one bootstrap replicate of the probes and texts."""
+        """Every score on one replicate: half the probes and half the texts."""
         draw = Draw(
             rows=None if self.row_samples is None else torch.from_numpy(resample_rows(self.row_samples, rng)),
             text_weights=half_weights(self.texts, rng) if self.texts else None)
@@ -119,7 +119,8 @@ def _capture(lm: LanguageModel, probes: Probes | None, capturing: list[Measure],
             first = stop
             if settle is not None and len(sample) >= 4 and settle(sample, stop):
                 break
-    capture.check_variety(first)
+    if capture.written:  # known probes were checked before the pass
+        capture.check_variety(first)
     if len(sample) < 4:
         raise CritlayerError(f"only {len(sample)} row(s) left after dropping massive activations; unbiased CKA "
                              "needs 4: raise --sink-ratio or use more probes")
