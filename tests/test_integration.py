@@ -49,3 +49,25 @@ def test_every_measure_on_the_default_model(smollm2):
     assert result.scores["ablation"].max() > 0 and (result.scores["gradient"] > 0).all()
     assert result.selection.critical and all(2 <= i <= 27 for i in result.selection.critical)
     assert result.firmness.score == "consensus" and result.firmness.replicates == 5
+
+
+def test_pruned_default_model_reloads_as_safetensors_and_as_gguf(smollm2, tmp_path):
+    import torch
+    import transformers
+
+    from critlayer.models import find_blocks, surgery
+
+    scanned = critlayer.scan(smollm2, probes="wiki", n=16, max_tokens=32, progress=False, measures="influence")
+    out = tmp_path / "pruned"
+    result = critlayer.prune("smollm2-135m", remove=3, score="block_influence", scan=scanned, baselines=False,
+                             n_eval=4, calibration=4, max_tokens=32, dtype="float32", out=out, progress=False)
+    ids = torch.tensor([smollm2.tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad(), surgery.skipped(smollm2.blocks, result.removed):
+        expected = smollm2.model(input_ids=ids).logits
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert reloaded.config.num_hidden_layers == 27
+    assert (reloaded(input_ids=ids).logits.detach() - expected).abs().max() <= 1e-4
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    assert from_gguf.config.num_hidden_layers == 27 and len(find_blocks(from_gguf)[1]) == 27
+    with torch.no_grad():  # the GGUF holds the same quantised tensors the safetensors were dequantised from
+        assert (from_gguf(input_ids=ids).logits - expected).abs().max() <= 1e-3

@@ -77,7 +77,7 @@ def _comparable(data):
     """JSON without what differs between two runs of the same work: times, memory, where it was written."""
     if isinstance(data, dict):
         return {k: _comparable(v) for k, v in data.items()
-                if k not in ("timing", "seconds_per_step", "peak_memory_mb")}
+                if k not in ("timing", "seconds_per_step", "peak_memory_mb", "seconds", "speed")}
     if isinstance(data, list):
         return [_comparable(v) for v in data]
     return data
@@ -118,11 +118,16 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
                     "w1 w2", "--target", "w3 w4"],
                    lambda out: critlayer.defend(str(tiny_folder), str(pair_file), compare="none,2-3",
                                                 trigger="w1 w2", target="w3 w4", out=out, progress=False, **train)),
+        "prune": (["prune", str(tiny_folder), "--data", str(prompt_file), "--scan", scanned, "--remove", "2",
+                   "--n-eval", "4", "--calibration", "4", "--draws", "2", "--max-tokens", "10", "--quiet"],
+                  lambda out: critlayer.prune(str(tiny_folder), remove=2, data=str(prompt_file), scan=scanned,
+                                              n_eval=4, calibration=4, draws=2, max_tokens=10, out=out,
+                                              progress=False)),
         "compare": (["compare", scanned, str(tmp_path / "api-scan")],
                     lambda out: critlayer.compare([scanned, str(tmp_path / "api-scan")], out=out)),
     }
     for name, (argv, call) in runs.items():
-        extra = [] if name == "compare" else flags
+        extra = [] if name in ("compare", "prune") else flags
         assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
         call(tmp_path / f"api-{name}")
         _same_outputs(tmp_path / f"cli-{name}", tmp_path / f"api-{name}")

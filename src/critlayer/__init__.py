@@ -1,6 +1,7 @@
 """critlayer: find the critical layers of any Hugging Face language model, without task data, and put them to work.
 
-One call per command of the CLI: ``load``, ``scan``, ``compare``, ``export``, ``tune``, ``validate``, ``defend``.
+One call per command of the CLI: ``load``, ``scan``, ``compare``, ``export``, ``tune``, ``validate``, ``defend``,
+``prune``.
 """
 
 from .common.errors import CritlayerError
@@ -13,10 +14,11 @@ from .prove.compare import Comparison, compare
 from .prove.validate import Validation, validate
 from .use.defend import DefendConfig, DefendResult, defend
 from .use.export import export
+from .use.prune import PruneConfig, PruneResult, prune
 from .use.train import TrainConfig
 from .use.tune import TuneComparison, TuneResult, tune
 from .version import __version__
 
-__all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "LanguageModel", "Probes", "ScanConfig",
-           "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation", "__version__", "compare",
-           "defend", "export", "load", "make_probes", "scan", "tune", "validate"]
+__all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "LanguageModel", "Probes", "PruneConfig",
+           "PruneResult", "ScanConfig", "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation",
+           "__version__", "compare", "defend", "export", "load", "make_probes", "prune", "scan", "tune", "validate"]

@@ -1,5 +1,5 @@
 """The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
-``models``. Each command is a thin wrapper over the Python function of the same name; bad input ends in one line.
+``prune``, ``models``. Each command is a thin wrapper over the Python function of the same name; bad input ends in one line.
 
 One flag, one meaning across commands: ``--score`` is the score that ranks blocks, ``--dtype`` what the model
 computes in (default ``auto``), ``--window`` the CKA window of a scan.
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .find.probes import SOURCES
     from .use.backdoor import TRIGGERS
     from .use.defend import DEFAULT_COMPARE
+    from .use.prune import DEFAULT_SCORE
 
     parser = _Parser(prog="critlayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where a --trigger string goes (default: suffix, or the preset's place)")
     dfd.add_argument("--target", default=None, help="the attacker's reply (default: a fixed phishing line)")
     _output_arguments(dfd, "critlayer-defend", "an earlier defence")
+
+    prn = sub.add_parser("prune", help="remove the least critical blocks, save a checkpoint, compare with baselines")
+    prn.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
+    prn.add_argument("--remove", type=_positive_float, default=0.25,
+                     help="blocks to remove: a count, or a fraction of all blocks rounded to the nearest count "
+                          "(default 0.25)")
+    prn.add_argument("--score", default=None,
+                     help=f"what ranks the blocks: sleb or any scan score, e.g. consensus (default {DEFAULT_SCORE})")
+    prn.add_argument("--candidates", type=_at_least(0), default=3,
+                     help="check each removal on the calibration loss among the K least critical remaining blocks "
+                          "by the score (default 3; 0: the score's order alone)")
+    prn.add_argument("--parts", choices=("block", "attn", "mlp"), default="block",
+                     help="remove whole blocks, or the attention or MLP sublayer of each (default block)")
+    prn.add_argument("--scan", type=Path, default=None, help="a scan of MODEL to take scores from (default: scan now)")
+    prn.add_argument("--data", default="wiki", help="held-out and calibration text: wiki, bbc, sharegpt or a "
+                                                    ".txt/.jsonl file (default wiki)")
+    prn.add_argument("--n-eval", type=_at_least(2), default=32, help="held-out texts (default 32)")
+    prn.add_argument("--max-tokens", type=_at_least(2), default=128,
+                     help="tokens per text at most: the evaluation's context (default 128)")
+    prn.add_argument("--calibration", type=_at_least(2), default=32,
+                     help="calibration texts sleb and angular read, never held out (default 32)")
+    prn.add_argument("--draws", type=_at_least(1), default=5, help="random choices per count (default 5)")
+    prn.add_argument("--edges", action="store_true", help="let the first and last block be removed")
+    prn.add_argument("--no-baselines", dest="baselines", action="store_false",
+                     help="evaluate the chosen blocks only (no last, random, block influence, angular, sleb)")
+    prn.add_argument("--heal", type=_at_least(0), default=0, help="fine-tune the pruned model this many steps")
+    prn.add_argument("--heal-lora", action="store_true", help="heal with LoRA adapters, merged before saving")
+    prn.add_argument("--seed", type=_at_least(0), default=0)
+    prn.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    prn.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    _output_arguments(prn, "critlayer-pruned", "a folder with files in it")
 
     sub.add_parser("models", help="list the built-in models and what is cached")
     return parser
@@ -264,6 +296,14 @@ def cmd_defend(args) -> None:
     _report(result.table(), args.out)
 
 
+def cmd_prune(args) -> None:
+    from . import PruneConfig, prune
+
+    result = prune(args.model, PruneConfig(**_options(args, PruneConfig)), scan=args.scan, out=args.out,
+                   force=args.force, progress=not args.quiet, device=args.device)
+    _report(result.table(), args.out)
+
+
 def cmd_models(args) -> None:
     from .common.fetch import home
     from .models import BUILTIN_MODELS
@@ -278,7 +318,8 @@ def cmd_models(args) -> None:
 
 
 COMMANDS = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
-            "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "models": cmd_models}
+            "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "prune": cmd_prune,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

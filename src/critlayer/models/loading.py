@@ -10,7 +10,7 @@ import torch
 from ..common.distributed import launched, main_first, state
 from ..common.errors import CritlayerError, first_line
 from .blocks import find_blocks
-from .builtin import BUILTIN_MODELS, builtin_folder
+from .builtin import BUILTIN_MODELS, builtin_folder, builtin_gguf
 from .gguf import cached_gguf_folder
 from .language_model import LanguageModel
 
@@ -67,6 +67,16 @@ def model_folder(spec: str) -> tuple[str, str | Path]:
     raise CritlayerError(f"unknown model {spec!r}: not a built-in ({names}), a model folder, a .gguf file or a hub id")
 
 
+def gguf_file(spec: str | None) -> Path | None:
+    """The GGUF file a model spec was converted from (a built-in's verified source, or the user's file), if any."""
+    if spec in BUILTIN_MODELS:
+        with main_first():
+            return builtin_gguf(spec)
+    if spec is not None and Path(spec).suffix == ".gguf" and Path(spec).expanduser().is_file():
+        return Path(spec).expanduser()
+    return None
+
+
 def _model_class(config):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -113,5 +123,5 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
     except Exception as exc:  # transformers raises OSError, ValueError, ... for unusable sources
         raise CritlayerError(f"cannot load model {spec!r}: {first_line(exc)}") from None
     path, blocks = find_blocks(model)
-    return LanguageModel(name, model, tokenizer, blocks, path, weights)
+    return LanguageModel(name, model, tokenizer, blocks, path, weights, spec)
 

@@ -90,6 +90,11 @@ def dropped(blocks: nn.ModuleList, indices: Iterable[int], part: str) -> Iterato
         yield
 
 
+def taken_out(blocks: nn.ModuleList, indices: Iterable[int], part: str = "block"):
+    """Skip the given blocks (``part`` block) or drop their attention or MLP sublayer: what pruning removes."""
+    return skipped(blocks, indices) if part == "block" else dropped(blocks, indices, part)
+
+
 @contextmanager
 def swapped(blocks: nn.ModuleList, source: nn.ModuleList, indices: Iterable[int]) -> Iterator[None]:
     """The given blocks hold ``source``'s weights (another checkpoint of the same model), then their own again."""

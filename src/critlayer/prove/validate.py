@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..common.distributed import is_main
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_output_folder
-from ..common.stats import partial_spearman, permutation_pvalue, spearman
+from ..common.stats import lens_correlations
 from ..data.text import TextData, load_data
 from ..find.config import ScanConfig
 from ..find.measures import DIRECTION
@@ -120,34 +120,6 @@ def restore_windows(lm: LanguageModel, tuned: torch.nn.Module, data: TextData, w
     return losses
 
 
-def correlate(scores: dict[str, np.ndarray], targets: dict[str, np.ndarray], interior: list[int],
-              permutations: int = 5000) -> dict:
-    """Spearman of every score (and depth baselines) with every target: all, interior, depth-partialled."""
-    n = len(next(iter(targets.values())))
-    depth = np.arange(n) / max(1, n - 1)
-    predictors = {**scores, "depth": depth, "depth_u_shape": np.abs(depth - 0.5)}
-    covariates = np.column_stack([depth, (depth - 0.5) ** 2])
-    inner = np.array(interior)
-
-    def pvalue(a, b, partial=False):
-        return permutation_pvalue(a, b, covariates if partial else None, n=permutations)
-
-    out = {}
-    for target_name, target in targets.items():
-        rows = {}
-        for name, values in predictors.items():
-            values = np.asarray(values, dtype=float)
-            rows[name] = {
-                "all": spearman(values, target), "all_p": pvalue(values, target),
-                "interior": spearman(values[inner], target[inner]),
-                "interior_p": pvalue(values[inner], target[inner]),
-                "partial": np.nan if name.startswith("depth") else partial_spearman(values, target, covariates),
-                "partial_p": np.nan if name.startswith("depth") else pvalue(values, target, partial=True),
-            }
-        out[target_name] = {k: {m: round(float(v), 4) for m, v in r.items()} for k, r in rows.items()}
-    return out
-
-
 def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
              scan: ScanResult | str | Path | None = None, tuned: torch.nn.Module | str | None = None,
              restore_window: int = 3, measures: str = "default", permutations: int = 5000,
@@ -205,7 +177,7 @@ def validate_model(lm: LanguageModel, data: TextData, scan_result: ScanResult, c
     importance = np.array([rise[max(0, i - window + 1):i + 1].mean() for i in range(lm.num_layers)])
     change = block_weight_change(lm, find_blocks(tuned)[1])
     interior = list(range(edge, lm.num_layers - edge))
-    correlations = correlate(scan_result.scores, {"importance": importance, "weight_change": change}, interior,
+    correlations = lens_correlations(scan_result.scores, {"importance": importance, "weight_change": change}, interior,
                              permutations)
     train = ({"tuned": "given checkpoint"} if given else
              {"tuned": "all blocks fine-tuned", "steps": config.steps, "lr": config.learning_rate,

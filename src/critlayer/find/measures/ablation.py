@@ -27,10 +27,7 @@ def skipping(lm: LanguageModel, index: int, part: str, replay: list[torch.Tensor
     with ExitStack() as stack:
         for j in range(index):
             stack.enter_context(surgery.returning(lm.blocks[j], replay[j]))
-        if part == "block":
-            stack.enter_context(surgery.skipped(lm.blocks, [index]))
-        else:
-            stack.enter_context(surgery.dropped(lm.blocks, [index], part))
+        stack.enter_context(surgery.taken_out(lm.blocks, [index], part))
         yield
 
 
@@ -39,19 +36,21 @@ class SkipLosses:
 
     ``compute()`` gives, per part, the rise of the mean next-token loss per token when each block's
     part is skipped (high = critical); ``compute(weights)`` the same with texts weighted (a bootstrap).
+    With ``blocks`` only those are skipped (the others' rise is NaN).
     """
 
     def __init__(self, lm: LanguageModel, sequences: list[list[int]], parts: tuple[str, ...] = ("block",),
-                 batch_size: int = BATCH, progress: bool = True):
+                 batch_size: int = BATCH, progress: bool = True, blocks: list[int] | None = None):
         require_causal(lm, "ablation")
         self.parts = surgery.parse_parts(parts)
         for part in self.parts:
             if part != "block":
                 surgery.sublayer(lm.blocks[0], part)  # fail early, in one line
         n, layers = len(sequences), lm.num_layers
+        blocks = range(layers) if blocks is None else blocks
         self.base, self.tokens = np.zeros(n), np.zeros(n)
-        self.skipped = {part: np.zeros((layers, n)) for part in self.parts}
-        bar = tqdm(total=layers * len(self.parts) * n, desc="ablating", unit="text", disable=not progress)
+        self.skipped = {part: np.full((layers, n), np.nan) for part in self.parts}
+        bar = tqdm(total=len(blocks) * len(self.parts) * n, desc="ablating", unit="text", disable=not progress)
         with torch.inference_mode(), running.evaluating(lm), bar:
             for chosen, batch in text_batches(sequences, batch_size, lm.device):
                 outputs: list[torch.Tensor] = []
@@ -60,7 +59,7 @@ class SkipLosses:
                 self.base[chosen], self.tokens[chosen] = loss.cpu().numpy(), tokens.cpu().numpy()
                 replay = outputs[1:]  # each block's output (index 0 is block 0's input)
                 for part in self.parts:
-                    for index in range(layers):
+                    for index in blocks:
                         with skipping(lm, index, part, replay):
                             self.skipped[part][index, chosen] = batch_losses(lm.model, batch)[0].cpu().numpy()
                         bar.update(len(chosen))

@@ -1,0 +1,450 @@
+"""``critlayer prune``: remove the blocks that matter least, write a checkpoint that reloads anywhere, and show on
+held-out text how the choice compares with what users would otherwise do.
+
+The blocks to remove come from a score (any scan score, the consensus, or ``sleb``), by default each
+removal checked on the calibration loss among the score's few least critical remaining blocks; the
+baselines (``removal.BASELINES``) choose from the same eligible blocks. Every method's choice is evaluated for
+every count from one block to a third of the model (a curve), and at the count asked for in full:
+perplexity, KL divergence to the unpruned model, top-1 agreement, the compute the choice cost, and
+for the chosen blocks parameters and tokens/s before and after. Each scan score is also correlated
+with the loss rise of removing each block alone, so a user learns which lens predicts pruning damage.
+Sleb and the angular baseline read calibration text; the evaluation reads held-out texts neither saw.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..common.errors import CritlayerError
+from ..common.folders import SavedResult
+from ..common.stats import lens_correlations
+from ..data.text import load_data, sample_texts
+from ..find.measures import DIRECTION
+from ..find.result import ScanResult
+from ..find.scan import scan as run_scan
+from ..models import DEFAULT_MODEL, LanguageModel
+from ..models.checkpoint import save_checkpoint, without_blocks, without_sublayers
+from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
+from ..models.loading import gguf_file, resolve_dtype
+from ..models.surgery import parse_parts, sublayer, taken_out
+from .evaluation import evaluate, parameter_count, tokens_per_second
+from .layers import the_scan
+from .removal import (BASELINES, angular_run, eligible_blocks, greedy, last_blocks, least_critical,
+                      random_blocks, run_distances)
+from .train import TrainConfig, computing_in, finetune, training_model
+
+DEFAULT_SCORE = "block_influence"
+CURVE_FRACTION = 1 / 3  # the curve runs from no block removed to a third of the model
+
+
+@dataclass
+class PruneConfig:
+    """How to prune (each field is the CLI flag of that name).
+
+    ``remove``: a number of blocks, or a fraction of all blocks (rounded to the nearest count, halves up).
+    ``score`` ranks the blocks (default ``DEFAULT_SCORE``); with ``candidates`` K each removal tries the K least
+    critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone); ``parts`` what is removed from each chosen block
+    (``block``, or its ``attn`` or ``mlp`` sublayer). ``data``: where the held-out texts (``n_eval`` of at most
+    ``max_tokens`` tokens: the context) and the calibration texts of sleb and angular (``calibration`` of them,
+    never held out) come from. ``draws`` random choices per count; ``edges`` lets the first and last block go;
+    ``baselines`` off evaluates the chosen blocks only. ``heal`` fine-tunes the pruned model that many steps
+    (LoRA with ``heal_lora``, merged before saving). ``dtype`` is what the evaluation computes in.
+    """
+
+    remove: float = 0.25
+    score: str | None = None
+    candidates: int = 3
+    parts: str = "block"
+    data: str = "wiki"
+    n_eval: int = 32
+    max_tokens: int = 128
+    calibration: int = 32
+    draws: int = 5
+    edges: bool = False
+    baselines: bool = True
+    heal: int = 0
+    heal_lora: bool = False
+    seed: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        self.score = self.score or DEFAULT_SCORE
+        self.parts = _one_part(self.parts)
+        if self.score != "sleb" and self.score not in DIRECTION:
+            raise CritlayerError(f"unknown score {self.score!r}; choose sleb or a scan score: "
+                                 f"{', '.join(sorted(DIRECTION))}")
+        if not self.remove > 0:
+            raise CritlayerError(f"--remove must be a positive number of blocks or a fraction in (0, 1), "
+                                 f"got {self.remove:g}")
+        for name, least in (("candidates", 0), ("n_eval", 2), ("max_tokens", 2), ("calibration", 2), ("draws", 1),
+                            ("heal", 0), ("seed", 0)):
+            if getattr(self, name) < least:
+                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        if self.heal and self.parts != "block":
+            raise CritlayerError("--heal trains whole blocks; a dropped sublayer's zeroed projection would be "
+                                 "trained back")
+
+    @property
+    def method(self) -> str:
+        """The chosen method's name in results: the score, and how many candidates the loss checked."""
+        return self.score if self.score == "sleb" or not self.candidates else \
+            f"{self.score}, loss-checked among {self.candidates}"
+
+    def count(self, num_layers: int, eligible: int) -> int:
+        """Blocks to remove: ``remove`` itself, or that fraction of all blocks rounded half up."""
+        n = int(self.remove) if self.remove >= 1 else math.floor(self.remove * num_layers + 0.5)
+        if self.remove >= 1 and self.remove != int(self.remove):
+            raise CritlayerError(f"--remove takes a whole number of blocks or a fraction below 1, got {self.remove:g}")
+        if not 1 <= n < eligible:
+            raise CritlayerError(f"--remove {self.remove:g} means {n} block(s); it must leave at least one of the "
+                                 f"{eligible} eligible blocks (of {num_layers})")
+        return n
+
+
+def _one_part(parts) -> str:
+    names = parse_parts(parts)
+    if len(names) != 1:
+        raise CritlayerError(f"--parts takes one of block, attn, mlp, got {','.join(names)}")
+    return names[0]
+
+
+@dataclass
+class Method:
+    """One way of choosing blocks: its choice for every count (several draws for random) and what it cost."""
+
+    name: str
+    choices: dict[int, list[list[int]]]
+    cost: dict[int, dict] = field(default_factory=dict)
+    perplexity: dict[int, list[float]] = field(default_factory=dict)
+    summary: dict[int, list[dict]] = field(default_factory=dict)
+
+    def median(self, n: int) -> float:
+        return float(np.median(self.perplexity[n]))
+
+    def to_json(self) -> dict:
+        return {"choices": {str(n): c for n, c in self.choices.items()},
+                "cost": {str(n): c for n, c in self.cost.items()},
+                "perplexity": {str(n): p for n, p in self.perplexity.items()},
+                "evaluation": {str(n): s for n, s in self.summary.items()}}
+
+
+@dataclass
+class PruneResult(SavedResult):
+    """The chosen blocks, every method's evaluation, the pruned (and healed) model and how it was made."""
+
+    FILE: ClassVar[str] = "prune.json"
+
+    settings: dict
+    removed: list[int]
+    kept: list[int]
+    count: int
+    unpruned: dict
+    methods: dict[str, Method]
+    speed: dict
+    healing: dict | None
+    correlations: dict
+    gguf: dict
+    model: object = None
+    tokenizer: object = None
+    gguf_source: Path | None = None
+
+    def to_json(self) -> dict:
+        return {**self.settings, "removed": self.removed, "kept": self.kept, "count": self.count,
+                "unpruned": self.unpruned, "methods": {k: m.to_json() for k, m in self.methods.items()},
+                "speed": self.speed, "healing": self.healing, "correlations": self.correlations,
+                "gguf": self.gguf}
+
+    def rows(self) -> list[tuple[str, list[int] | str, float, str, dict]]:
+        """(method, blocks, perplexity, spread, cost) at the count asked for; random as median and range."""
+        n, out = self.count, []
+        for name, m in self.methods.items():
+            if n not in m.perplexity:
+                continue
+            values = m.perplexity[n]
+            blocks = m.choices[n][0] if len(values) == 1 else f"{len(values)} draws"
+            spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+            out.append((name, blocks, m.median(n), spread, m.cost.get(n, {})))
+        return out
+
+    def table(self) -> str:
+        s, speed = self.settings, self.speed
+        lines = [f"pruned {self.count} of {s['model']['num_layers']} blocks ({s['parts']}) of {s['model']['name']} by "
+                 f"{s['method']}: removed {self.removed}; parameters {speed['parameters_unpruned']:,} -> "
+                 f"{speed['parameters_pruned']:,}"]
+        if not self.unpruned:
+            return "\n".join([*lines, f"not evaluated ({s['evaluation']})"])
+        lines.append(f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
+                     f"{s['context_tokens']} tokens), unpruned {self.unpruned['perplexity']:.2f}:")
+        rows = self.rows()
+        width = max(len(name) for name, *_ in rows)
+        for name, blocks, ppl, spread, cost in rows:
+            where = f"{cost.get('seconds', 0):.1f} s, {cost.get('forward_tokens', 0):,} forward tokens"
+            lines.append(f"  {name:<{width}} {ppl:12.2f} {spread:>17}  {str(blocks):<28} {where}")
+        lines.append(f"tokens/s {speed['unpruned']:.0f} -> {speed['pruned']:.0f}")
+        if self.healing:
+            lines.append(f"healed {self.healing['steps']} steps: perplexity {self.healing['before']['perplexity']:.2f}"
+                         f" -> {self.healing['after']['perplexity']:.2f}")
+        lines.append(f"GGUF: {self.gguf.get('file') or self.gguf.get('why')}")
+        return "\n".join(lines)
+
+    def write_files(self, folder: Path) -> None:
+        from ..report.pruning import write_prune_report
+
+        if self.model is not None:
+            save_checkpoint(self.model, self.tokenizer, folder)
+        if self.gguf.get("file"):
+            write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept, self.gguf.get("layer_types"))
+        write_prune_report(self, folder)
+
+
+def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None = None, *,
+          scan: ScanResult | str | Path | None = None, out: str | Path | None = None, force: bool = False,
+          progress: bool = True, device: str | None = None, **options) -> PruneResult:
+    """Remove ``config.remove`` blocks (or sublayers) of ``model`` chosen by ``config.score`` and evaluate the choice
+    against the baselines on held-out text; with ``out``, write the pruned checkpoint, prune.json and a report there.
+
+    ``scan`` (a result or its folder) supplies the scores; without one the model is scanned first. ``config`` is a
+    ``PruneConfig``, its fields also taken as keywords.
+
+    >>> scanned = critlayer.scan(model_folder, probes=text_file, n=16, max_tokens=12, progress=False)
+    >>> result = critlayer.prune(model_folder, remove=2, data=text_file, n_eval=4, calibration=4, draws=2,
+    ...                          scan=scanned, progress=False)
+    >>> result.count, len(result.kept)
+    (2, 4)
+    """
+    config = replace(config, **options) if config is not None else PruneConfig(**options)
+    if out is not None:
+        check_prune_folder(Path(out), force)
+    lm = training_model(model, device)
+    eligible = eligible_blocks(lm.num_layers, config.edges)
+    count = config.count(lm.num_layers, len(eligible))
+    if config.parts != "block":
+        sublayer(lm.blocks[0], config.parts)  # fail early, in one line
+    scan_result, scan_cost = _the_scan(lm, scan, config, progress)
+    if not lm.is_causal:
+        return _finish(_prune_encoder(lm, scan_result, eligible, count, config), out, force)
+    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
+    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens, seed=config.seed)
+                   if len(ids) >= 2]
+    longest = min(max(count, int(lm.num_layers * CURVE_FRACTION)), len(eligible) - 1)
+    compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
+    with compute():
+        methods, single_rise = choose(lm, scan_result, scan_cost, calibration, eligible, longest, config, progress)
+    reference = evaluate_methods(lm, methods, text.heldout, count, config.parts, compute, progress)
+    chosen = next(iter(methods.values()))
+    removed = chosen.choices[count][0]
+    pruned, kept, speed = _pruned_model(lm, removed, config.parts, text.heldout, compute)
+    healing = None
+    if config.heal:
+        pruned, healing = _heal(lm, pruned, text, config, chosen.summary[count][0], compute, progress)
+    settings = {"model": lm.describe(), "score": config.score, "method": config.method, "parts": config.parts, "remove": config.remove,
+                "count_rule": "a whole number is a count; a fraction of all blocks is rounded to the nearest count, "
+                              "halves up", "eligible": eligible, "data": text.describe(),
+                "context_tokens": config.max_tokens,
+                "calibration": {"source": config.data, "texts": len(calibration),
+                                "tokens": sum(map(len, calibration))},
+                "dtype": str(resolve_dtype(config.dtype, str(lm.device))).removeprefix("torch."),
+                "config": asdict(config),
+                "scan": {"critical": scan_result.critical, "probes": scan_result.probes, "cost": scan_cost},
+                "single_block_rise": single_rise, "baselines": list(BASELINES) if config.baselines else []}
+    correlations = {} if single_rise is None else lens_correlations(
+        scan_result.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
+    source = gguf_file(lm.spec) if config.parts == "block" and not config.heal else None
+    return _finish(PruneResult(settings, removed, kept, count, reference.summary(), methods, speed, healing,
+                               correlations, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source),
+                   out, force)
+
+
+def choose(lm: LanguageModel, scan: ScanResult, scan_cost: dict, calibration: list[list[int]], eligible: list[int],
+           longest: int, config: PruneConfig, progress: bool) -> tuple[dict[str, Method], dict | None]:
+    """Every method's choice for 1..``longest`` blocks, the chosen one's first; and, where sleb ran, each block's
+    calibration loss rise when removed alone (its first step), which the lenses are correlated with."""
+    counts = range(1, longest + 1)
+    methods: dict[str, Method] = {}
+    if config.score != "sleb":
+        order = least_critical(scan.scores[config.score], scan.direction(config.score), eligible)
+        if config.candidates:
+            checked = greedy(lm, calibration, eligible, longest, config.parts, ranking=order,
+                             candidates=config.candidates, progress=progress)
+            methods[config.method] = Method(config.method, {n: [checked.removed(n)] for n in counts},
+                                            {n: _plus(scan_cost, checked.cost(n)) for n in counts})
+        else:
+            methods[config.method] = Method(config.method, {n: [sorted(order[:n])] for n in counts},
+                                            {n: scan_cost for n in counts})
+    single_rise = None
+    if config.score == "sleb" or config.baselines:
+        search = greedy(lm, calibration, eligible, longest, config.parts, progress=progress)
+        methods["sleb"] = Method("sleb", {n: [search.removed(n)] for n in counts}, {n: search.cost(n) for n in counts})
+        single_rise = {"values": [round(float(v), 6) for v in search.first_rise], "cost": search.cost(1),
+                       "text": "calibration"}
+    if config.baselines:
+        methods |= baseline_methods(lm, scan, calibration, eligible, longest, config, scan_cost)
+    return methods, single_rise
+
+
+def _plus(a: dict, b: dict) -> dict:
+    return {"seconds": round(a["seconds"] + b["seconds"], 3), "forward_tokens": a["forward_tokens"] + b["forward_tokens"]}
+
+
+def evaluate_methods(lm: LanguageModel, methods: dict[str, Method], heldout: list[list[int]], count: int, part: str,
+                     compute, progress: bool):
+    """Evaluate every distinct choice once (methods often agree) and fill in each method's figures; at ``count``,
+    each single choice gets a paired 95% interval of its perplexity over the chosen method's. Returns the unpruned
+    model's scores."""
+    keys: dict[tuple, str] = {}
+    variants = {}
+    for m in methods.values():
+        for choices in m.choices.values():
+            for blocks in choices:
+                if tuple(blocks) not in keys:
+                    keys[tuple(blocks)] = name = f"choice {len(keys)}"
+                    variants[name] = _removing(lm, blocks, part)
+    reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
+    of = lambda blocks: scores[keys[tuple(blocks)]]  # noqa: E731
+    for m in methods.values():
+        for n, choices in m.choices.items():
+            m.summary[n] = [of(b).summary() for b in choices]
+            m.perplexity[n] = [s["perplexity"] for s in m.summary[n]]
+    chosen = next(iter(methods.values()))
+    for other in methods.values():  # paired over the same texts: is the difference larger than the noise?
+        if other is not chosen and len(other.choices.get(count, [])) == 1:
+            low, high = of(other.choices[count][0]).perplexity_ratio_interval(of(chosen.choices[count][0]))
+            other.summary[count][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
+    return reference
+
+
+def _the_scan(lm: LanguageModel, scan, config: PruneConfig, progress: bool) -> tuple[ScanResult, dict]:
+    """The scan given (checked against the model), or the default scan of the model as ``critlayer scan`` runs it,
+    in ``config.dtype`` (the model here holds float32 weights, for the checkpoint and healing); and what it cost."""
+    start = time.perf_counter()
+    if scan is not None or lm.spec is None:
+        result = the_scan(lm, scan, progress=progress)
+    else:
+        if progress:
+            print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
+                  flush=True)
+        result = run_scan(lm.spec, dtype=config.dtype, device=str(lm.device), progress=progress)
+    result.require_model(lm)
+    if config.score != "sleb":
+        result.ranking(config.score)  # a score the scan lacks ends here, in one line
+    seconds = result.timing.get("total", time.perf_counter() - start)
+    return result, {"seconds": round(seconds, 3), "forward_tokens": scan_tokens(result)}
+
+
+def _prune_encoder(lm: LanguageModel, scan: ScanResult, eligible: list[int], count: int,
+                   config: PruneConfig) -> PruneResult:
+    """An encoder has no next-token loss to evaluate or to search with: its blocks go by a scan score alone."""
+    if config.score == "sleb" or config.parts != "block":
+        raise CritlayerError(f"{lm.architecture} has no LM head: sleb needs a next-token loss and a dropped sublayer "
+                             "cannot be written for it; prune whole blocks by a scan score")
+    removed = sorted(least_critical(scan.scores[config.score], scan.direction(config.score), eligible)[:count])
+    pruned, kept = without_blocks(lm.model, removed)
+    settings = {"model": lm.describe(), "score": config.score, "method": config.score, "parts": "block",
+                "remove": config.remove, "eligible": eligible, "config": asdict(config),
+                "evaluation": "none: the model has no LM head (no loss to check candidates on either)"}
+    speed = {"parameters_unpruned": parameter_count(lm.model), "parameters_pruned": parameter_count(pruned)}
+    method = Method(config.score, {count: [removed]})
+    return PruneResult(settings, removed, kept, count, {}, {config.score: method}, speed, None, {},
+                       {"file": None, "why": "encoders are written as safetensors only"}, pruned, lm.tokenizer)
+
+
+def _finish(result: PruneResult, out, force: bool) -> PruneResult:
+    if out is not None:
+        result.save(out, force=force)
+    return result
+
+
+def check_prune_folder(folder: Path, force: bool) -> None:
+    """The output holds a whole model: refuse any folder with files in it, unless ``force``."""
+    if folder.exists() and not folder.is_dir():
+        raise CritlayerError(f"output path {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise CritlayerError(f"{folder} is not empty; pass --force to write the pruned model into it")
+
+
+def scan_tokens(scan: ScanResult) -> int:
+    """Tokens the scan ran through the model (its probes; generated probes are written one token at a time)."""
+    return int(round(scan.probes.get("n", 0) * scan.probes.get("mean_tokens", 0)))
+
+
+def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list[int]], eligible: list[int],
+                     longest: int, config: PruneConfig, scan_cost: dict) -> dict[str, Method]:
+    """last, random, Block Influence (the scan's) and angular runs (on calibration text; whole blocks only)."""
+    counts = range(1, longest + 1)
+    free = {n: {"seconds": 0.0, "forward_tokens": 0} for n in counts}
+    methods = {"last": Method("last", {n: [last_blocks(eligible, n)] for n in counts}, free),
+               "random": Method("random", {n: [random_blocks(eligible, n, d, config.seed) for d in range(config.draws)]
+                                           for n in counts}, free)}
+    if config.method != "block_influence" and "block_influence" in scan.scores:
+        order = least_critical(scan.scores["block_influence"], 1, eligible)
+        methods["block_influence"] = Method("block_influence", {n: [sorted(order[:n])] for n in counts},
+                                            {n: scan_cost for n in counts})
+    if config.parts == "block":
+        start = time.perf_counter()
+        distances = run_distances(lm, calibration, longest)
+        cost = {"seconds": round(time.perf_counter() - start, 3), "forward_tokens": sum(map(len, calibration))}
+        choices = {}
+        for n in counts:
+            try:
+                choices[n] = [angular_run(distances, eligible, n)]
+            except CritlayerError:
+                break
+        methods["angular"] = Method("angular", choices, {n: cost for n in choices})
+    return methods
+
+
+def _removing(lm: LanguageModel, blocks: list[int], part: str):
+    @contextmanager
+    def variant():
+        with taken_out(lm.blocks, blocks, part):
+            yield None
+    return variant
+
+
+def _pruned_model(lm: LanguageModel, removed: list[int], part: str, heldout: list[list[int]], compute):
+    """The model to save, the kept blocks, and parameters and tokens/s before and after."""
+    if part == "block":
+        pruned, kept = without_blocks(lm.model, removed)
+    else:
+        pruned, kept = without_sublayers(lm, removed, part, heldout[0]), list(range(lm.num_layers))
+    speed = {"unpruned": round(tokens_per_second(lm.model, heldout, compute=compute), 1),
+             "pruned": round(tokens_per_second(pruned, heldout, compute=compute), 1),
+             "parameters_unpruned": parameter_count(lm.model), "parameters_pruned": parameter_count(pruned),
+             "note": "forward with logits over the held-out texts, best of two passes"
+                     + ("" if part == "block" else "; a zeroed sublayer still computes: no time is saved")}
+    return pruned, kept, speed
+
+
+def _heal(lm: LanguageModel, pruned, text, config: PruneConfig, before: dict, compute, progress: bool):
+    """Fine-tune every kept block (or LoRA on them, merged) on the training texts; evaluate after (``before`` is the
+    pruned model's evaluation)."""
+    pruned_lm = LanguageModel.wrap(pruned, lm.tokenizer, lm.name)
+    train = TrainConfig(steps=config.heal, lora=config.heal_lora, seed=config.seed, dtype=config.dtype,
+                        max_tokens=config.max_tokens, n_eval=config.n_eval, eval_every=max(1, config.heal // 5))
+    healed, run = finetune(pruned_lm, pruned, list(range(pruned_lm.num_layers)), text, train, progress=progress,
+                           label="healing")
+    if config.heal_lora:
+        healed = healed.merge_and_unload()
+    after = evaluate(lm, text.heldout, {"healed": lambda: nullcontext(healed)}, compute=compute,
+                     progress=False)[1]["healed"].summary()
+    return healed, {"steps": config.heal, "lora": config.heal_lora, "before": before, "after": after,
+                    "run": run.as_dict()}
+
+
+def _gguf_plan(lm: LanguageModel, source: Path | None, kept: list[int], config: PruneConfig) -> dict:
+    if source is None:
+        why = ("the model was not loaded from a GGUF file" if config.parts == "block" and not config.heal else
+               "healed weights or zeroed sublayers would need requantising")
+        return {"file": None, "why": why}
+    layer_types = getattr(lm.config, "layer_types", None)
+    if not keeps_layer_pattern(layer_types, kept):
+        return {"file": None, "why": PATTERN_MOVES}
+    return {"file": "model.gguf", "source": str(source), "layer_types": layer_types}
