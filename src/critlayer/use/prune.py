@@ -51,8 +51,8 @@ class PruneConfig:
 
     ``remove``: a number of blocks, or a fraction of all blocks (rounded to the nearest count, halves up).
     ``score`` ranks the blocks (default ``DEFAULT_SCORE``); with ``candidates`` K each removal tries the K least
-    critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone); ``parts`` what is removed from each chosen block
-    (``block``, or its ``attn`` or ``mlp`` sublayer). ``data``: where the held-out texts (``n_eval`` of at most
+    critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone).
+    ``parts``: what is removed from each chosen block (``block``, or its ``attn`` or ``mlp`` sublayer). ``data``: where the held-out texts (``n_eval`` of at most
     ``max_tokens`` tokens: the context) and the calibration texts of sleb and angular (``calibration`` of them,
     never held out) come from. ``draws`` random choices per count; ``edges`` lets the first and last block go;
     ``baselines`` off evaluates the chosen blocks only. ``heal`` fine-tunes the pruned model that many steps
