@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -270,7 +271,7 @@ def choose(lm: LanguageModel, scan: ScanResult, scan_cost: dict, calibration: li
     counts = range(1, longest + 1)
     methods: dict[str, Method] = {}
     if config.score != "sleb":
-        order = least_critical(scan.scores[config.score], scan.direction(config.score), eligible)
+        order = _order(scan, config.score, eligible)
         if config.candidates:
             checked = greedy(lm, calibration, eligible, longest, config.parts, ranking=order,
                              candidates=config.candidates, progress=progress)
@@ -345,7 +346,7 @@ def _prune_encoder(lm: LanguageModel, scan: ScanResult, eligible: list[int], cou
     if config.score == "sleb" or config.parts != "block":
         raise CritlayerError(f"{lm.architecture} has no LM head: sleb needs a next-token loss and a dropped sublayer "
                              "cannot be written for it; prune whole blocks by a scan score")
-    removed = sorted(least_critical(scan.scores[config.score], scan.direction(config.score), eligible)[:count])
+    removed = sorted(_order(scan, config.score, eligible)[:count])
     pruned, kept = without_blocks(lm.model, removed)
     settings = {"model": lm.describe(), "score": config.score, "method": config.score, "parts": "block",
                 "remove": config.remove, "eligible": eligible, "config": asdict(config),
@@ -384,7 +385,7 @@ def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list
                "random": Method("random", {n: [random_blocks(eligible, n, d, config.seed) for d in range(config.draws)]
                                            for n in counts}, free)}
     if config.method != "block_influence" and "block_influence" in scan.scores:
-        order = least_critical(scan.scores["block_influence"], 1, eligible)
+        order = _order(scan, "block_influence", eligible)
         methods["block_influence"] = Method("block_influence", {n: [sorted(order[:n])] for n in counts},
                                             {n: scan_cost for n in counts})
     if config.parts == "block":
@@ -401,12 +402,14 @@ def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list
     return methods
 
 
+def _order(scan: ScanResult, score: str, eligible: list[int]) -> list[int]:
+    """Eligible blocks from least to most critical by one of the scan's scores."""
+    return least_critical(scan.scores[score], scan.direction(score), eligible)
+
+
 def _removing(lm: LanguageModel, blocks: list[int], part: str):
-    @contextmanager
-    def variant():
-        with taken_out(lm.blocks, blocks, part):
-            yield None
-    return variant
+    """An evaluation variant: the blocks (or their part) taken out, the loaded model run."""
+    return partial(taken_out, lm.blocks, blocks, part)
 
 
 def _pruned_model(lm: LanguageModel, removed: list[int], part: str, heldout: list[list[int]], compute):
