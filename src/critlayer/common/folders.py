@@ -25,6 +25,14 @@ def check_output_folder(folder: str | Path, marker: str, force: bool) -> None:
         raise CritlayerError(f"{folder} already holds a {marker}; pass --force to overwrite it")
 
 
+def check_model_folder(folder: Path, force: bool) -> None:
+    """An output that holds a whole model: refuse any folder with files in it, unless ``force``."""
+    if folder.exists() and not folder.is_dir():
+        raise CritlayerError(f"output path {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise CritlayerError(f"{folder} is not empty; pass --force to write the model into it")
+
+
 class staged_folder:
     """Write into a hidden sibling folder, then move it into place: never a half-written output."""
 

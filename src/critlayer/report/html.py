@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
@@ -26,6 +27,16 @@ HOW_TO_READ = (
     "<b>firm</b> when the rule picks it in at least 90% of such halves, <b>tentative</b> at 50-90%; the firm "
     "blocks are the answer."
 )
+
+
+def lens_rows(rows: dict) -> str:
+    """Table rows of ``lens_correlations`` for one target: each lens's Spearman over all blocks, interior blocks and
+    with depth regressed out, each with its p-value."""
+    def cell(r: dict, key: str) -> str:
+        return f"<td>{r[key]:+.2f} <small>(p {r[key + '_p']:.3f})</small></td>" if math.isfinite(r[key]) else "<td>-</td>"
+
+    return "".join(f"<tr><th>{html.escape(name)}</th>" + "".join(cell(r, k) for k in ("all", "interior", "partial"))
+                   + "</tr>" for name, r in rows.items())
 
 
 def _image(path: Path) -> str:

@@ -10,9 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
-from .html import _STYLE, _image  # noqa: E402
+from .html import _STYLE, _image, lens_rows  # noqa: E402
 
 
 def plot_pruning(result, path: Path) -> None:
@@ -57,11 +56,6 @@ def write_prune_report(result, folder: Path) -> None:
         f"<td>{cost.get('seconds', 0):.1f}</td><td>{cost.get('forward_tokens', 0):,}</td></tr>"
         for name, blocks, ppl, spread, cost in result.rows())
     lens = result.correlations.get("pruning_damage", {})
-    lens_rows = "".join(
-        f"<tr><th>{esc(name)}</th>" + "".join(f"<td>{r[k]:+.2f} <small>(p {r[k + '_p']:.3f})</small></td>"
-                                             if np.isfinite(r[k]) else "<td>-</td>"
-                                             for k in ("all", "interior", "partial"))
-        + "</tr>" for name, r in lens.items())
     s, speed = result.settings, result.speed
     healing = "" if not result.healing else (
         f"<p>Healed {result.healing['steps']} steps: perplexity {result.healing['before']['perplexity']:.2f} → "
@@ -81,7 +75,7 @@ text). Random: median and range of {s['config']['draws']} draws.</p>
 <h2>Which lens predicts pruning damage</h2>
 <p>{'' if lens else 'Not measured: the lenses are correlated with the first step of sleb, which runs with the baselines. '}Spearman of each scan score with the calibration loss rise of removing each block alone: all blocks | eligible
 blocks | depth regressed out. A useful score correlates positively where high means critical, negatively where low
-does.</p><table>{lens_rows}</table>
+does.</p><table>{lens_rows(lens)}</table>
 <p>GGUF: {esc(str(result.gguf.get('file') or result.gguf.get('why')))}</p>
 </body></html>"""
     (folder / "prune.html").write_text(page, encoding="utf-8")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ..models import LanguageModel, running
 from ..models.loss import BATCH, require_causal, text_batches
 
 Variant = Callable[[], AbstractContextManager]
+Choice = list[int]  # what a method chose at one point: blocks to remove, or a width per block
 
 
 @dataclass
@@ -77,6 +78,54 @@ def evaluate(lm: LanguageModel, sequences: list[list[int]], variants: dict[str, 
                     base.record(scores[name], chosen, _log_probs(model or lm.model, batch))
                 bar.update(len(chosen))
     return reference, scores
+
+
+@dataclass
+class Method:
+    """One way of choosing: its choice at every point of a curve (blocks removed, or a bit budget; several draws
+    for random), what choosing cost, and, once evaluated, every choice's held-out figures."""
+
+    name: str
+    choices: dict[float, list[Choice]]
+    cost: dict[float, dict] = field(default_factory=dict)
+    perplexity: dict[float, list[float]] = field(default_factory=dict)
+    summary: dict[float, list[dict]] = field(default_factory=dict)
+
+    def median(self, point: float) -> float:
+        return float(np.median(self.perplexity[point]))
+
+    def to_json(self) -> dict:
+        return {"choices": {str(n): c for n, c in self.choices.items()},
+                "cost": {str(n): c for n, c in self.cost.items()},
+                "perplexity": {str(n): p for n, p in self.perplexity.items()},
+                "evaluation": {str(n): s for n, s in self.summary.items()}}
+
+
+def evaluate_methods(lm: LanguageModel, methods: dict[str, Method], heldout: list[list[int]], point: float,
+                     variant: Callable[[Choice], Variant], compute, progress: bool) -> TextScores:
+    """Evaluate every distinct choice once (methods often agree) as the context ``variant(choice)`` and fill in each
+    method's figures; at ``point``, each single choice gets a paired 95% interval of its perplexity over the first
+    (chosen) method's. Returns the unchanged model's scores."""
+    keys: dict[tuple, str] = {}
+    variants = {}
+    for m in methods.values():
+        for choices in m.choices.values():
+            for choice in choices:
+                if tuple(choice) not in keys:
+                    keys[tuple(choice)] = name = f"choice {len(keys)}"
+                    variants[name] = variant(choice)
+    reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
+    of = lambda choice: scores[keys[tuple(choice)]]  # noqa: E731
+    for m in methods.values():
+        for n, choices in m.choices.items():
+            m.summary[n] = [of(c).summary() for c in choices]
+            m.perplexity[n] = [s["perplexity"] for s in m.summary[n]]
+    chosen = next(iter(methods.values()))
+    for other in methods.values():  # paired over the same texts: is the difference larger than the noise?
+        if other is not chosen and len(other.choices.get(point, [])) == 1:
+            low, high = of(other.choices[point][0]).perplexity_ratio_interval(of(chosen.choices[point][0]))
+            other.summary[point][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
+    return reference
 
 
 def logits_batch(lm: LanguageModel, sequences: list[list[int]], budget: int = 1 << 28) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ..common.distributed import is_main, on_main
 from ..common.errors import CritlayerError
 from ..find.config import ScanConfig
 from ..find.result import ScanResult
+from ..find.scan import scan as run_scan
 from ..find.scan import scan_model
 from ..models import LanguageModel
 
@@ -97,6 +99,24 @@ def the_scan(lm: LanguageModel, scan: ScanResult | str | Path | None = None, *, 
     if progress and is_main():
         print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr, flush=True)
     return on_main(lambda: scan_model(lm, config or ScanConfig(), progress=progress))
+
+
+def scan_with_cost(lm: LanguageModel, scan: ScanResult | str | Path | None, dtype: str,
+                   progress: bool = True) -> tuple[ScanResult, dict]:
+    """The scan given (checked against the model), or the default scan of the model as ``critlayer scan`` runs it,
+    in ``dtype`` (the model here may hold float32 weights, for a checkpoint or training); and what it cost."""
+    start = time.perf_counter()
+    if scan is not None or lm.spec is None:
+        result = the_scan(lm, scan, progress=progress)
+    else:
+        if progress:
+            print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
+                  flush=True)
+        result = run_scan(lm.spec, dtype=dtype, device=str(lm.device), progress=progress)
+    result.require_model(lm)
+    seconds = result.timing.get("total", time.perf_counter() - start)
+    tokens = int(round(result.probes.get("n", 0) * result.probes.get("mean_tokens", 0)))  # generated: one at a time
+    return result, {"seconds": round(seconds, 3), "forward_tokens": tokens}
 
 
 def resolve_layers(num_layers: int, spec: str, scan: ScanResult | None, *, score: str | None = None,

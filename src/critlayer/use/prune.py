@@ -14,10 +14,9 @@ Sleb and the angular baseline read calibration text; the evaluation reads held-o
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -25,19 +24,18 @@ from typing import ClassVar
 import numpy as np
 
 from ..common.errors import CritlayerError
-from ..common.folders import SavedResult
+from ..common.folders import SavedResult, check_model_folder
 from ..common.stats import lens_correlations
 from ..data.text import load_data, sample_texts
 from ..find.measures import DIRECTION
 from ..find.result import ScanResult
-from ..find.scan import scan as run_scan
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.checkpoint import save_checkpoint, without_blocks, without_sublayers
 from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
 from ..models.loading import gguf_file, resolve_dtype
 from ..models.surgery import parse_parts, sublayer, taken_out
-from .evaluation import evaluate, parameter_count, tokens_per_second
-from .layers import the_scan
+from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
+from .layers import scan_with_cost
 from .removal import (BASELINES, angular_run, eligible_blocks, greedy, last_blocks, least_critical,
                       random_blocks, run_distances)
 from .train import TrainConfig, computing_in, finetune, training_model
@@ -115,26 +113,6 @@ def _one_part(parts) -> str:
     if len(names) != 1:
         raise CritlayerError(f"--parts takes one of block, attn, mlp, got {','.join(names)}")
     return names[0]
-
-
-@dataclass
-class Method:
-    """One way of choosing blocks: its choice for every count (several draws for random) and what it cost."""
-
-    name: str
-    choices: dict[int, list[list[int]]]
-    cost: dict[int, dict] = field(default_factory=dict)
-    perplexity: dict[int, list[float]] = field(default_factory=dict)
-    summary: dict[int, list[dict]] = field(default_factory=dict)
-
-    def median(self, n: int) -> float:
-        return float(np.median(self.perplexity[n]))
-
-    def to_json(self) -> dict:
-        return {"choices": {str(n): c for n, c in self.choices.items()},
-                "cost": {str(n): c for n, c in self.cost.items()},
-                "perplexity": {str(n): p for n, p in self.perplexity.items()},
-                "evaluation": {str(n): s for n, s in self.summary.items()}}
 
 
 @dataclass
@@ -223,13 +201,15 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     """
     config = replace(config, **options) if config is not None else PruneConfig(**options)
     if out is not None:
-        check_prune_folder(Path(out), force)
+        check_model_folder(Path(out), force)
     lm = training_model(model, device)
     eligible = eligible_blocks(lm.num_layers, config.edges)
     count = config.count(lm.num_layers, len(eligible))
     if config.parts != "block":
         sublayer(lm.blocks[0], config.parts)  # fail early, in one line
-    scan_result, scan_cost = _the_scan(lm, scan, config, progress)
+    scan_result, scan_cost = scan_with_cost(lm, scan, config.dtype, progress)
+    if config.score != "sleb":
+        scan_result.ranking(config.score)  # a score the scan lacks ends here, in one line
     if not lm.is_causal:
         return _finish(_prune_encoder(lm, scan_result, eligible, count, config), out, force)
     text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
@@ -239,7 +219,8 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
     with compute():
         methods, single_rise = choose(lm, scan_result, scan_cost, calibration, eligible, longest, config, progress)
-    reference = evaluate_methods(lm, methods, text.heldout, count, config.parts, compute, progress)
+    reference = evaluate_methods(lm, methods, text.heldout, count, partial(_removing, lm, part=config.parts), compute,
+                                 progress)
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]
     pruned, kept, speed = _pruned_model(lm, removed, config.parts, text.heldout, compute)
@@ -295,51 +276,6 @@ def _plus(a: dict, b: dict) -> dict:
     return {"seconds": round(a["seconds"] + b["seconds"], 3), "forward_tokens": a["forward_tokens"] + b["forward_tokens"]}
 
 
-def evaluate_methods(lm: LanguageModel, methods: dict[str, Method], heldout: list[list[int]], count: int, part: str,
-                     compute, progress: bool):
-    """Evaluate every distinct choice once (methods often agree) and fill in each method's figures; at ``count``,
-    each single choice gets a paired 95% interval of its perplexity over the chosen method's. Returns the unpruned
-    model's scores."""
-    keys: dict[tuple, str] = {}
-    variants = {}
-    for m in methods.values():
-        for choices in m.choices.values():
-            for blocks in choices:
-                if tuple(blocks) not in keys:
-                    keys[tuple(blocks)] = name = f"choice {len(keys)}"
-                    variants[name] = _removing(lm, blocks, part)
-    reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
-    of = lambda blocks: scores[keys[tuple(blocks)]]  # noqa: E731
-    for m in methods.values():
-        for n, choices in m.choices.items():
-            m.summary[n] = [of(b).summary() for b in choices]
-            m.perplexity[n] = [s["perplexity"] for s in m.summary[n]]
-    chosen = next(iter(methods.values()))
-    for other in methods.values():  # paired over the same texts: is the difference larger than the noise?
-        if other is not chosen and len(other.choices.get(count, [])) == 1:
-            low, high = of(other.choices[count][0]).perplexity_ratio_interval(of(chosen.choices[count][0]))
-            other.summary[count][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
-    return reference
-
-
-def _the_scan(lm: LanguageModel, scan, config: PruneConfig, progress: bool) -> tuple[ScanResult, dict]:
-    """The scan given (checked against the model), or the default scan of the model as ``critlayer scan`` runs it,
-    in ``config.dtype`` (the model here holds float32 weights, for the checkpoint and healing); and what it cost."""
-    start = time.perf_counter()
-    if scan is not None or lm.spec is None:
-        result = the_scan(lm, scan, progress=progress)
-    else:
-        if progress:
-            print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
-                  flush=True)
-        result = run_scan(lm.spec, dtype=config.dtype, device=str(lm.device), progress=progress)
-    result.require_model(lm)
-    if config.score != "sleb":
-        result.ranking(config.score)  # a score the scan lacks ends here, in one line
-    seconds = result.timing.get("total", time.perf_counter() - start)
-    return result, {"seconds": round(seconds, 3), "forward_tokens": scan_tokens(result)}
-
-
 def _prune_encoder(lm: LanguageModel, scan: ScanResult, eligible: list[int], count: int,
                    config: PruneConfig) -> PruneResult:
     """An encoder has no next-token loss to evaluate or to search with: its blocks go by a scan score alone."""
@@ -361,19 +297,6 @@ def _finish(result: PruneResult, out, force: bool) -> PruneResult:
     if out is not None:
         result.save(out, force=force)
     return result
-
-
-def check_prune_folder(folder: Path, force: bool) -> None:
-    """The output holds a whole model: refuse any folder with files in it, unless ``force``."""
-    if folder.exists() and not folder.is_dir():
-        raise CritlayerError(f"output path {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise CritlayerError(f"{folder} is not empty; pass --force to write the pruned model into it")
-
-
-def scan_tokens(scan: ScanResult) -> int:
-    """Tokens the scan ran through the model (its probes; generated probes are written one token at a time)."""
-    return int(round(scan.probes.get("n", 0) * scan.probes.get("mean_tokens", 0)))
 
 
 def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list[int]], eligible: list[int],
