@@ -71,3 +71,46 @@ def test_pruned_default_model_reloads_as_safetensors_and_as_gguf(smollm2, tmp_pa
     assert from_gguf.config.num_hidden_layers == 27 and len(find_blocks(from_gguf)[1]) == 27
     with torch.no_grad():  # the GGUF holds the same quantised tensors the safetensors were dequantised from
         assert (from_gguf(input_ids=ids).logits - expected).abs().max() <= 1e-3
+
+
+RELOAD_GGUF = """
+import sys, torch, transformers
+from safetensors.torch import save_file
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], gguf_file="model.gguf", dtype=torch.float32)
+save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.endswith("proj.weight")}, sys.argv[2])
+"""
+
+
+def test_quantized_default_model_gguf_reloads_with_the_plans_values(smollm2, tmp_path):
+    import subprocess
+    import sys
+
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    from critlayer.use.quantizers import parse_widths
+    from critlayer.use.weights import BlockWeights
+
+    scanned = critlayer.scan(smollm2, probes="wiki", n=16, max_tokens=32, progress=False, measures="influence")
+    out = tmp_path / "q"
+    result = critlayer.quantize("smollm2-135m", bits=4.5, score="block_influence", scan=scanned, baselines=False,
+                                curve=False, n_eval=4, calibration=4, max_tokens=32, dtype="float32", out=out,
+                                progress=False)
+    assert result.bits == 4.5 and len(set(result.plan.values())) > 1
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    types = dict(line.split("=") for line in (out / "llama-quantize-tensor-types.txt").read_text().split())
+    assert len(types) == 210
+    for i, kind in result.plan.items():
+        block = [name for name in kinds if name.startswith(f"blk.{i}.") and not name.endswith("norm.weight")]
+        assert len(block) == 7 and {kinds[name] for name in block} == {kind}
+        assert all(types[f"^{name.replace('.', chr(92) + '.')}$"] == kind.lower() for name in block)
+    reloaded = tmp_path / "reloaded.safetensors"
+    subprocess.run([sys.executable, "-c", RELOAD_GGUF, str(out), str(reloaded)], check=True, timeout=600)
+    tensors = load_file(reloaded)
+    widths = parse_widths(None, "gguf")
+    index = {w.name: k for k, w in enumerate(widths)}
+    weights = BlockWeights(smollm2, widths, progress=False)
+    for i, kind in result.plan.items():
+        names = [f"model.layers.{i}.{n}.weight" for n, _ in weights.linears[int(i)]]
+        assert all(torch.equal(tensors[n], q) for n, q in zip(names, weights.quantized(int(i), index[kind])))

@@ -123,11 +123,16 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
                   lambda out: critlayer.prune(str(tiny_folder), remove=2, data=str(prompt_file), scan=scanned,
                                               n_eval=4, calibration=4, draws=2, max_tokens=10, out=out,
                                               progress=False)),
+        "quantize": (["quantize", str(tiny_folder), "--data", str(prompt_file), "--scan", scanned, "--n-eval", "4",
+                      "--calibration", "4", "--draws", "2", "--max-tokens", "10", "--no-curve", "--quiet"],
+                     lambda out: critlayer.quantize(str(tiny_folder), data=str(prompt_file), scan=scanned, n_eval=4,
+                                                    calibration=4, draws=2, max_tokens=10, curve=False, out=out,
+                                                    progress=False)),
         "compare": (["compare", scanned, str(tmp_path / "api-scan")],
                     lambda out: critlayer.compare([scanned, str(tmp_path / "api-scan")], out=out)),
     }
     for name, (argv, call) in runs.items():
-        extra = [] if name in ("compare", "prune") else flags
+        extra = [] if name in ("compare", "prune", "quantize") else flags
         assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
         call(tmp_path / f"api-{name}")
         _same_outputs(tmp_path / f"cli-{name}", tmp_path / f"api-{name}")

@@ -1,8 +1,13 @@
 """critlayer: find the critical layers of any Hugging Face language model, without task data, and put them to work.
 
 One call per command of the CLI: ``load``, ``scan``, ``compare``, ``export``, ``tune``, ``validate``, ``defend``,
-``prune``.
+``prune``, ``quantize``.
 """
+
+import logging
+
+for _name in ("torchao", "torch.utils._pytree"):  # torchao, imported by transformers too, warns of GPU kernels
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .common.errors import CritlayerError
 from .find.config import ScanConfig
@@ -15,10 +20,11 @@ from .prove.validate import Validation, validate
 from .use.defend import DefendConfig, DefendResult, defend
 from .use.export import export
 from .use.prune import PruneConfig, PruneResult, prune
+from .use.quantize import QuantizeConfig, QuantizeResult, quantize
 from .use.train import TrainConfig
 from .use.tune import TuneComparison, TuneResult, tune
 from .version import __version__
 
 __all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "LanguageModel", "Probes", "PruneConfig",
-           "PruneResult", "ScanConfig", "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation",
-           "__version__", "compare", "defend", "export", "load", "make_probes", "prune", "scan", "tune", "validate"]
+           "PruneResult", "QuantizeConfig", "QuantizeResult", "ScanConfig", "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation",
+           "__version__", "compare", "defend", "export", "load", "make_probes", "prune", "quantize", "scan", "tune", "validate"]

@@ -1,5 +1,5 @@
 """The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
-``prune``, ``models``. Each command is a thin wrapper over the Python function of the same name; bad input ends in one line.
+``prune``, ``quantize``, ``models``. Each command is a thin wrapper over the Python function of the same name; bad input ends in one line.
 
 One flag, one meaning across commands: ``--score`` is the score that ranks blocks, ``--dtype`` what the model
 computes in (default ``auto``), ``--window`` the CKA window of a scan.
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .use.backdoor import TRIGGERS
     from .use.defend import DEFAULT_COMPARE
     from .use.prune import DEFAULT_SCORE
+    from .use.quantize import DEFAULT_SCORE as QUANTIZE_SCORE
+    from .use.quantizers import GGUF_WIDTHS, INT_WIDTHS
 
     parser = _Parser(prog="critlayer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
     prn.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     _output_arguments(prn, "critlayer-pruned", "a folder with files in it")
 
+    qnt = sub.add_parser("quantize", help="give each block a width at a fixed average of bits, compare with baselines")
+    qnt.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
+    qnt.add_argument("--bits", type=_positive_float, default=4.5,
+                     help="average bits per block weight, scales and zero-points counted (default 4.5)")
+    qnt.add_argument("--format", choices=("auto", "gguf", "int"), default="auto",
+                     help="gguf: llama.cpp's types; int: torchao's integer groups; auto (default): gguf from 4.25 bits")
+    qnt.add_argument("--widths", default=None,
+                     help=f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)} or {', '.join(INT_WIDTHS)} "
+                          "(default: the format's)")
+    qnt.add_argument("--group-size", type=_at_least(1), default=64, help="weights per group of an int width (default 64)")
+    qnt.add_argument("--score", default=None,
+                     help=f"what makes the plan: sensitivity (measured) or any scan score (default {QUANTIZE_SCORE})")
+    qnt.add_argument("--scan", type=Path, default=None, help="a scan of MODEL to take scores from (default: scan now)")
+    qnt.add_argument("--data", default="wiki", help="held-out and calibration text: wiki, bbc, sharegpt or a "
+                                                    ".txt/.jsonl file (default wiki)")
+    qnt.add_argument("--n-eval", type=_at_least(2), default=32, help="held-out texts (default 32)")
+    qnt.add_argument("--max-tokens", type=_at_least(2), default=128,
+                     help="tokens per text at most: the evaluation's context (default 128)")
+    qnt.add_argument("--calibration", type=_at_least(2), default=16,
+                     help="calibration texts sensitivity reads, never held out (default 16)")
+    qnt.add_argument("--draws", type=_at_least(1), default=5, help="random plans (default 5)")
+    qnt.add_argument("--no-baselines", dest="baselines", action="store_false",
+                     help="evaluate the chosen plan and uniform only")
+    qnt.add_argument("--no-curve", dest="curve", action="store_false",
+                     help="evaluate at --bits only, not also at every inner width's uniform point")
+    qnt.add_argument("--per-kind", action="store_true", help="give each block's attention and MLP a width apart")
+    qnt.add_argument("--seed", type=_at_least(0), default=0)
+    qnt.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    qnt.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    _output_arguments(qnt, "critlayer-quantized", "a folder with files in it")
+
     sub.add_parser("models", help="list the built-in models and what is cached")
     return parser
 
@@ -304,6 +337,14 @@ def cmd_prune(args) -> None:
     _report(result.table(), args.out)
 
 
+def cmd_quantize(args) -> None:
+    from . import QuantizeConfig, quantize
+
+    result = quantize(args.model, QuantizeConfig(**_options(args, QuantizeConfig)), scan=args.scan, out=args.out,
+                      force=args.force, progress=not args.quiet, device=args.device)
+    _report(result.table(), args.out)
+
+
 def cmd_models(args) -> None:
     from .common.fetch import home
     from .models import BUILTIN_MODELS
@@ -319,7 +360,7 @@ def cmd_models(args) -> None:
 
 COMMANDS = {"scan": cmd_scan, "measures": cmd_measures, "export": cmd_export, "compare": cmd_compare,
             "tune": cmd_tune, "validate": cmd_validate, "defend": cmd_defend, "prune": cmd_prune,
-            "models": cmd_models}
+            "quantize": cmd_quantize, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

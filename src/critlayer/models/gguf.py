@@ -2,7 +2,8 @@
 
 Loading a GGUF dequantises every tensor (slow); ``save_pretrained`` then refuses because
 the model is marked as quantised. Clearing those marks lets us save plain safetensors
-that reload in about a second. A pruned copy is written with gguf's own reader and writer.
+that reload in about a second. A pruned or requantised copy is written with gguf's own reader, writer and
+quantizers.
 """
 
 from __future__ import annotations
@@ -82,6 +83,56 @@ def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: lis
     count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
     total = int(reader.get_field(count_key).contents())
     renumber = {old: new for new, old in enumerate(kept)}
+
+    def value(field):
+        if field.name == count_key:
+            return len(kept)
+        contents = field.contents()
+        if field.types[0] == gguf.GGUFValueType.ARRAY and field.name.startswith(f"{arch}.") and len(contents) == total:
+            return [contents[i] for i in kept]
+        return contents
+
+    tensors = [(_renamed(t.name, renumber), t.data, t.tensor_type) for t in reader.tensors]
+    return _rewrite(reader, out, value, [t for t in tensors if t[0] is not None])
+
+
+def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> Path:
+    """Copy the GGUF file ``source`` with each tensor named in ``types`` dequantised and quantised again to its type
+    (a llama.cpp type gguf can write: Q4_0 ... Q8_0, MXFP4, F16), atomically; the file type becomes that of the type
+    holding the most of those weights (MXFP4 has none for dense models)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    by_name = {t.name: t for t in reader.tensors}
+    missing = sorted(set(types) - set(by_name))
+    if missing:
+        raise CritlayerError(f"{source} has no tensor {missing[0]} (of {len(missing)} the plan names)")
+    weights: dict[str, int] = {}
+    for name, kind in types.items():
+        if f"MOSTLY_{kind}" in gguf.LlamaFileType.__members__:
+            weights[kind] = weights.get(kind, 0) + int(by_name[name].n_elements)
+    file_type = gguf.LlamaFileType[f"MOSTLY_{max(weights, key=weights.get)}"] if weights else gguf.LlamaFileType.GUESSED
+
+    def value(field):
+        return int(file_type) if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+
+    tensors = []
+    for t in reader.tensors:
+        if t.name in types:
+            kind = gguf.GGMLQuantizationType[types[t.name]]
+            rows = gguf.quants.dequantize(t.data, t.tensor_type)
+            tensors.append((t.name, gguf.quants.quantize(rows, kind), kind))
+        else:
+            tensors.append((t.name, t.data, t.tensor_type))
+    return _rewrite(reader, out, value, tensors)
+
+
+def _rewrite(reader, out: Path, value, tensors: list[tuple[str, object, object]]) -> Path:
+    """Write the reader's metadata (each field's value as ``value(field)`` gives it) and ``tensors`` (name, data as
+    gguf holds it, type) to ``out``, atomically."""
+    import gguf
+
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
     os.close(handle)
@@ -91,22 +142,15 @@ def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: lis
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
                 continue  # the writer writes these itself
             kind = field.types[0]
-            value = field.contents()
             sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            if field.name == count_key:
-                value = len(kept)
-            elif sub_type is not None and field.name.startswith(f"{arch}.") and len(value) == total:
-                value = [value[i] for i in kept]
-            writer.add_key_value(field.name, value, kind, sub_type=sub_type)
-        tensors = [(_renamed(t.name, renumber), t) for t in reader.tensors]
-        tensors = [(name, t) for name, t in tensors if name is not None]
-        for name, t in tensors:
-            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            writer.add_key_value(field.name, value(field), kind, sub_type=sub_type)
+        for name, data, kind in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _, t in tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        for _, data, _ in tensors:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
@@ -114,6 +158,19 @@ def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: lis
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def gguf_tensor_name(architecture: str, num_layers: int, module: str) -> str | None:
+    """The GGUF name of a Hugging Face module's weight (``model.layers.3.self_attn.q_proj`` ->
+    ``blk.3.attn_q.weight``) by gguf's own name map, None where the architecture or the module has none."""
+    import gguf
+
+    names = {architecture.replace("_", ""), architecture.removesuffix("_text")}  # gpt_neox, gemma3_text
+    arch = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name in names), None)
+    if arch is None:
+        return None
+    name = gguf.get_tensor_name_map(arch, num_layers).get_name(module)
+    return None if name is None else f"{name}.weight"
 
 
 def _renamed(name: str, renumber: dict[int, int]) -> str | None:

@@ -1,0 +1,93 @@
+"""The quantization report: held-out perplexity against average bits for every method, the table at the budget asked
+for with paired intervals, the plan block by block, and which scan score predicts quantization damage."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from .html import _STYLE, _image, lens_rows  # noqa: E402
+
+
+def plot_quantization(result, path: Path) -> None:
+    """Perplexity (log scale) against bits per block weight, one line per method along the budgets; random as its
+    median with the range of its draws as bars; the unquantized model as a dashed line."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for colour, (name, method) in enumerate(result.methods.items()):
+        budgets = sorted(method.perplexity)
+        x = [method.cost[b]["bits_per_weight"] for b in budgets]
+        y = [method.median(b) for b in budgets]
+        style = {"lw": 2.4, "zorder": 3} if colour == 0 else {"lw": 1.2}
+        ax.plot(x, y, marker="o", ms=4, color=f"C{colour}", label=name + (" (chosen)" if colour == 0 else ""), **style)
+        if any(len(method.perplexity[b]) > 1 for b in budgets):
+            low = [y_ - min(method.perplexity[b]) for y_, b in zip(y, budgets)]
+            high = [max(method.perplexity[b]) - y_ for y_, b in zip(y, budgets)]
+            ax.errorbar(x, y, yerr=[low, high], fmt="none", color=f"C{colour}", capsize=3)
+    ax.axhline(result.unquantized["perplexity"], color="grey", ls="--", lw=1, label="unquantized")
+    ax.axvline(result.settings["bits"], color="grey", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    s = result.settings
+    ax.set(xlabel="bits per block weight (scales and zero-points counted)", ylabel="held-out perplexity (log)",
+           title=f"{s['model']['name']} ({s['format']} widths): {s['data']['source']}, {s['data']['n_heldout']} "
+                 f"texts, context {s['context_tokens']} tokens")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_quantize_report(result, folder: Path) -> None:
+    """quantize.png and quantize.html (an unevaluated plan, of an encoder, has its JSON only)."""
+    if not result.unquantized:
+        return
+    plot_quantization(result, folder / "quantize.png")
+    esc = html.escape
+    s = result.settings
+    chosen = next(iter(result.methods))
+    rows = ""
+    for name, bits, ppl, spread, kl in result.rows():
+        interval = result.methods[name].summary[s["bits"]][0].get("perplexity_ratio_to_chosen_95")
+        ratio = "" if interval is None or len(result.methods[name].perplexity[s["bits"]]) > 1 else \
+            f"{interval[0]:.3f}-{interval[1]:.3f}"
+        rows += (f"<tr><th>{esc(name)}</th><td>{bits:.4f}</td><td>{ppl:.3f}</td><td>{esc(spread)}</td>"
+                 f"<td>{kl:.4f}</td><td>{ratio}</td></tr>")
+    plan = "".join(f"<td>{esc(w)}</td>" for w in result.plan.values())
+    blocks = "".join(f"<th>{b}</th>" for b in result.plan)
+    lens = result.correlations.get("quantization_damage", {})
+    exports = "".join(f"<li>{esc(kind)}: {esc(str(e.get('file') or e.get('why')))}</li>"
+                      for kind, e in result.exports.items())
+    sensitivity = result.sensitivity
+    cost = "" if not sensitivity else (
+        f"<p>Measuring sensitivity ({len(sensitivity['widths'])} widths × {len(result.plan)} blocks on "
+        f"{s['calibration']['texts']} calibration texts) cost {sensitivity['cost']['seconds']:.1f} s and "
+        f"{sensitivity['cost']['forward_tokens']:,} forward tokens; a scan score costs nothing beyond the scan.</p>")
+    degenerate = "".join(f"<p><b>At {esc(b)} bits</b>: {esc(why)}.</p>" for b, why in s.get("degenerate", {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer quantize</title>
+<style>{_STYLE}</style></head><body><h1>Quantizing {esc(s['model']['name'])}</h1>
+<p>Plan by <code>{esc(s['score'])}</code> at {result.bits:.4f} bits per block weight (budget {s['bits']:g}; scales and
+zero-points counted). Embedding and head: {esc(result.held_fixed['text'])}. Held-out perplexity on
+{esc(s['data']['source'])} ({s['data']['n_heldout']} texts, context {s['context_tokens']} tokens, computed in
+{esc(s['dtype'])}): unquantized {result.unquantized['perplexity']:.3f}.</p>
+{_image(folder / 'quantize.png')}
+<h2>At {s['bits']:g} bits</h2><table><tr><th>method</th><th>bits</th><th>perplexity</th><th>range</th><th>KL</th>
+<th>perplexity ÷ {esc(chosen)}, 95%</th></tr>{rows}</table>
+<p>KL: mean per token to the unquantized model's next-token distribution. The last column is a paired bootstrap
+interval over texts: an interval that holds 1 is a difference within the noise. Random: median and range of
+{s['config']['draws']} orders. Ranked plans: {esc(s['ranked_rule'])}.</p>{degenerate}{cost}
+<h2>The plan</h2><table><tr><th>block</th>{blocks}</tr><tr><th>width</th>{plan}</tr></table>
+<h2>Which lens predicts quantization damage</h2>
+<p>Spearman of each scan score with the KL divergence (on calibration text) of quantizing each block alone to
+{esc(str((sensitivity or {}).get('correlated_width', '-')))}: all blocks | interior blocks | depth regressed out
+(quantize.json also holds the same against the loss rise). A useful score correlates positively where high means
+critical, negatively where low does.</p>
+<table>{lens_rows(lens)}</table><h2>Exports</h2><ul>{exports}</ul></body></html>"""
+    (folder / "quantize.html").write_text(page, encoding="utf-8")

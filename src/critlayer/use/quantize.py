@@ -1,0 +1,413 @@
+"""``critlayer quantize``: give each block a width at a fixed average of bits, where the evidence says bits matter,
+and show on held-out text what that buys against the plans users would otherwise pick.
+
+A plan comes from a score: ``sensitivity`` (the default) measures how far the next-token distribution moves (KL
+divergence, on calibration text) when one block alone is quantized to each candidate width, and minimises their sum
+under the budget; any scan score (or the consensus)
+orders the blocks for the ranked rule of ``bitplan``. Against it, at the same size: uniform, the reversed order, random
+orders, llama.cpp's built-in layer rule, the measured plan and the consensus, at the budget asked for and at the
+candidate widths' uniform points (a curve). Each scan score is also correlated with the measured sensitivity, so a
+user learns which lens predicts quantization damage. The plan exports to llama.cpp (``--tensor-type-file``, and a
+mixed GGUF where the source is one) or to torchao (a per-module configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..common.errors import CritlayerError
+from ..common.folders import SavedResult, check_model_folder
+from ..common.stats import lens_correlations
+from ..data.text import load_data, sample_texts
+from ..find.measures import DIRECTION
+from ..find.result import ScanResult
+from ..models import DEFAULT_MODEL, LanguageModel
+from ..models.gguf import gguf_tensor_name, write_requantized_gguf
+from ..models.loading import gguf_file, resolve_dtype
+from .bitplan import cheapest_plan, llama_cpp_order, ranked_plan, uniform_width, UP_SHARE
+from .evaluation import Method, evaluate, evaluate_methods
+from .layers import scan_with_cost
+from .quantizers import FAMILIES, Width, parse_widths
+from .removal import least_critical
+from .train import computing_in, training_model
+from .weights import BlockWeights
+
+SENSITIVITY = "sensitivity"
+DEFAULT_SCORE = SENSITIVITY
+SMALLEST_GGUF_BITS = 4.25  # MXFP4: below it, ``auto`` takes torchao's integer widths
+
+
+@dataclass
+class QuantizeConfig:
+    """How to quantize (each field is the CLI flag of that name).
+
+    ``bits``: the average bits per block weight, everything a group is stored with counted (the embedding and head
+    are held as loaded and reported apart). ``format``: ``gguf`` (llama.cpp's types), ``int`` (torchao's groups of
+    ``group_size``) or ``auto`` (gguf from 4.25 bits up). ``widths``: the candidate widths, a comma list (default
+    the format's). ``score`` makes the plan (default ``sensitivity``). ``data``: held-out texts (``n_eval`` of at most
+    ``max_tokens`` tokens: the context) and the ``calibration`` texts sensitivity reads, never held out. ``draws``
+    random plans; ``baselines`` off evaluates the chosen plan and uniform only; ``curve`` off evaluates at ``bits``
+    only. ``per_kind`` gives each block's attention and MLP a width apart. ``dtype`` is what the evaluation computes
+    in.
+    """
+
+    bits: float = 4.5
+    format: str = "auto"
+    widths: str | None = None
+    group_size: int = 64
+    score: str | None = None
+    data: str = "wiki"
+    n_eval: int = 32
+    max_tokens: int = 128
+    calibration: int = 16
+    draws: int = 5
+    baselines: bool = True
+    curve: bool = True
+    per_kind: bool = False
+    seed: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        self.score = self.score or DEFAULT_SCORE
+        if self.score != SENSITIVITY and self.score not in DIRECTION:
+            raise CritlayerError(f"unknown score {self.score!r}; choose {SENSITIVITY} or a scan score: "
+                                 f"{', '.join(sorted(DIRECTION))}")
+        if self.format not in ("auto", *FAMILIES):
+            raise CritlayerError(f"unknown format {self.format!r}; choose auto, {', '.join(FAMILIES)}")
+        if not 0 < self.bits < 64:
+            raise CritlayerError(f"--bits must be a positive average of bits per weight, got {self.bits:g}")
+        for name, least in (("group_size", 1), ("n_eval", 2), ("max_tokens", 2), ("calibration", 2), ("draws", 1),
+                            ("seed", 0)):
+            if getattr(self, name) < least:
+                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+
+    @property
+    def family(self) -> str:
+        if self.format != "auto":
+            return self.format
+        return "gguf" if self.bits >= SMALLEST_GGUF_BITS else "int"
+
+
+@dataclass
+class QuantizeResult(SavedResult):
+    """The chosen plan, every method's evaluation along the curve, the lenses' correlations and the exports."""
+
+    FILE: ClassVar[str] = "quantize.json"
+
+    settings: dict
+    plan: dict[str, str]
+    bits: float
+    unquantized: dict
+    methods: dict[str, Method]
+    sensitivity: dict | None
+    correlations: dict
+    held_fixed: dict
+    exports: dict
+    gguf_source: Path | None = None
+    gguf_types: dict | None = None
+    torchao_config: dict | None = None
+
+    def to_json(self) -> dict:
+        return {**self.settings, "plan": self.plan, "bits_per_weight": self.bits, "unquantized": self.unquantized,
+                "methods": {k: m.to_json() for k, m in self.methods.items()}, "sensitivity": self.sensitivity,
+                "correlations": self.correlations, "held_fixed": self.held_fixed, "exports": self.exports}
+
+    def rows(self, budget: float | None = None) -> list[tuple[str, float, float, str, float]]:
+        """(method, bits per weight, perplexity, range, KL) at ``budget`` (default: the one asked for); random as
+        its median and range."""
+        budget = self.settings["bits"] if budget is None else budget
+        out = []
+        for name, m in self.methods.items():
+            if budget not in m.perplexity:
+                continue
+            values, summaries = m.perplexity[budget], m.summary[budget]
+            spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+            kl = float(np.median([s["kl"] for s in summaries]))
+            out.append((name, m.cost[budget]["bits_per_weight"], m.median(budget), spread, kl))
+        return out
+
+    def table(self) -> str:
+        s = self.settings
+        widths = ", ".join(f"{w}: {n}" for w, n in Counter(self.plan.values()).items())
+        lines = [f"quantized {s['model']['name']} at {self.bits:.4f} bits per block weight (budget {s['bits']:g}) by "
+                 f"{s['score']}: {widths}", f"embedding and head: {self.held_fixed['text']}"]
+        if not self.unquantized:
+            return "\n".join([*lines, f"not evaluated ({s['evaluation']})"])
+        lines.append(f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
+                     f"{s['context_tokens']} tokens), unquantized {self.unquantized['perplexity']:.3f}:")
+        rows = self.rows()
+        width = max(len(r[0]) for r in rows)
+        lines.append(f"  {'method':<{width}} {'bits':>7} {'perplexity':>11} {'range':>13} {'KL':>8}")
+        for name, bits, ppl, spread, kl in rows:
+            lines.append(f"  {name:<{width}} {bits:7.4f} {ppl:11.3f} {spread:>13} {kl:8.4f}")
+        lines += [f"at {budget} bits: {why}" for budget, why in s.get("degenerate", {}).items()]
+        if self.sensitivity:
+            cost = self.sensitivity["cost"]
+            lines.append(f"measured sensitivity cost {cost['seconds']:.1f} s, {cost['forward_tokens']:,} forward tokens")
+        lines += [f"{kind}: {e.get('file') or e.get('why')}" for kind, e in self.exports.items()]
+        return "\n".join(lines)
+
+    def write_files(self, folder: Path) -> None:
+        from ..report.quantization import write_quantize_report
+
+        if self.gguf_types:
+            (folder / self.exports["tensor_types"]["file"]).write_text(tensor_type_lines(self.gguf_types))
+        if self.exports.get("gguf", {}).get("file"):
+            write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"], self.gguf_types)
+        if self.torchao_config is not None:
+            (folder / self.exports["torchao"]["file"]).write_text(json.dumps(self.torchao_config, indent=1))
+        write_quantize_report(self, folder)
+
+
+def tensor_type_lines(types: dict[str, str]) -> str:
+    """llama-quantize's ``--tensor-type-file``: one anchored pattern per tensor, ``^blk\\.3\\.attn_q\\.weight$=q4_0``."""
+    return "".join(f"^{re.escape(name)}$={kind.lower()}\n" for name, kind in types.items())
+
+
+def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig | None = None, *,
+             scan: ScanResult | str | Path | None = None, out: str | Path | None = None, force: bool = False,
+             progress: bool = True, device: str | None = None, **options) -> QuantizeResult:
+    """Give each block of ``model`` a width so that its block weights average ``config.bits`` bits, by
+    ``config.score``, and evaluate the plan against the baselines on held-out text; with ``out``, write
+    quantize.json, a report and the exports there.
+
+    ``scan`` (a result or its folder) supplies the scores; without one the model is scanned first. ``config`` is a
+    ``QuantizeConfig``, its fields also taken as keywords.
+
+    >>> scanned = critlayer.scan(model_folder, probes=text_file, n=16, max_tokens=12, progress=False)
+    >>> result = critlayer.quantize(model_folder, bits=5, widths="Q4_0,Q5_0,Q8_0", data=text_file, n_eval=4,
+    ...                             calibration=4, draws=2, scan=scanned, progress=False)
+    >>> round(result.bits, 3) <= 5
+    True
+    """
+    config = replace(config, **options) if config is not None else QuantizeConfig(**options)
+    if out is not None:
+        check_model_folder(Path(out), force)
+    lm = training_model(model, device)
+    widths = parse_widths(config.widths, config.family, config.group_size)
+    if not widths[0].bits <= config.bits <= widths[-1].bits:
+        raise CritlayerError(f"--bits {config.bits:g} lies outside the widths' {float(widths[0].bits):g} "
+                             f"({widths[0].name}) to {float(widths[-1].bits):g} ({widths[-1].name}) bits per weight")
+    if not lm.is_causal and config.score == SENSITIVITY:
+        raise CritlayerError(f"{lm.architecture} has no LM head: sensitivity needs a next-token loss; plan by a "
+                             "scan score")
+    weights = BlockWeights(lm, widths, per_kind=config.per_kind, progress=progress)
+    scan_result, scan_cost = scan_with_cost(lm, scan, config.dtype, progress)
+    if config.score != SENSITIVITY:
+        scan_result.ranking(config.score)  # a score the scan lacks ends here, in one line
+    budgets = _budgets(config, weights)
+    settings = {"model": lm.describe(), "bits": config.bits, "format": config.family, "score": config.score,
+                "widths": {w.name: {"bits": float(w.bits), "group": w.group} for w in widths},
+                "budgets": budgets, "config": asdict(config),
+                "scan": {"critical": scan_result.critical, "probes": scan_result.probes, "cost": scan_cost},
+                "ranked_rule": f"the first {UP_SHARE:.0%} of the weights in the order one width up, the last ones "
+                               "one width down until the plan fits"}
+    if not lm.is_causal:
+        plan = ranked_plan(_order(scan_result, config.score, weights), weights.costs, weights.sizes,
+                           weights.budget(config.bits))
+        settings["evaluation"] = "none: the model has no LM head"
+        method = Method(config.score, {config.bits: [plan]}, {config.bits: _cost(weights, plan, scan_cost)})
+        return _finish(lm, weights, widths, plan, settings, {}, {config.score: method}, None, {}, config, out, force)
+
+    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
+    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens, seed=config.seed)
+                   if len(ids) >= 2]
+    compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
+    sensitivity = None
+    if config.score == SENSITIVITY or config.baselines:
+        sensitivity = measure_sensitivity(lm, weights, calibration, compute, progress)
+    methods = plan_methods(weights, scan_result, scan_cost, sensitivity, budgets, config)
+    weights.prepare([c for m in methods.values() for choices in m.choices.values() for c in choices])
+    reference = evaluate_methods(lm, methods, text.heldout, config.bits, lambda plan: partial(weights.applied, plan),
+                                 compute, progress)
+    correlations = {}
+    if sensitivity is not None:
+        down = max(uniform_width(weights.costs, weights.budget(config.bits)) - 1, 0)
+        sensitivity["correlated_width"] = widths[down].name
+        correlations = lens_correlations(scan_result.scores, {
+            "quantization_damage": weights.per_block(np.array(sensitivity["kl"])[:, down]),
+            "loss_rise": weights.per_block(np.array(sensitivity["loss_rise"])[:, down])},
+            list(range(1, lm.num_layers - 1)))
+    settings |= {"data": text.describe(), "context_tokens": config.max_tokens,
+                 "calibration": {"source": config.data, "texts": len(calibration), "tokens": sum(map(len, calibration))},
+                 "dtype": str(resolve_dtype(config.dtype, str(lm.device))).removeprefix("torch."),
+                 "baselines": [name for name in methods][1:]}
+    plan = next(iter(methods.values())).choices[config.bits][0]
+    return _finish(lm, weights, widths, plan, settings, reference.summary(), methods, sensitivity, correlations,
+                   config, out, force)
+
+
+def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: list[list[int]], compute,
+                        progress: bool) -> dict:
+    """What one unit alone at each candidate width (every other unit as loaded) does on calibration text: the
+    mean KL divergence per token to the loaded model's next-token distribution (what plans minimise: never below
+    zero, and far less noisy than the loss rise beside it), and what measuring it cost."""
+    start = time.perf_counter()
+    n, k = weights.costs.shape
+    alone = {f"{i},{w}": [w if j == i else None for j in range(n)] for i in range(n) for w in range(k)}
+    weights.prepare(list(alone.values()))
+    reference, scores = evaluate(lm, calibration, {name: partial(weights.applied, plan) for name, plan in alone.items()},
+                                 compute=compute, progress=progress)
+    kl = [[float(scores[f"{i},{w}"].kl.sum() / scores[f"{i},{w}"].tokens.sum()) for w in range(k)] for i in range(n)]
+    rise = [[round(scores[f"{i},{w}"].mean_loss - reference.mean_loss, 6) for w in range(k)] for i in range(n)]
+    return {"kl": kl, "loss_rise": rise, "widths": [w.name for w in weights.widths], "text": "calibration",
+            "cost": {"seconds": round(time.perf_counter() - start, 3),
+                     "forward_tokens": sum(map(len, calibration)) * (len(alone) + 1)}}
+
+
+def plan_methods(weights: BlockWeights, scan: ScanResult, scan_cost: dict, sensitivity: dict | None,
+                 budgets: list[float], config: QuantizeConfig) -> dict[str, Method]:
+    """Every method's plan at every budget, the chosen one's first."""
+    n = len(weights.sizes)
+    free = {"seconds": 0.0, "forward_tokens": 0}
+    damage = None if sensitivity is None else np.array(sensitivity["kl"])
+
+    def method(name: str, make, cost: dict, draws: int = 1) -> Method:
+        choices = {b: [make(weights.budget(b), d) for d in range(draws)] for b in budgets}
+        return Method(name, choices, {b: _cost(weights, choices[b][0], cost) for b in budgets})
+
+    def ranked(order):
+        return lambda budget, _: ranked_plan(order, weights.costs, weights.sizes, budget)
+
+    measured = lambda budget, _: cheapest_plan(damage, weights.costs, budget)  # noqa: E731
+    if config.score == SENSITIVITY:
+        chosen = method(f"{SENSITIVITY} (measured)", measured, sensitivity["cost"])
+        order = _sensitivity_order(damage, weights.costs, weights.budget(config.bits))
+    else:
+        order = _order(scan, config.score, weights)
+        chosen = method(config.score, ranked(order), scan_cost)
+    methods = {chosen.name: chosen,
+               "uniform": method("uniform", lambda budget, _: [uniform_width(weights.costs, budget)] * n, free)}
+    if not config.baselines:
+        return methods
+    methods["reversed"] = method("reversed", ranked(order[::-1]), chosen.cost[config.bits])
+    methods["random"] = method("random", lambda budget, d: ranked_plan(
+        [int(i) for i in np.random.default_rng([config.seed, d]).permutation(n)], weights.costs, weights.sizes,
+        budget), free, config.draws)
+    llama_blocks, share = llama_cpp_order(weights.lm.num_layers)
+    llama_order = weights.units_of(llama_blocks)
+    methods["llama.cpp rule"] = method("llama.cpp rule", lambda budget, _: ranked_plan(
+        llama_order, weights.costs, weights.sizes, budget, share), free)
+    if config.score != SENSITIVITY:
+        methods[f"{SENSITIVITY} (measured)"] = method(f"{SENSITIVITY} (measured)", measured, sensitivity["cost"])
+    if config.score != "consensus" and "consensus" in scan.scores:
+        methods["consensus"] = method("consensus", ranked(_order(scan, "consensus", weights)), scan_cost)
+    return methods
+
+
+def _order(scan: ScanResult, score: str, weights: BlockWeights) -> list[int]:
+    """Every unit, most critical block first by one of the scan's scores (the edges included: they are quantized
+    too)."""
+    blocks = least_critical(scan.scores[score], scan.direction(score), list(range(weights.lm.num_layers)))[::-1]
+    return weights.units_of(blocks)
+
+
+def _sensitivity_order(damage: np.ndarray, costs: np.ndarray, budget: int) -> list[int]:
+    """Units by measured damage at the width below the uniform one (what a plan pushes units down to)."""
+    down = max(uniform_width(costs, budget) - 1, 0)
+    return sorted(range(len(damage)), key=lambda i: (-damage[i, down], i))
+
+
+def _budgets(config: QuantizeConfig, weights: BlockWeights) -> list[float]:
+    """The budget asked for first; with the curve, also the uniform point of every inner candidate width but the
+    one uniform takes at that budget."""
+    asked = uniform_width(weights.costs, weights.budget(config.bits))
+    inner = [float(w.bits) for k, w in enumerate(weights.widths[1:-1], 1) if k != asked] if config.curve else []
+    return [config.bits, *sorted(inner)]
+
+
+def _cost(weights: BlockWeights, plan: list[int], cost: dict) -> dict:
+    return {**cost, "bits_per_weight": round(weights.bits_per_weight(plan), 6)}
+
+
+def _finish(lm: LanguageModel, weights: BlockWeights, widths: list[Width], plan: list[int], settings: dict,
+            unquantized: dict, methods: dict[str, Method], sensitivity, correlations: dict, config: QuantizeConfig,
+            out, force: bool) -> QuantizeResult:
+    named = {weights.labels[u]: widths[k].name for u, k in enumerate(plan)}
+    source = gguf_file(lm.spec)
+    exports, types, torchao_config = _exports(lm, weights, plan, source, config.family)
+    if types and source is not None:
+        settings["degenerate"] = _degenerate(types, source, weights, settings["budgets"])
+    result = QuantizeResult(settings, named, weights.bits_per_weight(plan), unquantized, methods, sensitivity,
+                            correlations, _held_fixed(lm, source), exports, source, types, torchao_config)
+    if out is not None:
+        result.save(out, force=force)
+    return result
+
+
+def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: Path | None,
+             family: str) -> tuple[dict, dict | None, dict | None]:
+    """Where the plan goes: llama.cpp (a ``--tensor-type-file`` and, from a GGUF source, a mixed GGUF) for gguf
+    widths; a torchao per-module configuration for integer widths. Returns what to say, the GGUF tensor types
+    and the torchao configuration."""
+    modules = {f"{lm.blocks_path}.{weights.blocks[u]}.{name}": weights.widths[plan[u]]
+               for u, layers in enumerate(weights.linears) for name, _ in layers}
+    if family == "int":
+        from torchao.core.config import config_to_dict
+
+        from .quantizers import torchao
+
+        config = config_to_dict(torchao().FqnToConfig({m: w.torchao_config() for m, w in modules.items()}))
+        why = "a llama.cpp file holds none of torchao's integer widths: use the gguf format for one"
+        return ({"torchao": {"file": "torchao_config.json",
+                             "use": "transformers.TorchAoConfig(quant_type=torchao.core.config.config_from_dict(...))"},
+                 "tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, config)
+    architecture = _gguf_architecture(lm, source)
+    types = {gguf_tensor_name(architecture, lm.num_layers, m): w.name for m, w in modules.items()}
+    if None in types:
+        why = f"gguf has no tensor names for {lm.architecture}"
+        return {"tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, None
+    exports = {"tensor_types": {"file": "llama-quantize-tensor-types.txt",
+                                "use": "llama-quantize --tensor-type-file llama-quantize-tensor-types.txt IN.gguf "
+                                       "OUT.gguf TYPE (the embedding and head take TYPE's rule)"}}
+    exports["gguf"] = ({"file": "model.gguf", "source": str(source)} if source is not None else
+                       {"file": None, "why": "the model was not loaded from a GGUF file: use the tensor types file"})
+    return exports, types, None
+
+
+def _degenerate(types: dict[str, str], source: Path, weights: BlockWeights, budgets: list[float]) -> dict:
+    """Budgets whose uniform width is the type every block tensor already has in the source: requantising to it
+    changes nothing, so uniform there is the unquantized model, not a win of anyone's plan."""
+    import gguf
+
+    held = {t.tensor_type.name for t in gguf.GGUFReader(source).tensors if t.name in types}
+    out = {}
+    for budget in budgets:
+        name = weights.widths[uniform_width(weights.costs, weights.budget(budget))].name
+        if held == {name}:
+            out[str(budget)] = f"the source holds every block tensor as {name}: uniform {name} is exact"
+    return out
+
+
+def _gguf_architecture(lm: LanguageModel, source: Path | None) -> str:
+    if source is None:
+        return lm.config.model_type
+    import gguf
+
+    return gguf.GGUFReader(source).get_field(gguf.Keys.General.ARCHITECTURE).contents()
+
+
+def _held_fixed(lm: LanguageModel, source: Path | None) -> dict:
+    """What the embedding and the head keep: their type in the GGUF source, or the loaded dtype."""
+    embedding, head = lm.model.get_input_embeddings().weight, lm.model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    parameters = embedding.numel() + (0 if head is None or tied else head.weight.numel())
+    kinds = {}
+    if source is not None:
+        import gguf
+
+        kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(source).tensors
+                 if t.name in ("token_embd.weight", "output.weight")}
+    held = ", ".join(f"{k} {v}" for k, v in kinds.items()) or str(embedding.dtype).removeprefix("torch.")
+    text = (f"held as loaded ({held}; {parameters:,} parameters{', head tied to the embedding' if tied else ''}), "
+            "not counted in the budget")
+    return {"parameters": parameters, "tied": tied, "types": kinds, "text": text}

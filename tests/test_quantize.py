@@ -1,0 +1,237 @@
+"""Quantization: plans meet their budget and follow their rule, the knapsack is optimal, the quantizers give what their
+formats store, every architecture gets a plan and an evaluation, the exports say what the plan says (llama.cpp's
+tensor types, a requantised GGUF, torchao's per-module configuration), and bad input is one line with nothing on
+disk."""
+
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import critlayer
+from critlayer import CritlayerError, LanguageModel
+from critlayer.cli import main
+from critlayer.models.gguf import gguf_tensor_name, write_requantized_gguf
+from critlayer.use.bitplan import cheapest_plan, llama_cpp_order, plan_bits, ranked_plan, uniform_width
+from critlayer.use.quantizers import parse_widths, width
+from critlayer.use.weights import BlockWeights
+
+from conftest import TINY, tiny_model, tiny_tokenizer
+
+SMALL = {"n_eval": 4, "calibration": 4, "draws": 2, "max_tokens": 12, "progress": False}
+
+
+def _scan(lm, prompt_file):
+    return critlayer.scan(lm, probes=str(prompt_file), n=16, max_tokens=12, progress=False)
+
+
+def _costs(bits: list[float], n: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([[int(b * size) for b in bits]] * n, dtype=np.int64), np.full(n, size)
+
+
+def test_ranked_plan_moves_a_third_up_and_pays_for_it_from_the_end_of_the_order():
+    costs, sizes = _costs([2.25, 3.25, 4.25], 9)  # equal steps: as many down as up
+    order = [4, 0, 8, 1, 7, 2, 6, 3, 5]
+    plan = ranked_plan(order, costs, sizes, int(costs[:, 1].sum()))
+    assert [plan[i] for i in order] == [2, 2, 2, 1, 1, 1, 0, 0, 0]
+    assert plan_bits(costs, plan) == costs[:, 1].sum()
+    costs, sizes = _costs([4.25, 4.5, 5.0], 9)  # a step up costs two steps down: everyone else goes down
+    plan = ranked_plan(order, costs, sizes, int(costs[:, 1].sum()))
+    assert [plan[i] for i in order] == [2, 2, 2, 0, 0, 0, 0, 0, 0] and plan_bits(costs, plan) <= costs[:, 1].sum()
+    assert ranked_plan(order, costs, sizes, int(costs[:, 0].sum())) == [0] * 9  # nothing to pay with
+
+
+def test_cheapest_plan_is_the_best_of_every_plan_within_the_budget():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, k = 5, 3
+        costs = np.sort(rng.integers(10, 60, size=(n, k)), axis=1)
+        damage = np.sort(rng.random((n, k)), axis=1)[:, ::-1]
+        budget = int(rng.integers(costs[:, 0].sum(), costs[:, -1].sum() + 1))
+        plan = cheapest_plan(damage, costs, budget)
+        best = min(sum(damage[i, p] for i, p in enumerate(c)) for c in itertools.product(range(k), repeat=n)
+                   if plan_bits(costs, list(c)) <= budget)
+        assert plan_bits(costs, plan) <= budget
+        assert sum(damage[i, p] for i, p in enumerate(plan)) == pytest.approx(best), trial
+
+
+def test_llama_cpp_rule_gives_the_first_and_last_eighth_and_every_third_block_more_bits():
+    order, share = llama_cpp_order(30)
+    assert sorted(order[:14]) == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29] and share == 14 / 30
+    assert order[-1] in (14, 15)  # the middle goes down first
+
+
+def test_widths_store_what_their_format_says():
+    assert float(width("Q4_0").bits) == 4.5 and float(width("MXFP4").bits) == 4.25
+    assert float(width("int3").bits) == 3 + (16 + 3) / 64 and float(width("int3g128").bits) == 3 + (16 + 3) / 128
+    assert len(torch.unique(width("int3g128").roundtrip(torch.randn(1, 128)))) <= 8
+    torch.manual_seed(0)
+    weight = torch.randn(8, 128)
+    errors = []
+    for name in ("int2", "int3", "int4", "int8"):
+        values = width(name).roundtrip(weight)
+        groups = values.reshape(8, 2, 64)
+        assert max(len(torch.unique(g)) for g in groups.reshape(-1, 64)) <= 2 ** int(name[3:])
+        errors.append(float((values - weight).pow(2).mean()))
+    assert errors == sorted(errors, reverse=True)
+    import gguf
+
+    rows = weight.numpy()
+    assert np.array_equal(width("Q5_1").roundtrip(weight).numpy(), gguf.quants.dequantize(
+        gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q5_1), gguf.GGMLQuantizationType.Q5_1))
+    with pytest.raises(CritlayerError, match="not a int format"):
+        parse_widths("Q4_0,int3", "int")
+    with pytest.raises(CritlayerError, match="unknown width"):
+        parse_widths("Q3_K,Q4_0", "gguf")
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY if a != "bert"])
+def test_every_architecture_gets_a_plan_and_an_evaluation(arch, prompt_file):
+    lm = LanguageModel.wrap(tiny_model(arch), tiny_tokenizer(), name=f"tiny-{arch}")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    result = critlayer.quantize(lm, bits=5.5, widths="Q4_0,Q5_0,Q8_0", scan=_scan(lm, prompt_file), curve=False,
+                                data=str(prompt_file), **SMALL)
+    assert result.bits <= 5.5 and len(result.plan) == 6 and set(result.plan.values()) <= {"Q4_0", "Q5_0", "Q8_0"}
+    assert {"uniform", "reversed", "random", "llama.cpp rule"} <= set(result.methods)
+    for method in result.methods.values():
+        assert all(np.isfinite(method.perplexity[5.5])) and method.cost[5.5]["bits_per_weight"] <= 5.5
+    assert result.unquantized["kl"] == 0
+    kl = np.array(result.sensitivity["kl"])
+    assert kl.shape == np.array(result.sensitivity["loss_rise"]).shape == (6, 3) and (kl > 0).all()
+    assert (kl[:, 2] < kl[:, 0]).all()  # Q8_0 moves the distribution less than Q4_0
+    assert "quantization_damage" in result.correlations
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())  # the loaded weights came back
+
+
+def test_an_encoder_gets_a_plan_by_a_scan_score(prompt_file):
+    lm = LanguageModel.wrap(tiny_model("bert"), tiny_tokenizer(), name="tiny-bert")
+    scanned = _scan(lm, prompt_file)
+    result = critlayer.quantize(lm, bits=4.5, score="delta", scan=scanned, data=str(prompt_file), **SMALL)
+    assert result.bits <= 4.5 and not result.unquantized and "no LM head" in result.settings["evaluation"]
+    with pytest.raises(CritlayerError, match="no LM head"):
+        critlayer.quantize(lm, bits=4.5, scan=scanned, data=str(prompt_file), **SMALL)
+
+
+def test_tensor_types_file_names_every_block_tensor_once_at_the_plans_bits(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "q"
+    result = critlayer.quantize(str(tiny_folder), bits=4.5, data=str(prompt_file), out=out, curve=False,
+                                scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    lm = critlayer.load(str(tiny_folder), dtype="float32")
+    names = {gguf_tensor_name("llama", 6, f"model.layers.{i}.{n}"): m.weight.shape
+             for i, block in enumerate(lm.blocks) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    lines = (out / "llama-quantize-tensor-types.txt").read_text().split()
+    bits = 0
+    for line in lines:
+        pattern, kind = line.split("=")
+        matched = [n for n in names if re.search(pattern, n)]
+        assert len(matched) == 1 and pattern.startswith("^") and pattern.endswith("$"), line
+        w = width(kind.upper())
+        rows, columns = names[matched[0]]
+        assert columns % w.group == 0  # llama.cpp applies the type without falling back
+        bits += rows * columns // w.group * w.group_bits
+    assert len(lines) == len(names) == 42
+    assert bits / sum(r * c for r, c in names.values()) == pytest.approx(result.bits)
+    saved = json.loads((out / "quantize.json").read_text())
+    assert saved["plan"] == result.plan and saved["bits_per_weight"] == result.bits
+    assert (out / "quantize.png").is_file() and (out / "quantize.html").is_file()
+
+
+def test_torchao_configuration_quantizes_a_fresh_model_to_the_evaluated_weights(tiny_folder, prompt_file, tmp_path):
+    from torchao.core.config import config_from_dict
+    from torchao.quantization import quantize_
+
+    out = tmp_path / "q"
+    result = critlayer.quantize(str(tiny_folder), bits=3.5, format="int", group_size=32, data=str(prompt_file),
+                                out=out, curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    config = config_from_dict(json.loads((out / "torchao_config.json").read_text()))
+    model = critlayer.load(str(tiny_folder), dtype="float32").model
+    quantize_(model, config, filter_fn=None)
+    lm = critlayer.load(str(tiny_folder), dtype="float32")
+    widths = parse_widths(None, "int", 32)
+    weights = BlockWeights(lm, widths, progress=False)
+    index = {w.name: k for k, w in enumerate(widths)}
+    for i, block in enumerate(model.model.layers):
+        expected = weights.quantized(i, index[result.plan[str(i)]])
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(torch.equal(m.weight.dequantize(), e) for m, e in zip(linears, expected))
+
+
+def test_requantised_gguf_holds_the_plans_types_and_values(tmp_path):
+    import gguf
+
+    source, out = tmp_path / "source.gguf", tmp_path / "out.gguf"
+    torch.manual_seed(0)
+    tensors = {"token_embd.weight": torch.randn(16, 64), "blk.0.attn_q.weight": torch.randn(32, 64),
+               "blk.1.attn_q.weight": torch.randn(32, 64)}
+    writer = gguf.GGUFWriter(source, "llama")
+    writer.add_block_count(2)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, t in tensors.items():
+        writer.add_tensor(name, t.numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    write_requantized_gguf(source, out, {"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "MXFP4"})
+    reader = gguf.GGUFReader(out)
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds == {"token_embd.weight": "F32", "blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "MXFP4"}
+    for t in reader.tensors:
+        expected = tensors[t.name] if t.name.startswith("token") else width(kinds[t.name]).roundtrip(tensors[t.name])
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), expected.numpy())
+    assert reader.get_field(gguf.Keys.General.FILE_TYPE).contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert [f.name for f in reader.fields.values()].count(gguf.Keys.General.ARCHITECTURE) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "gguf", "--bits", "4"], "outside the widths"),
+    (["--bits", "9"], "outside the widths"),
+    (["--score", "nonsense"], "unknown score"),
+    (["--format", "int", "--widths", "Q4_0,Q8_0"], "not a int format"),
+    (["--format", "int", "--bits", "3.3"], "rows of 32"),
+])
+def test_bad_input_is_one_line_and_nothing_on_disk(argv, message, tiny_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), "--data", str(prompt_file), "--out", str(out), "--quiet", *argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_an_existing_folder_needs_force(tiny_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["quantize", str(tiny_folder), "--data", str(prompt_file), "--out", str(out), "--quiet"]) != 0
+    assert "--force" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_uniform_width_is_the_widest_that_fits():
+    costs, _ = _costs([2.25, 3.25, 4.25], 4)
+    assert uniform_width(costs, int(costs[:, 1].sum())) == 1
+    assert uniform_width(costs, int(costs[:, 1].sum()) - 1) == 0
+    with pytest.raises(CritlayerError, match="below the narrowest"):
+        uniform_width(costs, int(costs[:, 0].sum()) - 1)
+
+
+def test_quantized_weights_take_effect_under_autocast_and_leave_after(tiny_lm):
+    weights = BlockWeights(tiny_lm, parse_widths("Q4_0,Q8_0", "gguf"), progress=False)
+    ids = torch.tensor([[1] + list(range(4, 30))])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast caches cast weights
+        before = tiny_lm.model(input_ids=ids).logits
+        with weights.applied([0] * 6):
+            during = tiny_lm.model(input_ids=ids).logits
+        after = tiny_lm.model(input_ids=ids).logits
+    assert not torch.equal(before, during) and torch.equal(before, after)
+
+
+def test_per_kind_plans_give_attention_and_mlp_their_own_widths(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "q"
+    result = critlayer.quantize(str(tiny_folder), bits=4.5, per_kind=True, data=str(prompt_file), out=out,
+                                curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    assert list(result.plan) == [f"{i}.{kind}" for i in range(6) for kind in ("attn", "mlp")] and result.bits <= 4.5
+    types = dict(line.split("=") for line in (out / "llama-quantize-tensor-types.txt").read_text().split())
+    for pattern, kind in types.items():
+        block, tensor = re.match(r"\^blk\\\.(\d+)\\\.(\w+)\\\.weight\$", pattern).groups()
+        assert kind == result.plan[f"{block}.{'attn' if tensor.startswith('attn') else 'mlp'}"].lower()
+    assert set(result.correlations["quantization_damage"]["block_influence"]) >= {"all", "partial"}
