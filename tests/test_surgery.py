@@ -10,7 +10,7 @@ import transformers
 from critlayer import CritlayerError
 from critlayer.models import find_blocks, surgery
 
-from conftest import TINY, tiny_model
+from conftest import TINY, tiny_config, tiny_model
 
 IDS = torch.tensor([[1] + list(range(4, 19)), [1] + list(range(30, 45))])  # 16 tokens: past gemma3's window of 8
 
@@ -64,9 +64,9 @@ def test_gemma3_keeps_the_attention_type_of_every_kept_block(tmp_path):
 
 
 def test_qwen2_window_rule_splits_the_kept_blocks_where_it_did():
-    config = TINY["qwen2"]()
+    config = tiny_config("qwen2")  # tiny: the default Qwen2 config is a 2-billion-parameter model
     config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 8, 3
-    config.num_hidden_layers, config.layer_types = 6, None
+    config.layer_types = None
     model = transformers.AutoModelForCausalLM.from_config(type(config)(**config.to_dict()))
     types = list(model.config.layer_types)
     kept = surgery.delete_blocks(model, [1, 4])
