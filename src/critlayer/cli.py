@@ -168,15 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "by the score (default 3; 0: the score's order alone)")
     prn.add_argument("--parts", choices=("block", "attn", "mlp"), default="block",
                      help="remove whole blocks, or the attention or MLP sublayer of each (default block)")
-    prn.add_argument("--scan", type=Path, default=None, help="a scan of MODEL to take scores from (default: scan now)")
-    prn.add_argument("--data", default="wiki", help="held-out and calibration text: wiki, bbc, sharegpt or a "
-                                                    ".txt/.jsonl file (default wiki)")
-    prn.add_argument("--n-eval", type=_at_least(2), default=32, help="held-out texts (default 32)")
-    prn.add_argument("--max-tokens", type=_at_least(2), default=128,
-                     help="tokens per text at most: the evaluation's context (default 128)")
-    prn.add_argument("--calibration", type=_at_least(2), default=32,
-                     help="calibration texts sleb and angular read, never held out (default 32)")
-    prn.add_argument("--draws", type=_at_least(1), default=5, help="random choices per count (default 5)")
+    _evaluation_arguments(prn, calibration=32, reads="sleb and angular read", draws="random choices per count")
     prn.add_argument("--edges", action="store_true", help="let the first and last block be removed")
     prn.add_argument("--no-baselines", dest="baselines", action="store_false",
                      help="evaluate the chosen blocks only (no last, random, block influence, angular, sleb)")
@@ -199,15 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--group-size", type=_at_least(1), default=64, help="weights per group of an int width (default 64)")
     qnt.add_argument("--score", default=None,
                      help=f"what makes the plan: sensitivity (measured) or any scan score (default {QUANTIZE_SCORE})")
-    qnt.add_argument("--scan", type=Path, default=None, help="a scan of MODEL to take scores from (default: scan now)")
-    qnt.add_argument("--data", default="wiki", help="held-out and calibration text: wiki, bbc, sharegpt or a "
-                                                    ".txt/.jsonl file (default wiki)")
-    qnt.add_argument("--n-eval", type=_at_least(2), default=32, help="held-out texts (default 32)")
-    qnt.add_argument("--max-tokens", type=_at_least(2), default=128,
-                     help="tokens per text at most: the evaluation's context (default 128)")
-    qnt.add_argument("--calibration", type=_at_least(2), default=16,
-                     help="calibration texts sensitivity reads, never held out (default 16)")
-    qnt.add_argument("--draws", type=_at_least(1), default=5, help="random plans (default 5)")
+    _evaluation_arguments(qnt, calibration=16, reads="sensitivity reads", draws="random plans")
     qnt.add_argument("--no-baselines", dest="baselines", action="store_false",
                      help="evaluate the chosen plan and uniform only")
     qnt.add_argument("--no-curve", dest="curve", action="store_false",
@@ -243,6 +227,19 @@ def _training_arguments(p: argparse.ArgumentParser, *, data: str = "bbc",
                    help=DTYPE_HELP + "; the weights trained stay float32 (bfloat16 runs as mixed precision)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available; under accelerate "
                                                   "launch, each process's own)")
+
+
+def _evaluation_arguments(p: argparse.ArgumentParser, *, calibration: int, reads: str, draws: str) -> None:
+    """The flags of a command that evaluates changed models on held-out text (prune, quantize)."""
+    p.add_argument("--scan", type=Path, default=None, help="a scan of MODEL to take scores from (default: scan now)")
+    p.add_argument("--data", default="wiki", help="held-out and calibration text: wiki, bbc, sharegpt or a "
+                                                  ".txt/.jsonl file (default wiki)")
+    p.add_argument("--n-eval", type=_at_least(2), default=32, help="held-out texts (default 32)")
+    p.add_argument("--max-tokens", type=_at_least(2), default=128,
+                   help="tokens per text at most: the evaluation's context (default 128)")
+    p.add_argument("--calibration", type=_at_least(2), default=calibration,
+                   help=f"calibration texts {reads}, never held out (default {calibration})")
+    p.add_argument("--draws", type=_at_least(1), default=5, help=f"{draws} (default 5)")
 
 
 def _output_arguments(p: argparse.ArgumentParser, folder: str, what: str) -> None:

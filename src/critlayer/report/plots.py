@@ -116,3 +116,16 @@ def plot_firmness(result, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_perplexity_curve(fig, ax, path: Path, settings: dict, xlabel: str, legend: str) -> None:
+    """Label a held-out perplexity curve (prune's, quantize's) with its model and text, and save it."""
+    data = settings["data"]
+    ax.set(xlabel=xlabel, ylabel="held-out perplexity (log)",
+           title=f"{settings['model']['name']}: {data['source']}, {data['n_heldout']} texts, "
+                 f"context {settings['context_tokens']} tokens")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .html import _STYLE, _image, lens_rows  # noqa: E402
+from .plots import save_perplexity_curve  # noqa: E402
 
 
 def plot_pruning(result, path: Path) -> None:
@@ -34,15 +35,7 @@ def plot_pruning(result, path: Path) -> None:
     ax.set_yscale("log")
     chosen = next(iter(result.methods.values()))
     ax.set_ylim(base / 1.2, 5 * max(chosen.median(n) for n in chosen.perplexity))  # runaway baselines leave the top
-    s = result.settings
-    ax.set(xlabel=f"{s['parts']}s removed", ylabel="held-out perplexity (log)",
-           title=f"{s['model']['name']}: {s['data']['source']}, {s['data']['n_heldout']} texts, "
-                 f"context {s['context_tokens']} tokens")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_perplexity_curve(fig, ax, path, result.settings, f"{result.settings['parts']}s removed", "lower right")
 
 
 def write_prune_report(result, folder: Path) -> None:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .html import _STYLE, _image, lens_rows  # noqa: E402
+from .plots import save_perplexity_curve  # noqa: E402
 
 
 def plot_quantization(result, path: Path) -> None:
@@ -34,15 +35,9 @@ def plot_quantization(result, path: Path) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    s = result.settings
-    ax.set(xlabel="bits per block weight (scales and zero-points counted)", ylabel="held-out perplexity (log)",
-           title=f"{s['model']['name']} ({s['format']} widths): {s['data']['source']}, {s['data']['n_heldout']} "
-                 f"texts, context {s['context_tokens']} tokens")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_perplexity_curve(fig, ax, path, result.settings,
+                          f"bits per block weight, {result.settings['format']} widths (scales and zero-points counted)",
+                          "upper right")
 
 
 def write_quantize_report(result, folder: Path) -> None:
