@@ -1,14 +1,14 @@
-"""Bit plans: a width for every block, at a size budget met exactly or just under.
+"""Bit plans: a width for every unit (a block, or its attention or MLP), at a size budget met exactly or just under.
 
-Sizes are whole bits: ``costs[i][k]`` is what block ``i`` takes at the ``k``-th candidate width (fewest bits first),
+Sizes are whole bits: ``costs[i][k]`` is what unit ``i`` takes at the ``k``-th candidate width (fewest bits first),
 the budget is a number of bits. Two rules make plans:
 
-- ``ranked_plan`` turns an order of blocks (most deserving first) into a plan: every block starts at the widest
-  width that fits uniformly; the first third of the weights in the order go one width up, then blocks from the end
+- ``ranked_plan`` turns an order of units (most deserving first) into a plan: every unit starts at the widest
+  width that fits uniformly; the first third of the weights in the order go one width up, then units from the end
   of the order go one width down until the plan fits (fewer go up when the budget cannot pay for them). Scores,
   their reverse, random orders and llama.cpp's layer rule all go through it, so they differ in the order alone.
-- ``cheapest_plan`` minimises a measured damage per block and width (the loss rise when that block alone takes that
-  width, summed as if independent) under the budget: a multiple-choice knapsack, solved exactly by dynamic
+- ``cheapest_plan`` minimises a measured damage per unit and width (quantize's: the KL divergence when that unit
+  alone takes that width, summed as if independent) under the budget: a multiple-choice knapsack, solved exactly by dynamic
   programming over the sizes' common unit.
 """
 

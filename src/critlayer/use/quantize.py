@@ -3,8 +3,7 @@ and show on held-out text what that buys against the plans users would otherwise
 
 A plan comes from a score: ``sensitivity`` (the default) measures how far the next-token distribution moves (KL
 divergence, on calibration text) when one block alone is quantized to each candidate width, and minimises their sum
-under the budget; any scan score (or the consensus)
-orders the blocks for the ranked rule of ``bitplan``. Against it, at the same size: uniform, the reversed order, random
+under the budget; any scan score (or the consensus) orders the blocks for the ranked rule of ``bitplan``. Against it, at the same size: uniform, the reversed order, random
 orders, llama.cpp's built-in layer rule, the measured plan and the consensus, at the budget asked for and at the
 candidate widths' uniform points (a curve). Each scan score is also correlated with the measured sensitivity, so a
 user learns which lens predicts quantization damage. The plan exports to llama.cpp (``--tensor-type-file``, and a
@@ -33,7 +32,7 @@ from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file, resolve_dtype
-from .bitplan import cheapest_plan, llama_cpp_order, ranked_plan, uniform_width, UP_SHARE
+from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
 from .evaluation import Method, evaluate, evaluate_methods
 from .layers import scan_with_cost
 from .quantizers import FAMILIES, Width, parse_widths
