@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.errors import CritlayerError
+from ..common.errors import CritlayerError, require_at_least
 from ..models.surgery import parse_parts
 from .capture import BATCH_SIZE, SINK_RATIO, TOKEN_MODES
 from .measures import CAPTURE, DEFAULT_MEASURES, MEASURES, TEXT, parse_measures
@@ -61,13 +61,8 @@ class ScanConfig:
             self.bootstrap = 0 if set(self.measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
         if self.token_mode not in TOKEN_MODES:
             raise CritlayerError(f"unknown token mode {self.token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
-        for name, least in (("n", 4), ("max_n", MIN_PROBES), ("max_tokens", 2), ("seed", 0), ("window", 1), ("text_n", 2),
-                            ("bootstrap", 0), ("batch_size", 1), ("max_rows", 2)):
-            if getattr(self, name) is not None and getattr(self, name) < least:
-                flag = f"--{name.replace('_', '-')}"
-                raise CritlayerError(f"{flag} must be at least {least}, got {getattr(self, name)}")
-        if self.k is not None and self.k < 1:
-            raise CritlayerError(f"--k must be at least 1, got {self.k}")
+        require_at_least(self, n=4, max_n=MIN_PROBES, max_tokens=2, seed=0, window=1, text_n=2, bootstrap=0,
+                         batch_size=1, max_rows=2, k=1)
         if self.sink_ratio < 0:
             raise CritlayerError(f"--sink-ratio must be 0 (off) or positive, got {self.sink_ratio}")
         self._check_text_source()

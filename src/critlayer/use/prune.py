@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..common.errors import CritlayerError
+from ..common.errors import CritlayerError, require_at_least
 from ..common.folders import SavedResult, check_model_folder
 from ..common.stats import lens_correlations
 from ..data.text import load_data, sample_texts
@@ -83,10 +83,7 @@ class PruneConfig:
         if not self.remove > 0:
             raise CritlayerError(f"--remove must be a positive number of blocks or a fraction in (0, 1), "
                                  f"got {self.remove:g}")
-        for name, least in (("candidates", 0), ("n_eval", 2), ("max_tokens", 2), ("calibration", 2), ("draws", 1),
-                            ("heal", 0), ("seed", 0)):
-            if getattr(self, name) < least:
-                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        require_at_least(self, candidates=0, n_eval=2, max_tokens=2, calibration=2, draws=1, heal=0, seed=0)
         if self.heal and self.parts != "block":
             raise CritlayerError("--heal trains whole blocks; a dropped sublayer's zeroed projection would be "
                                  "trained back")

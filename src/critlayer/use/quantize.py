@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..common.errors import CritlayerError
+from ..common.errors import CritlayerError, require_at_least
 from ..common.folders import SavedResult, check_model_folder
 from ..common.stats import lens_correlations
 from ..data.text import load_data, sample_texts
@@ -84,10 +84,7 @@ class QuantizeConfig:
             raise CritlayerError(f"unknown format {self.format!r}; choose auto, {', '.join(FAMILIES)}")
         if not 0 < self.bits < 64:
             raise CritlayerError(f"--bits must be a positive average of bits per weight, got {self.bits:g}")
-        for name, least in (("group_size", 1), ("n_eval", 2), ("max_tokens", 2), ("calibration", 2), ("draws", 1),
-                            ("seed", 0)):
-            if getattr(self, name) < least:
-                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        require_at_least(self, group_size=1, n_eval=2, max_tokens=2, calibration=2, draws=1, seed=0)
 
     @property
     def family(self) -> str:
@@ -120,10 +117,10 @@ class QuantizeResult(SavedResult):
                 "methods": {k: m.to_json() for k, m in self.methods.items()}, "sensitivity": self.sensitivity,
                 "correlations": self.correlations, "held_fixed": self.held_fixed, "exports": self.exports}
 
-    def rows(self, budget: float | None = None) -> list[tuple[str, float, float, str, float]]:
-        """(method, bits per weight, perplexity, range, KL) at ``budget`` (default: the one asked for); random as
-        its median and range."""
-        budget = self.settings["bits"] if budget is None else budget
+    def rows(self) -> list[tuple[str, float, float, str, float]]:
+        """(method, bits per weight, perplexity, range, KL) at the budget asked for; random as its median and
+        range."""
+        budget = self.settings["bits"]
         out = []
         for name, m in self.methods.items():
             if budget not in m.perplexity:
@@ -239,7 +236,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     settings |= {"data": text.describe(), "context_tokens": config.max_tokens,
                  "calibration": {"source": config.data, "texts": len(calibration), "tokens": sum(map(len, calibration))},
                  "dtype": str(resolve_dtype(config.dtype, str(lm.device))).removeprefix("torch."),
-                 "baselines": [name for name in methods][1:]}
+                 "baselines": list(methods)[1:]}
     plan = next(iter(methods.values())).choices[config.bits][0]
     return _finish(lm, weights, widths, plan, settings, reference.summary(), methods, sensitivity, correlations,
                    config, out, force)
@@ -332,18 +329,31 @@ def _finish(lm: LanguageModel, weights: BlockWeights, widths: list[Width], plan:
             unquantized: dict, methods: dict[str, Method], sensitivity, correlations: dict, config: QuantizeConfig,
             out, force: bool) -> QuantizeResult:
     named = {weights.labels[u]: widths[k].name for u, k in enumerate(plan)}
-    source = gguf_file(lm.spec)
-    exports, types, torchao_config = _exports(lm, weights, plan, source, config.family)
+    source, architecture, held = _source(lm)
+    exports, types, torchao_config = _exports(lm, weights, plan, source, architecture, config.family)
     if types and source is not None:
-        settings["degenerate"] = _degenerate(types, source, weights, settings["budgets"])
+        settings["degenerate"] = _degenerate({held.get(name) for name in types}, weights, settings["budgets"])
     result = QuantizeResult(settings, named, weights.bits_per_weight(plan), unquantized, methods, sensitivity,
-                            correlations, _held_fixed(lm, source), exports, source, types, torchao_config)
+                            correlations, _held_fixed(lm, held), exports, source, types, torchao_config)
     if out is not None:
         result.save(out, force=force)
     return result
 
 
-def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: Path | None,
+def _source(lm: LanguageModel) -> tuple[Path | None, str, dict[str, str]]:
+    """The GGUF file the model was loaded from (None if none), its architecture (else the config's model type) and
+    the type each of its tensors holds, read once."""
+    source = gguf_file(lm.spec)
+    if source is None:
+        return None, lm.config.model_type, {}
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    return (source, reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
+            {t.name: t.tensor_type.name for t in reader.tensors})
+
+
+def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: Path | None, architecture: str,
              family: str) -> tuple[dict, dict | None, dict | None]:
     """Where the plan goes: llama.cpp (a ``--tensor-type-file`` and, from a GGUF source, a mixed GGUF) for gguf
     widths; a torchao per-module configuration for integer widths. Returns what to say, the GGUF tensor types
@@ -360,7 +370,6 @@ def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: 
         return ({"torchao": {"file": "torchao_config.json",
                              "use": "transformers.TorchAoConfig(quant_type=torchao.core.config.config_from_dict(...))"},
                  "tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, config)
-    architecture = _gguf_architecture(lm, source)
     types = {gguf_tensor_name(architecture, lm.num_layers, m): w.name for m, w in modules.items()}
     if None in types:
         why = f"gguf has no tensor names for {lm.architecture}"
@@ -373,12 +382,9 @@ def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: 
     return exports, types, None
 
 
-def _degenerate(types: dict[str, str], source: Path, weights: BlockWeights, budgets: list[float]) -> dict:
-    """Budgets whose uniform width is the type every block tensor already has in the source: requantising to it
-    changes nothing, so uniform there is the unquantized model, not a win of anyone's plan."""
-    import gguf
-
-    held = {t.tensor_type.name for t in gguf.GGUFReader(source).tensors if t.name in types}
+def _degenerate(held: set[str], weights: BlockWeights, budgets: list[float]) -> dict:
+    """Budgets whose uniform width is the type every block tensor already ``held`` in the source: requantising to
+    it changes nothing, so uniform there is the unquantized model, not a win of anyone's plan."""
     out = {}
     for budget in budgets:
         name = weights.widths[uniform_width(weights.costs, weights.budget(budget))].name
@@ -387,25 +393,13 @@ def _degenerate(types: dict[str, str], source: Path, weights: BlockWeights, budg
     return out
 
 
-def _gguf_architecture(lm: LanguageModel, source: Path | None) -> str:
-    if source is None:
-        return lm.config.model_type
-    import gguf
-
-    return gguf.GGUFReader(source).get_field(gguf.Keys.General.ARCHITECTURE).contents()
-
-
-def _held_fixed(lm: LanguageModel, source: Path | None) -> dict:
-    """What the embedding and the head keep: their type in the GGUF source, or the loaded dtype."""
+def _held_fixed(lm: LanguageModel, held: dict[str, str]) -> dict:
+    """What the embedding and the head keep: their type in the GGUF source (``held``: tensor types), or the loaded
+    dtype."""
     embedding, head = lm.model.get_input_embeddings().weight, lm.model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
     parameters = embedding.numel() + (0 if head is None or tied else head.weight.numel())
-    kinds = {}
-    if source is not None:
-        import gguf
-
-        kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(source).tensors
-                 if t.name in ("token_embd.weight", "output.weight")}
+    kinds = {name: held[name] for name in ("token_embd.weight", "output.weight") if name in held}
     held = ", ".join(f"{k} {v}" for k, v in kinds.items()) or str(embedding.dtype).removeprefix("torch.")
     text = (f"held as loaded ({held}; {parameters:,} parameters{', head tied to the embedding' if tied else ''}), "
             "not counted in the budget")

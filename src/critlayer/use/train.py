@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.distributed import accelerator, gather, is_main
-from ..common.errors import CritlayerError
+from ..common.errors import CritlayerError, require_at_least
 from ..common.memory import PeakMemory
 from ..data.text import TextData
 from ..models import LanguageModel, load
@@ -54,12 +54,7 @@ class TrainConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
-        for name, least in (("steps", 1), ("batch_size", 1), ("max_tokens", 2), ("eval_every", 1), ("seed", 0),
-                            ("lora_r", 1)):
-            if getattr(self, name) < least:
-                raise CritlayerError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
-        if self.n_train is not None and self.n_train < 1:
-            raise CritlayerError(f"--n-train must be at least 1, got {self.n_train}")
+        require_at_least(self, steps=1, batch_size=1, max_tokens=2, eval_every=1, seed=0, lora_r=1, n_train=1)
         if self.lr is not None and not 0 < self.lr < float("inf"):
             raise CritlayerError(f"--lr must be a positive number, got {self.lr}")
         if self.dtype not in DTYPES:
