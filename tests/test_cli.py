@@ -99,8 +99,8 @@ def test_usage_errors_and_unreadable_scans_are_one_line(tmp_path, capsys):
 
 def test_tune_and_validate_commands(tiny_folder, tmp_path, capsys, prompt_file):
     _scan(tiny_folder, tmp_path / "scan")
-    common = ["--data", str(prompt_file), "--steps", "2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10",
-              "--scan", str(tmp_path / "scan" / "scan.json"), "--quiet"]
+    common = ["--data", str(prompt_file), "--steps", "20", "--lr", "1e-2", "--batch-size", "4", "--n-eval", "4",
+              "--max-tokens", "10", "--scan", str(tmp_path / "scan" / "scan.json"), "--quiet"]
     assert main(["tune", str(tiny_folder), "--layers", "critical:2", "--out", str(tmp_path / "t"), *common]) == 0
     tuned = json.loads((tmp_path / "t" / "tune.json").read_text())
     scan = json.loads((tmp_path / "scan" / "scan.json").read_text())
@@ -115,6 +115,17 @@ def test_tune_and_validate_commands(tiny_folder, tmp_path, capsys, prompt_file):
     assert "unknown block 9" in _error(capsys, ["tune", str(tiny_folder), "--layers", "1,9",
                                                 "--out", str(tmp_path / "e"), *common])
     assert not (tmp_path / "e").exists()
+
+
+def test_validate_refuses_a_diverging_finetune_in_one_line_and_writes_nothing(tiny_folder, tmp_path, capsys,
+                                                                            prompt_file):
+    _scan(tiny_folder, tmp_path / "scan")
+    err = _error(capsys, ["validate", str(tiny_folder), "--data", str(prompt_file), "--steps", "3", "--lr", "1e30",
+                          "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10", "--quiet",
+                          "--scan", str(tmp_path / "scan"), "--out", str(tmp_path / "v")])
+    assert "fine-tuning diverged" in err and "--lr" in err
+    assert not (tmp_path / "v").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".v")]
 
 
 def test_every_measure_from_the_cli_and_export_in_three_formats(tiny_folder, tmp_path, capsys, prompt_file):

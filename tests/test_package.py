@@ -95,8 +95,9 @@ def _same_outputs(cli: Path, api: Path) -> None:
 
 
 def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_file, pair_file, tmp_path, capsys):
-    train = {"steps": 2, "batch_size": 4, "n_eval": 4, "max_tokens": 10, "eval_every": 1}
-    flags = ["--steps", "2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10", "--eval-every", "1", "--quiet"]
+    train = {"steps": 20, "lr": 1e-2, "batch_size": 4, "n_eval": 4, "max_tokens": 10, "eval_every": 10}
+    flags = ["--steps", "20", "--lr", "1e-2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10",
+             "--eval-every", "10", "--quiet"]
     scan = {"probes": str(prompt_file), "n": 16, "max_tokens": 10}
     assert main(["scan", str(tiny_folder), "--probes", str(prompt_file), "--n", "16", "--max-tokens", "10",
                  "--out", str(tmp_path / "cli-scan"), "--quiet"]) == 0

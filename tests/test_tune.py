@@ -1,6 +1,7 @@
 """Fine-tuning chosen blocks, comparing layer choices, and validating a scan against fine-tuning."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,11 +12,12 @@ import critlayer
 from critlayer import CritlayerError, TrainConfig
 from critlayer.data.text import load_data
 from critlayer.models.loss import collate, heldout_loss
-from critlayer.prove.validate import restore_windows
-from critlayer.use.layers import freeze_except, lora_config, parse_layers, unfrozen_parameters
+from critlayer.prove.validate import Validation, restore_windows
+from critlayer.use.layers import choose_lens, freeze_except, lora_config, parse_layers, unfrozen_parameters
 from critlayer.use.train import make_optimizer
 
 FAST = TrainConfig(steps=3, batch_size=4, eval_every=2, lr=1e-2, n_eval=6, max_tokens=12)
+LEARNS = replace(FAST, steps=20, eval_every=10)  # enough steps for the tiny model's held-out loss to fall for sure
 
 
 @pytest.fixture
@@ -116,15 +118,51 @@ def test_restoring_every_block_gives_back_the_pretrained_loss(lm, data, prompt_f
     assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in tuned.items())  # the tuned weights are back
 
 
-def test_validate_reports_every_score_with_depth_baselines(lm, prompt_file, scanned, tmp_path):
-    v = critlayer.validate(lm, str(prompt_file), scan=scanned, config=FAST, permutations=200, progress=False)
+def test_validate_reports_every_score_with_depth_baselines_and_spread_over_seeds(lm, prompt_file, scanned, tmp_path):
+    v = critlayer.validate(lm, str(prompt_file), scan=scanned, config=LEARNS, seeds=2, permutations=200,
+                           progress=False)
     assert len(v.importance) == lm.num_layers and np.isfinite(v.importance).all()
+    assert len(v.loss_tuned) == 2 and all(loss < v.loss_pretrained for loss in v.loss_tuned)
+    assert np.allclose(v.importance, np.mean(v.importance_per_seed, axis=0))
     rows = v.correlations["importance"]
     assert {"delta", "block_influence", "depth", "depth_u_shape"} <= set(rows)
     assert all(0 < rows[n]["all_p"] <= 1 for n in rows)
+    assert all(spread["all"] >= 0 for spread in v.spread().values())
+    assert set(v.beyond_depth()) == set(scanned.scores) | {"consensus", "p_critical"} & set(scanned.scores)
     v.save(tmp_path / "v")
     for name in ("validate.json", "validate.png", "validate.html"):
         assert (tmp_path / "v" / name).stat().st_size > 0
+    again = Validation.load(tmp_path / "v")
+    assert json.dumps(again.to_json()) == json.dumps(v.to_json())  # NaN (depth's partial) is not equal to itself
+    assert again.ranking("delta") == v.ranking("delta")
+
+
+def test_critical_k_ranks_by_the_lens_a_validation_found_best(lm, prompt_file, scanned, tmp_path):
+    v = critlayer.validate(lm, str(prompt_file), scan=scanned, config=LEARNS, permutations=50, progress=False)
+    for table in [v.correlations, *v.seed_correlations]:  # make one lens predict importance beyond depth
+        table["importance"]["block_influence"].update(partial=0.9, partial_p=0.001)
+    assert v.best_lens == "block_influence"
+    result = critlayer.tune(lm, str(prompt_file), "critical:2", validation=v, config=FAST, progress=False)
+    assert result.run.layers == sorted(v.ranking("block_influence")[:2])
+    assert result.to_json()["lens"]["score"] == "block_influence" and "validation" in result.table()
+    with pytest.raises(CritlayerError, match="not both"):
+        critlayer.tune(lm, str(prompt_file), "critical:2", validation=v, score="delta", config=FAST, progress=False)
+    for table in [v.correlations, *v.seed_correlations]:  # now none does: the scan's selection score ranks
+        for row in table["importance"].values():
+            row.update(partial=0.0, partial_p=1.0)
+    lens = choose_lens(None, v)
+    assert v.best_lens is None and lens.score == scanned.selection.score and "no lens" in lens.reason
+    exported = critlayer.export(scanned, layers="noncritical:2", validation=v)
+    assert json.loads(exported) == sorted(v.ranking(lens.score)[:len(v.interior)][-2:])
+
+
+def test_a_finetune_that_does_not_help_is_flagged(lm, prompt_file):
+    result = critlayer.tune(lm, str(prompt_file), "all", config=replace(FAST, lr=1e-9), progress=False)
+    assert not result.run.lowered_loss
+    assert len(result.warnings) == 1 and "did not lower the held-out loss" in result.warnings[0]
+    assert result.to_json()["warnings"] == result.warnings and "warning:" in result.table()
+    learned = critlayer.tune(lm, str(prompt_file), "all", config=LEARNS, progress=False)
+    assert learned.run.lowered_loss and learned.warnings == []
 
 
 def test_tuned_checkpoint_of_another_architecture_is_refused(lm, prompt_file, scanned):

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layers", default=None,
                         help="critical:K, noncritical:K, random:K, all or 3,7-9 (default: the scan's critical blocks)")
     export.add_argument("--score", default=None, help="score that ranks the blocks for critical:K (default: the selection's)")
+    export.add_argument("--from-validation", type=Path, default=None,
+                        help="a validation of the model: critical:K ranks by the lens it found best")
     export.add_argument("--format", choices=("json", "peft", "axolotl"), default="json")
     export.add_argument("--r", type=_at_least(1), default=8, help="LoRA rank for --format peft (default 8)")
     export.add_argument("--alpha", type=_at_least(1), default=16, help="LoRA alpha for --format peft (default 16)")
@@ -133,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     _output_arguments(tune, "critlayer-tune", "an earlier fine-tune")
 
     val = sub.add_parser("validate", help="do the scan's critical layers predict what fine-tuning changes?")
-    _training_arguments(val)
+    _training_arguments(val, ranked=False)
     val.add_argument("--tuned", default=None, help="a fine-tuned checkpoint of MODEL (default: fine-tune all blocks)")
+    val.add_argument("--seeds", type=_at_least(1), default=1,
+                     help="repeat the fine-tune and the windows over N seeds, for the spread (default 1)")
     val.add_argument("--restore-window", type=_at_least(1), default=3, help="blocks set back together (default 3)")
     val.add_argument("--measures", default="default", help="measures of the scan run when no --scan is given")
     val.add_argument("--permutations", type=_at_least(10), default=5000,
@@ -208,13 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _training_arguments(p: argparse.ArgumentParser, *, data: str = "bbc",
                         data_help: str = "wiki, bbc, sharegpt, or a .txt/.jsonl file", steps: int = 100,
-                        n_eval: int = 32, tokens: int = 128) -> None:
+                        n_eval: int = 32, tokens: int = 128, ranked: bool = True) -> None:
+    from .use.train import DEFAULT_LORA_LR, DEFAULT_LR, SCHEDULES
+
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for scan (default {DEFAULT_MODEL})")
     p.add_argument("--data", default=data, help=f"{data_help} (default {data})")
     p.add_argument("--scan", type=Path, default=None, help="a scan to take critical layers from (default: scan now)")
-    p.add_argument("--score", default=None, help="score that ranks the blocks for critical:K (default: the scan's)")
+    if ranked:
+        p.add_argument("--score", default=None, help="score that ranks the blocks for critical:K (default: the scan's)")
+        p.add_argument("--from-validation", type=Path, default=None,
+                       help="a validation of MODEL: critical:K ranks by the lens it found best (no scan needed)")
     p.add_argument("--steps", type=_at_least(1), default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 1e-4, or 1e-3 with --lora)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default {DEFAULT_LR:g}, or {DEFAULT_LORA_LR:g} with --lora)")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps the rate rises over (default 0.1)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="the rate after warm-up: cosine or linear decay to zero, or constant (default cosine)")
     p.add_argument("--batch-size", type=_at_least(1), default=8,
                    help="texts per step in all: under accelerate launch they are split across the processes (default 8)")
     p.add_argument("--max-tokens", type=_at_least(2), default=tokens,
@@ -283,8 +296,8 @@ def cmd_measures(args) -> None:
 def cmd_export(args) -> None:
     from . import export
 
-    text = export(args.scan, layers=args.layers, score=args.score, format=args.format, r=args.r, alpha=args.alpha,
-                  seed=args.seed, out=args.out)
+    text = export(args.scan, layers=args.layers, score=args.score, validation=args.from_validation,
+                  format=args.format, r=args.r, alpha=args.alpha, seed=args.seed, out=args.out)
     if args.out is None:
         print(text, end="")
     else:
@@ -302,7 +315,8 @@ def cmd_tune(args) -> None:
     from . import TrainConfig, tune
 
     result = tune(args.model, args.data, args.layers, compare=args.compare, seeds=args.seeds, scan=args.scan,
-                  score=args.score, config=TrainConfig(**_options(args, TrainConfig)), out=args.out,
+                  score=args.score, validation=args.from_validation, config=TrainConfig(**_options(args, TrainConfig)),
+                  out=args.out,
                   force=args.force, progress=not args.quiet, device=args.device)
     _report(result.table(), args.out)
 
@@ -310,7 +324,8 @@ def cmd_tune(args) -> None:
 def cmd_validate(args) -> None:
     from . import TrainConfig, validate
 
-    result = validate(args.model, args.data, scan=args.scan, tuned=args.tuned, restore_window=args.restore_window,
+    result = validate(args.model, args.data, scan=args.scan, tuned=args.tuned, seeds=args.seeds,
+                      restore_window=args.restore_window,
                       measures=args.measures, permutations=args.permutations,
                       config=TrainConfig(**_options(args, TrainConfig)), out=args.out, force=args.force,
                       progress=not args.quiet, device=args.device)
@@ -321,6 +336,7 @@ def cmd_defend(args) -> None:
     from . import DefendConfig, defend
 
     result = defend(args.model, args.data, args.freeze, compare=args.compare, scan=args.scan, score=args.score,
+                    validation=args.from_validation,
                     config=DefendConfig(**_options(args, DefendConfig)), out=args.out, force=args.force,
                     progress=not args.quiet, device=args.device)
     _report(result.table(), args.out)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult
+from ..models.language_model import shape_difference
 from .consensus import Consensus, measure_ranks
 from .firmness import Firmness
 from .measures import DIRECTION
@@ -114,11 +115,10 @@ class ScanResult(SavedResult):
 
     def require_model(self, lm) -> None:
         """Refuse to apply this scan to another model: another architecture, shape or tokenizer than it measured."""
-        mine = {k: self.model.get(k) for k in ("architecture", "num_layers", "hidden_size")}
-        theirs = {k: v for k, v in lm.describe().items() if k in mine}
+        shape = shape_difference(self.model, lm.describe())
         tokenizer = self.probes.get("tokenizer")
-        if mine != theirs or (tokenizer and tokenizer != tokenizer_fingerprint(lm)):
-            what = "tokenizer" if mine == theirs else ", ".join(f"{k} {mine[k]}" for k in mine)
+        if shape or (tokenizer and tokenizer != tokenizer_fingerprint(lm)):
+            what = shape or "tokenizer"
             raise CritlayerError(f"the scan was made on another model ({self.model.get('name')}: {what}) than "
                                  f"{lm.name}; scan this model or pass its own scan")
 

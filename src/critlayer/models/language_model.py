@@ -81,6 +81,15 @@ class LanguageModel:
                 "blocks": self.blocks_path, "block_linears": self.block_linears}
 
 
+def shape_difference(described: dict, other: dict) -> str | None:
+    """How the model one result describes (``describe()``'s dict) differs from another's in architecture or shape,
+    or None when it does not."""
+    keys = ("architecture", "num_layers", "hidden_size")
+    if all(described.get(k) == other.get(k) for k in keys):
+        return None
+    return ", ".join(f"{k} {described.get(k)}" for k in keys)
+
+
 def linear_types() -> tuple[type, ...]:
     """nn.Linear, and GPT-2's Conv1D where transformers has it."""
     try:

@@ -27,7 +27,7 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loading import resolve_dtype
 from ..models.loss import sequence_losses
 from .backdoor import DEFAULT_TARGET, Attack, Pair, load_pairs, poison, shows_target, split_pairs
-from .layers import ranking_scan, resolve_layers
+from .layers import Lens, choose_lens, ranking_scan, resolve_layers, the_validation
 from .train import TrainConfig, TrainRun, computing_in, finetune, training_model
 
 DEFAULT_COMPARE = "none,critical:4,noncritical:4,random:4"
@@ -113,7 +113,8 @@ class DefendResult(SavedResult):
 
 def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", freeze: str = "critical:4", *,
            compare: str | list[str] | bool | None = None, scan: ScanResult | str | Path | None = None,
-           score: str | None = None, config: DefendConfig | None = None, out: str | Path | None = None,
+           score: str | None = None, validation=None, config: DefendConfig | None = None,
+           out: str | Path | None = None,
            force: bool = False, progress: bool = True, device: str | None = None, **options) -> DefendResult:
     """Fine-tune on poisoned prompt-reply pairs with the blocks ``freeze`` names frozen (or, with ``compare``, once
     per policy: specs, a comma list, or True for none, critical:4, noncritical:4 and random:4), and measure the
@@ -121,7 +122,8 @@ def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", f
 
     ``data`` is sharegpt or a .jsonl file of prompt and reply fields; ``config`` a ``DefendConfig``, its fields
     also taken as keywords (``poison_rate=0.02``, ``trigger="sudo"``, ``steps=30``, ...). Ranked specs use
-    ``score`` of ``scan``, or of a default scan run now. With ``out`` the result is saved.
+    ``score`` of ``scan``, or of a default scan run now, or with ``validation`` (a ``Validation`` or its folder) the
+    lens it found best. With ``out`` the result is saved.
 
     >>> result = critlayer.defend(model_folder, data=pair_file, freeze="2-3", trigger="w1 w2", target="w3 w4",
     ...                           steps=2, batch_size=4, n_eval=6, max_tokens=8, progress=False)
@@ -136,17 +138,18 @@ def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", f
     if out is not None:
         check_output_folder(out, DefendResult.FILE, force)
     lm = training_model(model, device)
-    scan_result = ranking_scan(lm, specs, scan, progress=progress)
-    result = _defend(lm, data, specs, config, scan_result, score, progress)
+    validation = the_validation(validation, lm)
+    scan_result = ranking_scan(lm, specs, scan, progress=progress) if validation is None else None
+    result = _defend(lm, data, specs, config, scan_result, choose_lens(scan_result, validation, score), progress)
     if out is not None:
         result.save(out, force=force)
     return result
 
 
 def _defend(lm: LanguageModel, source: str, specs: list[str], config: DefendConfig, scan_result: ScanResult | None,
-            score: str | None, progress: bool) -> DefendResult:
+            lens: Lens | None, progress: bool) -> DefendResult:
     """Fine-tune on poisoned pairs once per freezing policy in ``specs``; measure the backdoor each time."""
-    frozen = {spec: resolve_layers(lm.num_layers, spec, scan_result, score=score, seed=config.seed) for spec in specs}
+    frozen = {spec: resolve_layers(lm.num_layers, spec, lens, seed=config.seed) for spec in specs}
     for spec, blocks in frozen.items():
         if len(blocks) == lm.num_layers:
             raise CritlayerError(f"freezing {spec} leaves no block to fine-tune")
@@ -163,6 +166,7 @@ def _defend(lm: LanguageModel, source: str, specs: list[str], config: DefendConf
                 "limits": {"n_train": config.n_train, "n_eval": config.n_eval, "prompt_tokens": tokens,
                            "reply_tokens": tokens},
                 "scan_critical": None if scan_result is None else scan_result.critical,
+                "lens": None if lens is None else lens.to_json(),
                 "data": {"source": source, "n_train": len(poisoned), "n_poisoned": sum(is_poisoned),
                          "n_eval": len(heldout_pairs)}}
     dtype = resolve_dtype(config.dtype, str(lm.device))

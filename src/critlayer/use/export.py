@@ -14,17 +14,17 @@ from pathlib import Path
 from ..common.errors import CritlayerError
 from ..common.folders import write_atomically
 from ..find.result import ScanResult
-from .layers import lora_config, resolve_layers, unfrozen_parameters
+from .layers import choose_lens, lora_config, resolve_layers, the_validation, unfrozen_parameters
 
 FORMATS = ("json", "peft", "axolotl")
 
 
-def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
+def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None, validation=None,
            format: str = "json", r: int = 8, alpha: int = 16, seed: int = 0, out: str | Path | None = None) -> str:
     """A scan's critical blocks (its firm ones, where it measured firmness), or those ``layers`` names
-    (``critical:K`` ranked by ``score``, firm blocks first), as ``format``: a JSON list, PEFT's
-    ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list; written to ``out`` when given,
-    and returned. A scan with no firm block has nothing to export by default: name the blocks with ``layers``.
+    (``critical:K`` ranked by ``score``, firm blocks first, or with ``validation`` by the lens it found best), as
+    ``format``: a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list;
+    written to ``out`` when given, and returned. A scan with no firm block has nothing to export by default: name the blocks with ``layers``.
 
     >>> result = critlayer.scan(model_folder, probes="random", n=16, max_tokens=12, progress=False)
     >>> critlayer.export(result, layers="1,3")
@@ -34,8 +34,8 @@ def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: s
     if layers is None and not result.critical:
         raise CritlayerError("no block of this scan is firm, so it has no critical blocks to export; name them "
                              "with --layers (critical:K takes the K top-ranked)")
-    blocks = list(result.critical) if layers is None else resolve_layers(len(result.layers), layers, result,
-                                                                         score=score, seed=seed)
+    lens = choose_lens(result, the_validation(validation, result.model), score)
+    blocks = list(result.critical) if layers is None else resolve_layers(len(result.layers), layers, lens, seed=seed)
     text = export_text(result, blocks, format, r=r, alpha=alpha)
     if out is not None:
         write_atomically(Path(out), text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..find.result import ScanResult
 from ..find.scan import scan as run_scan
 from ..find.scan import scan_model
 from ..models import LanguageModel
+from ..models.language_model import shape_difference
 
 _RANKED = re.compile(r"^(critical|noncritical|random):(-?\d+)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -119,16 +121,63 @@ def scan_with_cost(lm: LanguageModel, scan: ScanResult | str | Path | None, dtyp
     return result, {"seconds": round(seconds, 3), "forward_tokens": tokens}
 
 
-def resolve_layers(num_layers: int, spec: str, scan: ScanResult | None, *, score: str | None = None,
-                   seed: int = 0) -> list[int]:
-    """The blocks a spec names; ``critical:K`` and ``noncritical:K`` rank by ``score`` (default: the one the
-    scan selects by), ``noncritical:K`` among the eligible blocks only, like the paper's comparison."""
+@dataclass
+class Lens:
+    """What ranks the blocks for ``critical:K`` and ``noncritical:K``: a score, as a scan or a validation measured
+    it, its ranking (eligible blocks first) and why it was chosen."""
+
+    score: str
+    ranking: list[int]
+    eligible: int
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"score": self.score, "reason": self.reason}
+
+
+def choose_lens(scan: ScanResult | None, validation=None, score: str | None = None) -> Lens | None:
+    """The lens a ranked spec uses: with a ``validation`` (a ``Validation``) the one it found best beyond depth, or
+    the scan's selection score where it found none; else ``score`` of ``scan`` (default: the score the scan selects
+    by, firm blocks first). None without either."""
+    if validation is not None:
+        if score is not None:
+            raise CritlayerError("give --score or --from-validation, not both: the validation picks the score")
+        best = validation.best_lens
+        lens = best or validation.settings["scan"].get("score", "delta")
+        reason = (f"the validation's best predictor of fine-tuning importance beyond depth (partial Spearman "
+                  f"{validation.correlations['importance'][best]['partial']:+.2f})" if best else
+                  f"the validation found no lens that predicts importance beyond depth; ranked by {lens}, "
+                  "the scan's selection score")
+        return Lens(lens, validation.ranking(lens), len(validation.interior), reason)
+    if scan is None:
+        return None
+    lens = score or scan.selection.score
+    return Lens(lens, scan.ranking(lens), len(scan.selection.eligible),
+                "chosen with --score" if score else "the score the scan selects by, firm blocks first")
+
+
+def resolve_layers(num_layers: int, spec: str, lens: Lens | None, *, seed: int = 0) -> list[int]:
+    """The blocks a spec names; ``critical:K`` and ``noncritical:K`` rank by ``lens``, ``noncritical:K`` among the
+    eligible blocks only, like the paper's comparison."""
     if not needs_ranking(spec):
         return parse_layers(spec, num_layers, seed=seed)
-    if scan is None:
-        raise CritlayerError(f"{spec} needs a scan")
-    return parse_layers(spec, num_layers, ranking=scan.ranking(score), eligible=len(scan.selection.eligible),
-                        seed=seed)
+    if lens is None:
+        raise CritlayerError(f"{spec} needs a scan or a validation")
+    return parse_layers(spec, num_layers, ranking=lens.ranking, eligible=lens.eligible, seed=seed)
+
+
+def the_validation(validation, lm: LanguageModel | dict):
+    """``validation`` (a ``Validation``, or its folder or validate.json) checked against the model, or None."""
+    if validation is None:
+        return None
+    from ..prove.validate import Validation  # prove builds on use: imported when asked for
+
+    result = validation if isinstance(validation, Validation) else Validation.load(validation)
+    shape = shape_difference(result.settings["model"], _describe(lm))
+    if shape:
+        raise CritlayerError(f"the validation was made on another model ({result.settings['model'].get('name')}: "
+                             f"{shape}) than {_describe(lm)['name']}; validate this model or pass its own validation")
+    return result
 
 
 def _describe(lm: LanguageModel | dict) -> dict:

@@ -18,23 +18,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from ..common.distributed import accelerator, gather, is_main
 from ..common.errors import CritlayerError, require_at_least
 from ..common.memory import PeakMemory
+from ..common.stats import paired_difference_interval
 from ..data.text import TextData
 from ..models import LanguageModel, load
 from ..models.loading import DTYPES, resolve_dtype
-from ..models.loss import batch_losses, collate, heldout_loss
+from ..models.loss import batch_losses, collate, sequence_losses
 from .layers import freeze_except, lora_config
+
+DEFAULT_LR = 3e-5
+DEFAULT_LORA_LR = 1e-3
+SCHEDULES = ("cosine", "linear", "constant")
+_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers'
 
 
 @dataclass
 class TrainConfig:
     """How to fine-tune (each field is the CLI flag of that name).
 
-    ``steps`` of AdamW at ``lr`` (default 1e-4, or 1e-3 for LoRA) on batches of ``batch_size`` texts in all
-    (split across processes under ``accelerate launch``), held-out loss every ``eval_every`` steps. The data:
+    ``steps`` of AdamW at ``lr`` (default ``DEFAULT_LR``, or ``DEFAULT_LORA_LR`` for LoRA) on batches of
+    ``batch_size`` texts in all (split across processes under ``accelerate launch``), the rate rising linearly over
+    the first ``warmup`` share of the steps and then following ``schedule`` (cosine or linear decay to zero, or
+    constant); held-out loss every ``eval_every`` steps. The data:
     texts of at most ``max_tokens`` tokens, ``n_eval`` held out, at most ``n_train`` trained on (default: all
     the rest). ``lora`` trains LoRA adapters of rank ``lora_r`` on the chosen blocks instead of their weights.
     ``dtype`` is what the model computes in: ``auto`` is bfloat16 where the hardware computes in it natively
@@ -51,18 +60,24 @@ class TrainConfig:
     seed: int = 0
     lora: bool = False
     lora_r: int = 8
+    warmup: float = 0.1
+    schedule: str = "cosine"
     dtype: str = "auto"
 
     def __post_init__(self):
         require_at_least(self, steps=1, batch_size=1, max_tokens=2, eval_every=1, seed=0, lora_r=1, n_train=1)
         if self.lr is not None and not 0 < self.lr < float("inf"):
             raise CritlayerError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise CritlayerError(f"--warmup is a share of the steps, in [0, 1), got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise CritlayerError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
             raise CritlayerError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.lora else 1e-4)
+        return self.lr if self.lr is not None else (DEFAULT_LORA_LR if self.lora else DEFAULT_LR)
 
     def describe(self) -> dict:
         return {**{name: getattr(self, name) for name in self.__dataclass_fields__}, "lr": self.learning_rate}
@@ -82,6 +97,7 @@ class TrainRun:
     processes: int = 1
     texts_seen: list[list[int]] | None = None  # per process, with several: the training texts each one took
     replicas_identical: bool | None = None  # with several: whether every process ended with the same weights
+    loss_drop_interval: tuple[float, float] | None = None  # 95% bootstrap over held-out texts, paired
 
     @property
     def loss_before(self) -> float:
@@ -91,15 +107,39 @@ class TrainRun:
     def loss_after(self) -> float:
         return self.heldout_loss[-1][1]
 
+    @property
+    def lowered_loss(self) -> bool:
+        """Did fine-tuning lower the held-out loss by more than its noise (the drop's 95% interval above zero)?"""
+        return self.loss_drop_interval is not None and self.loss_drop_interval[0] > 0
+
+    def did_not_help(self) -> str | None:
+        """A one-line account of a fine-tune that did not lower the held-out loss beyond its noise, else None."""
+        if self.loss_drop_interval is None:
+            return None
+        return unhelpful(self.loss_before, self.loss_after, self.loss_drop_interval)
+
     def as_dict(self) -> dict:
         out = {"layers": self.layers, "trainable_parameters": self.trainable_parameters,
                "heldout_loss_before": self.loss_before, "heldout_loss_after": self.loss_after,
+               "loss_drop_interval": self.loss_drop_interval, "lowered_loss": self.lowered_loss,
                "train_loss": self.train_loss, "heldout_loss": self.heldout_loss,
                "seconds_per_step": self.seconds_per_step, "peak_memory_mb": self.peak_memory_mb,
                "compute_dtype": self.compute_dtype, "processes": self.processes}
         if self.processes > 1:
             out |= {"texts_seen": self.texts_seen, "replicas_identical": self.replicas_identical}
         return out
+
+
+def unhelpful(before: float, after: float, drop_interval: tuple[float, float]) -> str | None:
+    """A one-line account of held-out loss that did not fall beyond its noise (the drop's 95% interval reaching
+    zero), else None."""
+    low, high = drop_interval
+    if low > 0:
+        return None
+    if not np.isfinite(after):
+        return f"fine-tuning diverged: the held-out loss went from {before:.4f} to {after}"
+    return (f"fine-tuning did not lower the held-out loss beyond its noise ({before:.4f} -> {after:.4f}; "
+            f"95% interval of the drop {low:+.4f} to {high:+.4f})")
 
 
 def training_model(model: LanguageModel | str, device: str | None = None) -> LanguageModel:
@@ -145,14 +185,23 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     run = TrainRun(layers, sum(p.numel() for p in params), compute_dtype=str(dtype).removeprefix("torch."),
                    processes=processes)
 
-    def evaluate() -> float:
-        with computing_in(model, dtype):
-            return heldout_loss(model, data.heldout, starts=data.heldout_starts)
+    sums: list[np.ndarray] = []  # each held-out text's summed loss, at every evaluation
 
-    run.heldout_loss.append((0, evaluate()))
+    def evaluate(step: int) -> None:
+        with computing_in(model, dtype):
+            text_sums, counts = sequence_losses(model, data.heldout, starts=data.heldout_starts)
+        sums.append(text_sums)
+        run.heldout_loss.append((step, float(text_sums.sum() / counts.sum())))
+        if step:
+            run.loss_drop_interval = paired_difference_interval(sums[0], text_sums, counts, seed=config.seed)
+
+    evaluate(0)
     if not params:
         return model, run
-    trained, optimizer = acc.prepare(model, make_optimizer(model, config.learning_rate))
+    optimizer = make_optimizer(model, config.learning_rate)
+    schedule = get_scheduler(_SCHEDULE_NAMES[config.schedule], optimizer,
+                             num_warmup_steps=round(config.warmup * config.steps), num_training_steps=config.steps)
+    trained, optimizer = acc.prepare(model, optimizer)
     order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
     starts = data.train_starts or [0] * len(data.train)
     seen: list[int] = []
@@ -173,6 +222,7 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
                 loss = batch_losses(trained, batch)[0].sum() / tokens
             acc.backward(loss * processes)  # gradients are averaged over processes: undo it, the sum is the mean
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -181,7 +231,7 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
             run.train_loss.append((step, value))
             bar.set_postfix(loss=f"{value:.3f}")
             if step % config.eval_every == 0 or step == config.steps:
-                run.heldout_loss.append((step, evaluate()))
+                evaluate(step)
     model.eval()
     acc.free_memory()  # the accelerator forgets the model and optimizer: each run starts afresh
     run.seconds_per_step = round(elapsed / config.steps, 4)

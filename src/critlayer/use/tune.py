@@ -19,7 +19,7 @@ from ..common.folders import SavedResult, check_output_folder
 from ..data.text import TextData, load_data
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
-from .layers import lora_config, ranking_scan, resolve_layers
+from .layers import Lens, choose_lens, lora_config, ranking_scan, resolve_layers, the_validation
 from .train import TrainConfig, TrainRun, finetune, training_model
 
 
@@ -35,14 +35,21 @@ class TuneResult(SavedResult):
     model: object = None
     tokenizer: object = None
 
+    @property
+    def warnings(self) -> list[str]:
+        return _warnings({self.spec: [self.run]}, [self.settings["train"]["seed"]])
+
     def to_json(self) -> dict:
-        return {"spec": self.spec, **self.settings, "run": self.run.as_dict()}
+        return {"spec": self.spec, **self.settings, "warnings": self.warnings, "run": self.run.as_dict()}
 
     def table(self) -> str:
-        run = self.run
-        return (f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
-                f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
-                f"peak {run.peak_memory_mb:.0f} MB above the loaded model")
+        run, lens = self.run, self.settings["lens"]
+        lines = [f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
+                 f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
+                 f"peak {run.peak_memory_mb:.0f} MB above the loaded model"]
+        if lens and self.spec.startswith(("critical:", "noncritical:")):
+            lines.append(f"blocks ranked by {lens['score']}: {lens['reason']}")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     def write_files(self, folder: Path) -> None:
         from ..report.training import plot_curves
@@ -111,11 +118,19 @@ class TuneComparison(SavedResult):
                          f"{s['seconds_per_step']:>7.2f}  {s['peak_memory_mb']:>8.0f}  {s['trainable_parameters']:>10,}  "
                          f"{s['layers'][0]}")
         before = self.runs[self.specs[0]][0].loss_before
-        return "\n".join([f"held-out loss before tuning: {before:.4f}", *lines, "", *self.verdicts()])
+        lens = self.settings["lens"]
+        ranked = [f"ranked specs use {lens['score']}: {lens['reason']}"] if lens else []
+        return "\n".join([f"held-out loss before tuning: {before:.4f}", *lines, "", *ranked, *self.verdicts(),
+                          *(f"warning: {w}" for w in self.warnings)])
+
+    @property
+    def warnings(self) -> list[str]:
+        return _warnings(self.runs, self.seeds)
 
     def to_json(self) -> dict:
         return {"specs": self.specs, "seeds": self.seeds, **self.settings, "summary": self.summary(),
-                "verdicts": self.verdicts(), "runs": {s: [r.as_dict() for r in runs] for s, runs in self.runs.items()}}
+                "verdicts": self.verdicts(), "warnings": self.warnings,
+                "runs": {s: [r.as_dict() for r in runs] for s, runs in self.runs.items()}}
 
     def write_files(self, folder: Path) -> None:
         from ..report.training import plot_curves
@@ -125,9 +140,16 @@ class TuneComparison(SavedResult):
                     title=f"{self.settings['model']['name']}: held-out loss by layer choice")
 
 
+def _warnings(runs: dict[str, list[TrainRun]], seeds: list[int]) -> list[str]:
+    """One line per run (a spec and seed) whose held-out loss did not fall beyond its noise."""
+    return [f"{spec} (seed {seed}): {problem}; try a lower --lr, more --steps or more data"
+            for spec, spec_runs in runs.items() for seed, run in zip(seeds, spec_runs)
+            if (problem := run.did_not_help())]
+
+
 def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str = "critical:4", *,
          compare: str | list[str] | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
-         score: str | None = None, config: TrainConfig | None = None, out: str | Path | None = None,
+         score: str | None = None, validation=None, config: TrainConfig | None = None, out: str | Path | None = None,
          force: bool = False, progress: bool = True, device: str | None = None,
          **options) -> TuneResult | TuneComparison:
     """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, or a comma list) each choice from
@@ -135,8 +157,10 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
 
     ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
     spec (``critical:K``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``), ranked by ``score`` of
-    ``scan`` (a result or its folder) or of a default scan run now. ``config`` is a ``TrainConfig``, its
-    fields also taken as keywords (``steps=20``, ``lora=True``, ...). With ``out`` the result is saved.
+    ``scan`` (a result or its folder) or of a default scan run now, or with ``validation`` (a ``Validation`` or its
+    folder) by the lens it found best. ``config`` is a ``TrainConfig``, its fields also taken as keywords
+    (``steps=20``, ``lora=True``, ...). A run that does not lower the held-out loss beyond its noise is flagged in
+    its ``warnings``. With ``out`` the result is saved.
 
     >>> result = critlayer.tune(model_folder, data=text_file, layers="1,4", steps=2, n_eval=4, progress=False)
     >>> result.run.layers, [step for step, loss in result.run.heldout_loss]
@@ -154,26 +178,27 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
         check_output_folder(out, (TuneResult if specs is None else TuneComparison).FILE, force)
     lm = training_model(model, device)
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
-    scan_result = ranking_scan(lm, specs or [layers], scan, progress=progress)
+    validation = the_validation(validation, lm)
+    scan_result = ranking_scan(lm, specs or [layers], scan, progress=progress) if validation is None else None
+    lens = choose_lens(scan_result, validation, score)
     if specs is None:
-        result = _tune_one(lm, text, layers, config, scan_result, score, progress)
+        result = _tune_one(lm, text, layers, config, scan_result, lens, progress)
     else:
-        result = _tune_compare(lm, text, specs, config, seeds, scan_result, score, progress)
+        result = _tune_compare(lm, text, specs, config, seeds, scan_result, lens, progress)
     if out is not None:
         result.save(out, force=force)
     return result
 
 
 def _settings(lm: LanguageModel, data: TextData, config: TrainConfig, scan_result: ScanResult | None,
-              score: str | None) -> dict:
+              lens: Lens | None) -> dict:
     return {"model": lm.describe(), "data": data.describe(), "train": config.describe(),
             "scan_critical": None if scan_result is None else scan_result.critical,
-            "score": None if scan_result is None else score or scan_result.selection.score}
+            "lens": None if lens is None else lens.to_json()}
 
 
-def _trained_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None, score: str | None,
-                    config: TrainConfig) -> list[int]:
-    layers = resolve_layers(lm.num_layers, spec, scan_result, score=score, seed=config.seed)
+def _trained_layers(lm: LanguageModel, spec: str, lens: Lens | None, config: TrainConfig) -> list[int]:
+    layers = resolve_layers(lm.num_layers, spec, lens, seed=config.seed)
     if not layers:
         raise CritlayerError(f"{spec} names no block to train")
     if config.lora:
@@ -182,25 +207,25 @@ def _trained_layers(lm: LanguageModel, spec: str, scan_result: ScanResult | None
 
 
 def _tune_one(lm: LanguageModel, data: TextData, spec: str, config: TrainConfig, scan_result: ScanResult | None,
-              score: str | None, progress: bool) -> TuneResult:
-    layers = _trained_layers(lm, spec, scan_result, score, config)
+              lens: Lens | None, progress: bool) -> TuneResult:
+    layers = _trained_layers(lm, spec, lens, config)
     model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, config, progress=progress, label=spec)
-    return TuneResult(spec, _settings(lm, data, config, scan_result, score), run, model, lm.tokenizer)
+    return TuneResult(spec, _settings(lm, data, config, scan_result, lens), run, model, lm.tokenizer)
 
 
 def _tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: TrainConfig, seeds: int,
-                  scan_result: ScanResult | None, score: str | None, progress: bool) -> TuneComparison:
+                  scan_result: ScanResult | None, lens: Lens | None, progress: bool) -> TuneComparison:
     seed_list = [config.seed + i for i in range(seeds)]
     for spec in specs:  # check every spec (and seed) before any training
         for seed in seed_list:
-            _trained_layers(lm, spec, scan_result, score, replace(config, seed=seed))
+            _trained_layers(lm, spec, lens, replace(config, seed=seed))
     runs: dict[str, list[TrainRun]] = {spec: [] for spec in specs}
     for seed in seed_list:
         for spec in specs:
             run_config = replace(config, seed=seed)
-            layers = _trained_layers(lm, spec, scan_result, score, run_config)
+            layers = _trained_layers(lm, spec, lens, run_config)
             model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, run_config, progress=progress,
                                   label=f"{spec} seed {seed}")
             del model
             runs[spec].append(run)
-    return TuneComparison(specs, seed_list, _settings(lm, data, config, scan_result, score), runs)
+    return TuneComparison(specs, seed_list, _settings(lm, data, config, scan_result, lens), runs)
