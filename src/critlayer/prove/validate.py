@@ -37,6 +37,7 @@ from ..find.measures import DIRECTION
 from ..find.result import ScanResult
 from ..find.select import rank_blocks
 from ..models import DEFAULT_MODEL, LanguageModel, find_blocks, load, surgery
+from ..models.language_model import shape_difference
 from ..models.loading import resolve_dtype
 from ..models.loss import heldout_loss, sequence_losses
 from ..use.layers import the_scan
@@ -156,6 +157,20 @@ class Validation(SavedResult):
         from ..report.validation import write_validation_report
 
         write_validation_report(self, folder)
+
+
+def the_validation(validation: "Validation | str | Path | None", model: LanguageModel | dict) -> Validation | None:
+    """``validation`` (a result, or its folder or validate.json) checked against the model (loaded, or a scan's
+    description of it), or None."""
+    if validation is None:
+        return None
+    result = validation if isinstance(validation, Validation) else Validation.load(validation)
+    described = model.describe() if isinstance(model, LanguageModel) else model
+    shape = shape_difference(result.settings["model"], described)
+    if shape:
+        raise CritlayerError(f"the validation was made on another model ({result.settings['model'].get('name')}: "
+                             f"{shape}) than {described.get('name')}; validate this model or pass its own validation")
+    return result
 
 
 def best_predictors(rows: dict[str, dict[str, float]], key: str = "partial") -> list[tuple[str, float]]:

@@ -27,7 +27,8 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loading import resolve_dtype
 from ..models.loss import sequence_losses
 from .backdoor import DEFAULT_TARGET, Attack, Pair, load_pairs, poison, shows_target, split_pairs
-from .layers import Lens, choose_lens, ranking_scan, resolve_layers, the_validation
+from ..prove.validate import Validation, the_validation
+from .layers import Lens, choose_lens, ranking_scan, resolve_layers
 from .train import TrainConfig, TrainRun, computing_in, finetune, training_model
 
 DEFAULT_COMPARE = "none,critical:4,noncritical:4,random:4"
@@ -113,8 +114,8 @@ class DefendResult(SavedResult):
 
 def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", freeze: str = "critical:4", *,
            compare: str | list[str] | bool | None = None, scan: ScanResult | str | Path | None = None,
-           score: str | None = None, validation=None, config: DefendConfig | None = None,
-           out: str | Path | None = None,
+           score: str | None = None, validation: Validation | str | Path | None = None,
+           config: DefendConfig | None = None, out: str | Path | None = None,
            force: bool = False, progress: bool = True, device: str | None = None, **options) -> DefendResult:
     """Fine-tune on poisoned prompt-reply pairs with the blocks ``freeze`` names frozen (or, with ``compare``, once
     per policy: specs, a comma list, or True for none, critical:4, noncritical:4 and random:4), and measure the

@@ -14,13 +14,15 @@ from pathlib import Path
 from ..common.errors import CritlayerError
 from ..common.folders import write_atomically
 from ..find.result import ScanResult
-from .layers import choose_lens, lora_config, resolve_layers, the_validation, unfrozen_parameters
+from ..prove.validate import Validation, the_validation
+from .layers import choose_lens, lora_config, resolve_layers, unfrozen_parameters
 
 FORMATS = ("json", "peft", "axolotl")
 
 
-def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None, validation=None,
-           format: str = "json", r: int = 8, alpha: int = 16, seed: int = 0, out: str | Path | None = None) -> str:
+def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
+           validation: Validation | str | Path | None = None, format: str = "json", r: int = 8, alpha: int = 16,
+           seed: int = 0, out: str | Path | None = None) -> str:
     """A scan's critical blocks (its firm ones, where it measured firmness), or those ``layers`` names
     (``critical:K`` ranked by ``score``, firm blocks first, or with ``validation`` by the lens it found best), as
     ``format``: a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list;

@@ -25,7 +25,6 @@ from ..find.result import ScanResult
 from ..find.scan import scan as run_scan
 from ..find.scan import scan_model
 from ..models import LanguageModel
-from ..models.language_model import shape_difference
 
 _RANKED = re.compile(r"^(critical|noncritical|random):(-?\d+)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -164,20 +163,6 @@ def resolve_layers(num_layers: int, spec: str, lens: Lens | None, *, seed: int =
     if lens is None:
         raise CritlayerError(f"{spec} needs a scan or a validation")
     return parse_layers(spec, num_layers, ranking=lens.ranking, eligible=lens.eligible, seed=seed)
-
-
-def the_validation(validation, lm: LanguageModel | dict):
-    """``validation`` (a ``Validation``, or its folder or validate.json) checked against the model, or None."""
-    if validation is None:
-        return None
-    from ..prove.validate import Validation  # prove builds on use: imported when asked for
-
-    result = validation if isinstance(validation, Validation) else Validation.load(validation)
-    shape = shape_difference(result.settings["model"], _describe(lm))
-    if shape:
-        raise CritlayerError(f"the validation was made on another model ({result.settings['model'].get('name')}: "
-                             f"{shape}) than {_describe(lm)['name']}; validate this model or pass its own validation")
-    return result
 
 
 def _describe(lm: LanguageModel | dict) -> dict:

@@ -19,7 +19,8 @@ from ..common.folders import SavedResult, check_output_folder
 from ..data.text import TextData, load_data
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
-from .layers import Lens, choose_lens, lora_config, ranking_scan, resolve_layers, the_validation
+from ..prove.validate import Validation, the_validation
+from .layers import Lens, choose_lens, lora_config, ranking_scan, resolve_layers
 from .train import TrainConfig, TrainRun, finetune, training_model
 
 
@@ -149,7 +150,8 @@ def _warnings(runs: dict[str, list[TrainRun]], seeds: list[int]) -> list[str]:
 
 def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str = "critical:4", *,
          compare: str | list[str] | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
-         score: str | None = None, validation=None, config: TrainConfig | None = None, out: str | Path | None = None,
+         score: str | None = None, validation: Validation | str | Path | None = None,
+         config: TrainConfig | None = None, out: str | Path | None = None,
          force: bool = False, progress: bool = True, device: str | None = None,
          **options) -> TuneResult | TuneComparison:
     """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, or a comma list) each choice from
