@@ -159,8 +159,8 @@ def _launch_two(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("data", ["file", "bbc"])
 def test_tune_on_two_processes_equals_one_process_on_the_same_batches(data, tiny_folder, prompt_file, tmp_path):
     source = str(prompt_file) if data == "file" else "bbc"
-    options = ["--data", source, "--layers", "1", "--steps", "2", "--batch-size", "4", "--n-eval", "4",
-               "--max-tokens", "10", "--dtype", "float32", "--quiet"]
+    options = ["--data", source, "--layers", "1", "--steps", "2", "--lr", "1e-4", "--schedule", "constant",
+               "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10", "--dtype", "float32", "--quiet"]
     done = _launch_two("-m", "critlayer", "tune", str(tiny_folder), *options, "--out", str(tmp_path / "runs" / "two"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("tuned blocks [1]") == 1  # the main process alone reports
