@@ -1,8 +1,8 @@
 """Name a set of blocks (a layer spec) and turn it into a training setup.
 
-Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (from a scan's ranking, by the score
-it selects with or another), ``random:K`` (seeded), or explicit indices such as ``3,7-9``. A ranked
-spec without a scan scans the model first, once. The blocks then become a freeze mask, a PEFT
+Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (ranked by a ``Lens``: a scan's score, the
+one it selects with or another, or the lens a validation found best), ``random:K`` (seeded), or explicit
+indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. The blocks then become a freeze mask, a PEFT
 ``LoraConfig`` targeting only them, or an axolotl ``unfrozen_parameters`` list; the last two need
 only the model's description, so a saved scan is enough.
 """
