@@ -46,3 +46,26 @@ def test_generated_and_random_probes_are_seeded(tiny_lm):
     r = make_probes(tiny_lm, "random", n=4, max_tokens=6, seed=1)
     assert r.token_ids == make_probes(tiny_lm, "random", n=4, max_tokens=6, seed=1).token_ids
     assert all(len(ids) == 6 and ids[0] == 1 and not {0, 1, 2, 3} & set(ids[1:]) for ids in r.token_ids)
+
+
+def test_the_two_step_draw_samples_the_inverse_cdf_over_the_whole_vocabulary():
+    """Chunk sums, then the chunk: the token a float64 cumulative sum over the whole vocabulary finds, but where u
+    falls within the float32 rounding of a chunk's sum of a boundary (vocabularies that are and are not a
+    multiple of the chunk), and never a token that cannot be drawn."""
+    import torch
+
+    from critlayer.find.writing import draw
+
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (3000, 4096):
+        logits = 3 * torch.randn(32, vocab, generator=generator)
+        logits[:, 100:200] = float("-inf")
+        same = 0
+        for _ in range(20):
+            u = torch.rand(32, dtype=torch.float64, generator=generator)
+            cdf = torch.softmax(logits, -1).double().cumsum(-1)
+            expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            drawn = draw(logits, u)
+            assert not ((drawn >= 100) & (drawn < 200)).any() and drawn.max() < vocab
+            same += int((drawn == expected).sum())
+        assert same >= 0.99 * 20 * 32

@@ -47,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .find.capture import BATCH_SIZE, TOKEN_MODES
+    from .find.firmness import MAX_PROBES, ROUND
     from .find.measures import MEASURES
     from .find.probes import SOURCES
     from .use.backdoor import TRIGGERS
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--probes", default="generated",
                       help=f"{', '.join(SOURCES)}, a .txt/.jsonl file, or a probes.json a scan wrote (default generated)")
     scan.add_argument("--n", type=int, default=None,
-                      help="number of probes (default: rounds of 32 until the answer is firm, at most --max-n)")
-    scan.add_argument("--max-n", type=int, default=512, help="most probes a scan without --n reads (default 512)")
+                      help=f"number of probes (default: rounds of {ROUND} until the answer is firm, at most --max-n)")
+    scan.add_argument("--max-n", type=int, default=MAX_PROBES,
+                      help=f"most probes a scan without --n reads (default {MAX_PROBES})")
     scan.add_argument("--max-tokens", type=int, default=64, help="tokens per probe at most (default 64)")
     scan.add_argument("--seed", type=_at_least(0), default=0)
     scan.add_argument("--chat-template", action="store_true", help="wrap text probes in the model's chat template")

@@ -24,16 +24,33 @@ from ..common.hashing import TOKENS, uniform
 from ..models import LanguageModel, running
 
 BATCH_SIZE = 64  # probes written at once: each step of the loop runs the model once over the batch
+CHUNK = 1024  # tokens of the vocabulary per chunk of the two-step inverse-CDF search
 
 # (position, live rows, L + 1 hidden states of shape (batch, hidden): block 0's input, then each block's output)
 StepStates = Callable[[int, torch.Tensor, list[torch.Tensor]], None]
 
 
 def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row: the first whose cumulative probability exceeds ``u`` (inverse-CDF sampling)."""
-    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum(-1)
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    """One token per row: the first whose cumulative probability exceeds ``u`` (inverse-CDF sampling).
+
+    The search runs in two steps, over the sums of chunks of ``CHUNK`` tokens and then within the chunk found,
+    so that only those sums and one chunk per row are accumulated in float64: a float64 cumulative sum over
+    all of Gemma 3's 262k tokens took 130 ms a step for 64 probes, half the time the model took to write them.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    rows, vocab = probs.shape
+    chunks = -(-vocab // CHUNK)
+    if chunks * CHUNK != vocab:
+        probs = torch.nn.functional.pad(probs, (0, chunks * CHUNK - vocab))
+    probs = probs.view(rows, chunks, CHUNK)
+    sums = probs.sum(-1).double()
+    cdf = sums.cumsum(-1)
+    target = (u.to(cdf.device).double() * cdf[:, -1]).unsqueeze(1)
+    chunk = torch.searchsorted(cdf, target, right=True).clamp(max=chunks - 1)
+    within = probs[torch.arange(rows, device=probs.device), chunk.squeeze(1)].double().cumsum(-1)
+    within += cdf.gather(1, chunk) - sums.gather(1, chunk)  # what the chunks before it hold
+    token = chunk * CHUNK + torch.searchsorted(within, target, right=True).clamp(max=CHUNK - 1)
+    return token.squeeze(1).clamp(max=vocab - 1)
 
 
 def bos_token(lm: LanguageModel) -> int | None:
