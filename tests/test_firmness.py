@@ -118,3 +118,11 @@ def test_every_half_at_once_equals_delta_of_that_half_alone():
         kept = rows[:, halves[:, r]]
         cka = np.array([[linear_cka(kept[a], kept[b]) for b in range(6)] for a in range(6)])
         np.testing.assert_allclose(deltas[r], delta_scores(cka, 2), atol=1e-5)
+
+
+def test_blocks_picked_in_some_halves_but_not_most_are_undecided_and_said():
+    from critlayer.find.firmness import Firmness
+
+    firmness = Firmness("delta", [0.0, 0.3, 0.6, 0.95, 0.05], 200, "read the 64 probes asked for")
+    assert (firmness.firm, firmness.tentative, firmness.undecided) == ([3], [2], [1, 2])
+    assert Firmness.from_json(firmness.to_json()).undecided == [1, 2]

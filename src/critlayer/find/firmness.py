@@ -17,7 +17,7 @@ near 0.9 at about 0.02, a fifth of the gap to the tentative blocks' usual 0.8.
 
 The halves are drawn from the rows the answer itself is computed from (up to ``GRAM_ROWS``). Drawn from a
 quarter of them instead, halves read the rule as noisier than it is: smollm2-135m's blocks 7 and 8, picked in
-0.96-1.0 of halves of 2,048 rows from 64 probes on in every seed, fell to 0.40-0.87 with 512.
+0.96-1.0 of halves of all 2,048 rows in every round of seeds 1 and 2, were picked in 0.10-0.99 of halves of 512.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ MIN_PROBES = 64
 SETTLED_ROUNDS = 2
 MAX_PROBES = 512  # where an adaptive scan stops if the answer never settles
 # At most this many rows of the sample (smallest keys first: a random draw over every probe read) are resampled:
-# every half comes from their Grams (L n^2 floats, 520 MB for smollm2-135m), about 2.6 s a round there.
+# every half comes from their Grams, of which those of window + 1 blocks are held at a time (n^2 floats each, 50 MB
+# at window 2); about 2 s a round on smollm2-135m (bfloat16, 2-core Xeon with AMX).
 GRAM_ROWS = 2048
 STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and the firm blocks are the "
                  f"same in {SETTLED_ROUNDS} rounds running (when none is firm, no block may be picked in more than "
@@ -84,8 +85,13 @@ class Firmness:
     def tentative(self) -> list[int]:
         return summarise(0, self.probability, self.thresholds).tentative
 
+    @property
+    def undecided(self) -> list[int]:
+        """Blocks neither firm nor all but never picked: the tentative ones and those picked in ABSENT-TENTATIVE."""
+        return summarise(0, self.probability, self.thresholds).undecided
+
     def to_json(self) -> dict:
-        return {"score": self.score, "firm": self.firm, "tentative": self.tentative,
+        return {"score": self.score, "firm": self.firm, "tentative": self.tentative, "undecided": self.undecided,
                 "probability": [round(p, 4) for p in self.probability], "replicates": self.replicates,
                 "halves": "half the probes, drawn without replacement", "thresholds": self.thresholds,
                 "rule": self.rule, "stopped": self.stopped, "rounds": [asdict(r) for r in self.rounds]}

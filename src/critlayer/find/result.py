@@ -151,6 +151,10 @@ class ScanResult(SavedResult):
             return f"critical layers of {name}: {self.critical}  ({rule})"
         p = firmness.probability
         tentative = ", ".join(f"{b} ({p[b]:.3f})" for b in firmness.tentative) or "none"
+        doubtful = [b for b in firmness.undecided if b not in firmness.tentative]
+        if doubtful:  # not the answer, but not settled either: another probe set may pick them
+            tentative += (f"; picked in {firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}: "
+                          + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful))
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"
         if not firmness.firm:
