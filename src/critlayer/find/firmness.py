@@ -153,14 +153,14 @@ def half_deltas(layers: Iterable[torch.Tensor], halves: torch.Tensor, window: in
     m = halves.sum(0).double()
     recent: deque = deque(maxlen=window + 1)  # (K~, K~ halves, w'K~w) of the latest blocks, the newest first
     hsic: list[torch.Tensor] = []  # per block b, HSIC(b - offset, b) for offset 0 .. window, over the halves
-    for block, rows in enumerate(layers):
+    for rows in layers:
         x = rows.double()
         x = (x - x.mean(0)).float()
         gram = x @ x.T
         gram.diagonal().zero_()
         through = gram @ halves
-        recent.appendleft((gram, through, (through * halves).sum(0).double()))
-        _, _, sums = recent[0]
+        sums = (through * halves).sum(0).double()
+        recent.appendleft((gram, through, sums))
         values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64)
         for offset, (other, other_through, other_sums) in enumerate(recent):
             off = (((other * gram) @ halves) * halves).sum(0).double()

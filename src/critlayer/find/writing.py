@@ -33,9 +33,11 @@ StepStates = Callable[[int, torch.Tensor, list[torch.Tensor]], None]
 def draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row: the first whose cumulative probability exceeds ``u`` (inverse-CDF sampling).
 
-    The search runs in two steps, over the sums of chunks of ``CHUNK`` tokens and then within the chunk found,
-    so that only those sums and one chunk per row are accumulated in float64: a float64 cumulative sum over
-    all of Gemma 3's 262k tokens took 130 ms a step for 64 probes, half the time the model took to write them.
+    The search runs in two steps, over the (float32) sums of chunks of ``CHUNK`` tokens and then within the chunk
+    found, so that only one chunk per row is accumulated in float64: a float64 cumulative sum over all of Gemma
+    3's 262k tokens took 130 ms a step for 64 probes, about half the time the model took to write them, and
+    this 60 ms. Where ``u`` falls within a chunk sum's rounding of a token's edge, the token may be its
+    neighbour (it did in 2 of 50 batches of 64 draws over that vocabulary).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     rows, vocab = probs.shape
