@@ -136,7 +136,8 @@ def delta_picks(sample: RowSample, select: Callable[[np.ndarray], list[int]], wi
     keep = torch.from_numpy(np.sort(sample.row_keys().argsort()[:GRAM_ROWS].numpy()))
     rng = np.random.default_rng(seed)
     row_probes = sample.row_samples()[keep.numpy()]
-    halves = torch.from_numpy(np.stack([half_rows(row_probes, rng) for _ in range(replicates)], axis=1)).float()
+    halves = torch.from_numpy(np.stack([half_rows(row_probes, rng) for _ in range(replicates)], axis=1))
+    halves = halves.to(sample.device, torch.float32)  # where the rows are read to
     return [select(delta) for delta in half_deltas((layer[keep] for layer in sample.compute()[1:]), halves, window)]
 
 
@@ -161,7 +162,7 @@ def half_deltas(layers: Iterable[torch.Tensor], halves: torch.Tensor, window: in
         through = gram @ halves
         sums = (through * halves).sum(0).double()
         recent.appendleft((gram, through, sums))
-        values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64)
+        values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64, device=halves.device)
         for offset, (other, other_through, other_sums) in enumerate(recent):
             off = (((other * gram) @ halves) * halves).sum(0).double()
             cross = (other_through * through * halves).sum(0).double()
@@ -170,7 +171,8 @@ def half_deltas(layers: Iterable[torch.Tensor], halves: torch.Tensor, window: in
     hsic = torch.stack(hsic)  # (L, window + 1, R)
     blocks = len(hsic)
     norms = hsic[:, 0].clamp(min=0).sqrt()
-    total, count = torch.zeros(blocks, halves.shape[1], dtype=torch.float64), torch.zeros(blocks, 1)
+    total = torch.zeros(blocks, halves.shape[1], dtype=torch.float64, device=halves.device)
+    count = torch.zeros(blocks, 1, dtype=torch.float64, device=halves.device)
     for block in range(blocks):  # delta_l: mean CKA over |j - l| <= window, self term (1) included
         for offset in range(1, min(window, block) + 1):
             cka = (hsic[block, offset] / (norms[block] * norms[block - offset])).clamp(0.0, 1.0)
@@ -178,4 +180,4 @@ def half_deltas(layers: Iterable[torch.Tensor], halves: torch.Tensor, window: in
             total[block - offset] += cka
             count[block] += 1
             count[block - offset] += 1
-    return ((total + 1) / (count + 1)).T.numpy()
+    return ((total + 1) / (count + 1)).T.cpu().numpy()
