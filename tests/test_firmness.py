@@ -104,18 +104,19 @@ def _as_probes(token_ids):
 
 
 def test_every_half_at_once_equals_delta_of_that_half_alone():
-    """The halves' deltas come from quadratic forms in a mask matrix; each must equal delta from the reference CKA
-    (float64, re-centred) of the rows that half keeps."""
+    """The halves' deltas come from quadratic forms in a mask matrix over probes (two or three rows each); each
+    must equal delta from the reference CKA (float64, re-centred) of the rows that half keeps."""
     from critlayer.find.firmness import half_deltas
     from critlayer.find.measures.cka import delta_scores, linear_cka
 
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(40, 16, generator=generator)
     rows = torch.stack([base + 0.3 * layer * torch.randn(40, 16, generator=generator) for layer in range(6)])
-    halves = torch.rand(40, 5, generator=generator) < 0.5
-    deltas = half_deltas(rows, halves.float(), window=2)
+    row_probe = torch.randperm(40, generator=generator) % 16  # probes 0-7 have three rows, 8-15 two
+    halves = torch.rand(16, 5, generator=generator) < 0.5
+    deltas = half_deltas(rows, row_probe, halves.float(), window=2)
     for r in range(5):
-        kept = rows[:, halves[:, r]]
+        kept = rows[:, halves[row_probe, r]]
         cka = np.array([[linear_cka(kept[a], kept[b]) for b in range(6)] for a in range(6)])
         np.testing.assert_allclose(deltas[r], delta_scores(cka, 2), atol=1e-5)
 

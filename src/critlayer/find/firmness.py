@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .measures.sample import RowSample, half_rows
+from .measures.sample import RowSample, half_weights
 from .writing import BATCH_SIZE as WRITING_BATCH
 
 FIRM, TENTATIVE, ABSENT = 0.9, 0.5, 0.1
@@ -134,50 +134,64 @@ def delta_picks(sample: RowSample, select: Callable[[np.ndarray], list[int]], wi
     of the probes behind the rows of ``sample`` (at most ``GRAM_ROWS`` of them: those with the smallest keys, a
     random draw over every probe read)."""
     keep = torch.from_numpy(np.sort(sample.row_keys().argsort()[:GRAM_ROWS].numpy()))
+    probes, row_probe = np.unique(sample.row_samples()[keep.numpy()], return_inverse=True)
     rng = np.random.default_rng(seed)
-    row_probes = sample.row_samples()[keep.numpy()]
-    halves = torch.from_numpy(np.stack([half_rows(row_probes, rng) for _ in range(replicates)], axis=1))
-    halves = halves.to(sample.device, torch.float32)  # where the rows are read to
-    return [select(delta) for delta in half_deltas((layer[keep] for layer in sample.compute()[1:]), halves, window)]
+    halves = torch.from_numpy(np.stack([half_weights(len(probes), rng) for _ in range(replicates)], axis=1))
+    device = sample.device  # where the rows are read to
+    return [select(delta) for delta in half_deltas((layer[keep] for layer in sample.compute()[1:]),
+                                                   torch.from_numpy(row_probe).to(device),
+                                                   halves.to(device, torch.float32), window)]
 
 
-def half_deltas(layers: Iterable[torch.Tensor], halves: torch.Tensor, window: int) -> np.ndarray:
-    """delta on every half at once: ``layers`` yields each block's ``(n, hidden)`` output rows in turn, ``halves``
-    is an ``(n, R)`` 0/1 matrix of the rows each of R halves keeps, and the result is ``(R, L)``.
+def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves: torch.Tensor,
+                window: int) -> np.ndarray:
+    """delta on every half at once: ``layers`` yields each block's ``(n, hidden)`` output rows in turn, ``row_probe``
+    the probe (0 .. p - 1) each row comes from, ``halves`` is a ``(p, R)`` 0/1 matrix of the probes each of R
+    halves keeps, and the result is ``(R, L)``.
 
     The unbiased HSIC of Grams K, L over the rows a 0/1 vector w keeps needs three quadratic forms in w (with K~
-    the Gram with its diagonal zeroed): w'(K~ o L~)w, w'K~w and sum_i w_i (K~w)_i (L~w)_i, so all halves come
-    from a few products with the mask matrix, and only for the pairs within ``window`` of each other (all delta
-    reads): the Grams of the last ``window + 1`` blocks are all that is ever held. The unbiased estimator needs
-    no re-centring on each half. The products run in float32, what they combine into in float64.
+    the Gram with its diagonal zeroed): w'(K~ o L~)w, w'K~w and sum_i w_i (K~w)_i (L~w)_i. A half keeps whole
+    probes, w = P h with P the rows' probe indicator, so w'Mw = h'(P'MP)h: each n x n matrix is folded into its
+    p x p probe sums once, and all halves come from products of those with the mask matrix, only for the pairs
+    within ``window`` of each other (all delta reads): the Grams of the last ``window + 1`` blocks are all that is
+    ever held. The unbiased estimator needs no re-centring on each half. The products run in float32, what they
+    combine into in float64.
     """
-    m = halves.sum(0).double()
-    recent: deque = deque(maxlen=window + 1)  # (K~, K~ halves, w'K~w) of the latest blocks, the newest first
+    count, device = len(halves), halves.device
+    rows_kept = halves[row_probe]  # (n, R): w of every half
+    m = rows_kept.sum(0).double()
+
+    def folded(matrix: torch.Tensor, sides: int) -> torch.Tensor:
+        """``P' matrix`` (one side) or ``P' matrix P`` (both): rows, then columns, summed per probe."""
+        out = torch.zeros(matrix.shape[0], count, device=device).index_add_(1, row_probe, matrix)
+        return out if sides == 1 else torch.zeros(count, count, device=device).index_add_(0, row_probe, out)
+
+    recent: deque = deque(maxlen=window + 1)  # (K~, K~ w, w'K~w) of the latest blocks, the newest first
     hsic: list[torch.Tensor] = []  # per block b, HSIC(b - offset, b) for offset 0 .. window, over the halves
     for rows in layers:
         x = rows.double()
         x = (x - x.mean(0)).float()
         gram = x @ x.T
         gram.diagonal().zero_()
-        through = gram @ halves
-        sums = (through * halves).sum(0).double()
+        through = folded(gram, 1) @ halves  # (n, R)
+        sums = (through * rows_kept).sum(0).double()
         recent.appendleft((gram, through, sums))
-        values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64, device=halves.device)
+        values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64, device=device)
         for offset, (other, other_through, other_sums) in enumerate(recent):
-            off = (((other * gram) @ halves) * halves).sum(0).double()
-            cross = (other_through * through * halves).sum(0).double()
+            off = ((folded(other * gram, 2) @ halves) * halves).sum(0).double()
+            cross = (other_through * through * rows_kept).sum(0).double()
             values[offset] = off + other_sums * sums / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * cross
         hsic.append(values)
     hsic = torch.stack(hsic)  # (L, window + 1, R)
     blocks = len(hsic)
     norms = hsic[:, 0].clamp(min=0).sqrt()
-    total = torch.zeros(blocks, halves.shape[1], dtype=torch.float64, device=halves.device)
-    count = torch.zeros(blocks, 1, dtype=torch.float64, device=halves.device)
+    total = torch.zeros(blocks, halves.shape[1], dtype=torch.float64, device=device)
+    weight = torch.zeros(blocks, 1, dtype=torch.float64, device=device)
     for block in range(blocks):  # delta_l: mean CKA over |j - l| <= window, self term (1) included
         for offset in range(1, min(window, block) + 1):
             cka = (hsic[block, offset] / (norms[block] * norms[block - offset])).clamp(0.0, 1.0)
             total[block] += cka
             total[block - offset] += cka
-            count[block] += 1
-            count[block - offset] += 1
-    return ((total + 1) / (count + 1)).T.cpu().numpy()
+            weight[block] += 1
+            weight[block - offset] += 1
+    return ((total + 1) / (weight + 1)).T.cpu().numpy()

@@ -211,13 +211,8 @@ def pick_rows(layer: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 def resample_rows(row_samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Row indices of one replicate: half the probes, drawn without replacement, and every row of each."""
-    return np.flatnonzero(half_rows(row_samples, rng))
-
-
-def half_rows(row_samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Which rows one replicate keeps (a boolean mask): those of half the probes, drawn without replacement."""
     samples, inverse = np.unique(row_samples, return_inverse=True)
-    return _half(len(samples), rng)[inverse]
+    return np.flatnonzero(_half(len(samples), rng)[inverse])
 
 
 def half_weights(count: int, rng: np.random.Generator) -> np.ndarray:
