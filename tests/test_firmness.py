@@ -127,3 +127,10 @@ def test_blocks_picked_in_some_halves_but_not_most_are_undecided_and_said():
     firmness = Firmness("delta", [0.0, 0.3, 0.6, 0.95, 0.05], 200, "read the 64 probes asked for")
     assert (firmness.firm, firmness.tentative, firmness.undecided) == ([3], [2], [1, 2])
     assert Firmness.from_json(firmness.to_json()).undecided == [1, 2]
+
+
+def test_halves_too_small_to_estimate_pick_nothing(tiny_lm):
+    """Four probes, one row each: a half holds two rows, where the unbiased estimator has no value; the rule must
+    not pick from a NaN profile (top-k would pick arbitrary blocks)."""
+    result = scan(tiny_lm, n=4, max_tokens=6, token_mode="last", k=2, progress=False)
+    assert result.firmness.probability == [0.0] * len(result.layers) and result.firmness.firm == []

@@ -138,9 +138,9 @@ def delta_picks(sample: RowSample, select: Callable[[np.ndarray], list[int]], wi
     rng = np.random.default_rng(seed)
     halves = torch.from_numpy(np.stack([half_weights(len(probes), rng) for _ in range(replicates)], axis=1))
     device = sample.device  # where the rows are read to
-    return [select(delta) for delta in half_deltas((layer[keep] for layer in sample.compute()[1:]),
-                                                   torch.from_numpy(row_probe).to(device),
-                                                   halves.to(device, torch.float32), window)]
+    deltas = half_deltas((layer[keep] for layer in sample.compute()[1:]), torch.from_numpy(row_probe).to(device),
+                         halves.to(device, torch.float32), window)
+    return [select(delta) if np.isfinite(delta).all() else [] for delta in deltas]  # < 4 rows: no estimate
 
 
 def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves: torch.Tensor,
@@ -154,8 +154,8 @@ def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves:
     probes, w = P h with P the rows' probe indicator, so w'Mw = h'(P'MP)h: each n x n matrix is folded into its
     p x p probe sums once, and all halves come from products of those with the mask matrix, only for the pairs
     within ``window`` of each other (all delta reads): the Grams of the last ``window + 1`` blocks are all that is
-    ever held. The unbiased estimator needs no re-centring on each half. The products run in float32, what they
-    combine into in float64.
+    ever held. The unbiased estimator needs no re-centring on each half, and has no value on fewer than 4 rows
+    (such a half's delta is NaN). The products run in float32, what they combine into in float64.
     """
     count, device = len(halves), halves.device
     rows_kept = halves[row_probe]  # (n, R): w of every half
