@@ -161,10 +161,11 @@ def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves:
     rows_kept = halves[row_probe]  # (n, R): w of every half
     m = rows_kept.sum(0).double()
 
-    def folded(matrix: torch.Tensor, sides: int) -> torch.Tensor:
-        """``P' matrix`` (one side) or ``P' matrix P`` (both): rows, then columns, summed per probe."""
-        out = torch.zeros(matrix.shape[0], count, device=device).index_add_(1, row_probe, matrix)
-        return out if sides == 1 else torch.zeros(count, count, device=device).index_add_(0, row_probe, out)
+    def per_probe(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+        """``matrix`` with its rows (dim 0: ``P' matrix``) or columns (dim 1: ``matrix P``) summed per probe."""
+        shape = list(matrix.shape)
+        shape[dim] = count
+        return torch.zeros(shape, device=device).index_add_(dim, row_probe, matrix)
 
     recent: deque = deque(maxlen=window + 1)  # (K~, K~ w, w'K~w) of the latest blocks, the newest first
     hsic: list[torch.Tensor] = []  # per block b, HSIC(b - offset, b) for offset 0 .. window, over the halves
@@ -173,12 +174,12 @@ def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves:
         x = (x - x.mean(0)).float()
         gram = x @ x.T
         gram.diagonal().zero_()
-        through = folded(gram, 1) @ halves  # (n, R)
+        through = per_probe(gram, 1) @ halves  # (n, R)
         sums = (through * rows_kept).sum(0).double()
         recent.appendleft((gram, through, sums))
         values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64, device=device)
         for offset, (other, other_through, other_sums) in enumerate(recent):
-            off = ((folded(other * gram, 2) @ halves) * halves).sum(0).double()
+            off = ((per_probe(per_probe(other * gram, 1), 0) @ halves) * halves).sum(0).double()
             cross = (other_through * through * rows_kept).sum(0).double()
             values[offset] = off + other_sums * sums / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * cross
         hsic.append(values)

@@ -185,15 +185,16 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     run = TrainRun(layers, sum(p.numel() for p in params), compute_dtype=str(dtype).removeprefix("torch."),
                    processes=processes)
 
-    sums: list[np.ndarray] = []  # each held-out text's summed loss, at every evaluation
+    before: list[np.ndarray] = []  # each held-out text's summed loss before any step
 
     def evaluate(step: int) -> None:
         with computing_in(model, dtype):
             text_sums, counts = sequence_losses(model, data.heldout, starts=data.heldout_starts)
-        sums.append(text_sums)
         run.heldout_loss.append((step, float(text_sums.sum() / counts.sum())))
         if step:
-            run.loss_drop_interval = paired_difference_interval(sums[0], text_sums, counts, seed=config.seed)
+            run.loss_drop_interval = paired_difference_interval(before[0], text_sums, counts, seed=config.seed)
+        else:
+            before.append(text_sums)
 
     evaluate(0)
     if not params:
