@@ -78,6 +78,7 @@ def test_a_planted_shift_comes_out_firm_and_a_model_without_structure_does_not()
     probes = random_probes(planted, 256, 12, 0)
     result = scan(planted, probes=_as_probes(probes), max_n=256, progress=False)
     assert result.firmness.firm == [4, 5]  # delta's valley: the pairs within 2 blocks that straddle the shift
+    assert [result.firmness.replication[b] for b in (4, 5)] == [1.0, 1.0] and not result.firmness.may_move
     assert result.critical == result.firmness.firm and export(result) == "[4, 5]\n"
     assert result.firmness.stopped.startswith("settled") and len(result.firmness.rounds) >= 2
     assert [r.probes for r in result.firmness.rounds] == [ROUND * (i + 1) for i in range(len(result.firmness.rounds))]
@@ -127,6 +128,36 @@ def test_blocks_picked_in_some_halves_but_not_most_are_undecided_and_said():
     firmness = Firmness("delta", [0.0, 0.3, 0.6, 0.95, 0.05], 200, "read the 64 probes asked for")
     assert (firmness.firm, firmness.tentative, firmness.undecided) == ([3], [2], [1, 2])
     assert Firmness.from_json(firmness.to_json()).undecided == [1, 2]
+
+
+def test_a_firm_block_another_scan_would_often_miss_is_said():
+    from critlayer.find.firmness import Firmness
+
+    firmness = Firmness("delta", [0.0, 0.95, 1.0], 200, "read the 64 probes asked for", replication=[0.0, 0.8, 1.0])
+    assert firmness.firm == [1, 2] and firmness.may_move == [1]
+    assert Firmness.from_json(firmness.to_json()).may_move == [1]
+    assert Firmness("consensus", [0.0, 0.95], 100, "read").may_move == []  # not measured: nothing said
+
+
+def test_replicas_lie_sqrt2_times_farther_from_the_whole_than_halves():
+    """Another scan is simulated as the whole profile (every row) plus sqrt(2) times a half's deviation from it."""
+    from critlayer.find.firmness import REPLICA_SPREAD, delta_picks, half_deltas
+    from critlayer.find.measures.sample import Batch, RowSample
+
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(60, 8, generator=generator)
+    states = torch.stack([base + 0.4 * layer * torch.randn(60, 8, generator=generator) for layer in range(7)])
+    probe = np.arange(60) // 3
+    sample = RowSample(64)
+    sample.update(Batch(states, torch.rand(60, generator=generator, dtype=torch.float64), probe))
+    seen: list[np.ndarray] = []
+    picks = delta_picks(sample, lambda delta: seen.append(delta) or [int(np.argmin(delta))], 2, 0, replicates=4)
+    assert len(picks.halves) == len(picks.replicas) == 4 and len(seen) == 8
+    order = np.unique(sample.row_samples(), return_inverse=True)[1]
+    whole = half_deltas(sample.compute()[1:], torch.from_numpy(order), torch.ones(20, 1), 2)[0]
+    for half, replica in zip(seen[:4], seen[4:]):
+        np.testing.assert_allclose(replica, whole + REPLICA_SPREAD * (half - whole), atol=1e-9)
+        assert not np.allclose(half, whole)
 
 
 def test_halves_too_small_to_estimate_pick_nothing(tiny_lm):

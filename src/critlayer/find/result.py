@@ -161,8 +161,12 @@ class ScanResult(SavedResult):
             return (f"critical layers of {name}: no block is firm (picked in >= {firmness.thresholds['firm']:.0%} of "
                     f"{firmness.replicates} halves of the probes); tentative: {tentative}; the rule on all probes "
                     f"chose {sel.critical} ({how})")
+        moving = ""
+        if firmness.may_move:  # firm here, but on a band's edge that another probe set may move
+            moving = ("; another scan of as many probes would pick " + ", ".join(
+                f"{b} in {firmness.replication[b]:.0%}" for b in firmness.may_move) + " of cases")
         return (f"critical layers of {name}: {firmness.firm}, firm (picked in >= {firmness.thresholds['firm']:.0%} of "
-                f"{firmness.replicates} halves of the probes); tentative: {tentative} ({how}; {rule})")
+                f"{firmness.replicates} halves of the probes){moving}; tentative: {tentative} ({how}; {rule})")
 
     def table(self) -> str:
         """A plain-text summary table, one row per layer."""

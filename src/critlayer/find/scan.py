@@ -16,8 +16,8 @@ from ..data.text import sample_texts
 from ..models import DEFAULT_MODEL, LanguageModel, load
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
-from .firmness import (REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Round, delta_picks, probabilities, should_stop,
-                       summarise)
+from .firmness import (REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Picks, Round, delta_picks, probabilities,
+                       should_stop, summarise)
 from .measures import DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
 from .probes import Probes, make_probes, tokenizer_fingerprint
@@ -76,11 +76,11 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
                                window=config.window, edges=config.edges)
 
     rounds: list[Round] = []
-    picks: list[list[list[int]]] = []
+    picks: list[Picks] = []  # the latest round's
 
     def settle(sample, read: int) -> bool:
         picks[:] = [delta_picks(sample, lambda delta: select("delta", delta).critical, config.window, config.seed)]
-        rounds.append(summarise(read, probabilities(picks[0], lm.num_layers)))
+        rounds.append(summarise(read, probabilities(picks[0].halves, lm.num_layers)))
         if progress and config.adaptive:
             print(f"critlayer: {read} probes: {_round_line(rounds[-1])}", file=sys.stderr, flush=True)
         return config.adaptive and should_stop(rounds)
@@ -133,7 +133,7 @@ def _written_as_captured(lm: LanguageModel, config: ScanConfig) -> bool:
     return config.probes == "generated" and not lm.streamed and not (config.needs_text and config.data is None)
 
 
-def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Round], picks: list,
+def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Round], picks: list[Picks],
               layers: int, resampled: bool) -> Firmness | None:
     """How firm the answer is: from the halves of the last round when the selection is by delta, else from the
     replicates behind P(critical); None when neither was measured."""
@@ -144,7 +144,8 @@ def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Rou
             stopped = f"settled: the same firm blocks in {SETTLED_ROUNDS} rounds running"
         else:
             stopped = f"read {rounds[-1].probes} probes (at most --max-n {config.max_n}) without settling"
-        return Firmness("delta", probabilities(picks[0], layers), REPLICATES, stopped, rounds)
+        return Firmness("delta", probabilities(picks[0].halves, layers), REPLICATES, stopped, rounds,
+                        replication=probabilities(picks[0].replicas, layers))
     if resampled and select_by in ("consensus", "p_critical"):
         return Firmness("consensus", scores["p_critical"].tolist(), config.bootstrap,
                         f"read the {config.probe_count} probes asked for")

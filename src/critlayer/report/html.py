@@ -25,7 +25,9 @@ HOW_TO_READ = (
     "each block's criticality rank scaled to [0, 1] (1 = most critical); <b>p_critical</b> is how often the "
     "selection rule picks a block from the consensus of a replicate drawn from half the probes. A block is "
     "<b>firm</b> when the rule picks it in at least 90% of such halves, <b>tentative</b> at 50-90%; the firm "
-    "blocks are the answer."
+    "blocks are the answer. <b>P(another scan picks)</b> is how often the rule picks a block on the whole profile "
+    "plus sqrt(2) times each half's deviation from it: another scan of as many probes lands that much farther away "
+    "than a half does, so a firm block below 0.9 there sits on a band's edge that other probes may move."
 )
 
 
@@ -58,13 +60,15 @@ def write_html(result, folder: Path, images: list[Path]) -> Path:
     firmness = result.firmness
     label = {**dict.fromkeys(firmness.tentative if firmness else [], "tentative"),
              **dict.fromkeys(result.critical, "firm" if firmness else "critical")}
-    picked = (lambda i: f"<td>{firmness.probability[i]:.2f}</td>") if firmness else (lambda i: "")
+    replicated = firmness is not None and bool(firmness.replication)
+    picked = (lambda i: f"<td>{firmness.probability[i]:.2f}</td>"
+              + (f"<td>{firmness.replication[i]:.2f}</td>" if replicated else "")) if firmness else (lambda i: "")
     body = "".join(
         f"<tr class='{'crit' if i in result.critical else ''}'><td>{i}</td>"
         + "".join(f"<td>{result.scores[n][i]:.4f}</td>" for n in names)
         + picked(i) + f"<td>{label.get(i, '')}</td></tr>"
         for i in result.layers)
-    picked_head = "<th>P(picked)</th>" if firmness else ""
+    picked_head = ("<th>P(picked)</th>" + ("<th>P(another scan picks)</th>" if replicated else "")) if firmness else ""
     rounds = "" if not firmness or not firmness.rounds else (
         "<h2>Rounds</h2><table><tr><th>probes read</th><th>firm</th><th>tentative</th><th>undecided</th></tr>"
         + "".join(f"<tr><td>{r.probes}</td><td>{r.firm}</td><td>{r.tentative}</td><td>{r.undecided}</td></tr>"

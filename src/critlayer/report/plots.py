@@ -89,14 +89,17 @@ def plot_measures(result, path: Path) -> None:
 
 
 def plot_firmness(result, path: Path) -> None:
-    """Each block's probability of being picked over halves of the probes, with the firm and tentative thresholds;
-    beside it, round by round, the probabilities of the blocks that were ever firm or tentative."""
+    """Each block's probability of being picked over halves of the probes, with the firm and tentative thresholds
+    (and, where measured, how often another scan of as many probes would pick it); beside it, round by round, the
+    probabilities of the blocks that were ever firm or tentative."""
     firmness = result.firmness
     probability = np.asarray(firmness.probability)
     fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     colors = [CRITICAL_COLOR if p >= firmness.thresholds["firm"] else
               "#ff9896" if p >= firmness.thresholds["tentative"] else "#9e9e9e" for p in probability]
     bars.bar(result.layers, probability, color=colors)
+    if firmness.replication:
+        bars.plot(result.layers, firmness.replication, "k_", ms=9, mew=1.5, ls="none", label="another scan")
     for name, style in (("firm", "-"), ("tentative", "--")):
         bars.axhline(firmness.thresholds[name], color="k", lw=0.8, ls=style, label=f"{name} ({firmness.thresholds[name]:.0%})")
     bars.set(xlabel="block", ylabel="P(picked)", ylim=(0, 1.02),
