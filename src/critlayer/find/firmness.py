@@ -209,12 +209,12 @@ def half_deltas(layers: Iterable[torch.Tensor], row_probe: torch.Tensor, halves:
         x = (x - x.mean(0)).float()
         gram = x @ x.T
         gram.diagonal().zero_()
-        through = per_probe(gram, 1) @ halves  # (n, R)
+        through = per_probe(gram, 0).T @ halves  # (n, R); the Gram is symmetric, and summing rows is the fast way
         sums = (through * rows_kept).sum(0).double()
         recent.appendleft((gram, through, sums))
         values = torch.full((window + 1, halves.shape[1]), float("nan"), dtype=torch.float64, device=device)
         for offset, (other, other_through, other_sums) in enumerate(recent):
-            off = ((per_probe(per_probe(other * gram, 1), 0) @ halves) * halves).sum(0).double()
+            off = ((per_probe(per_probe(other * gram, 0), 1) @ halves) * halves).sum(0).double()
             cross = (other_through * through * rows_kept).sum(0).double()
             values[offset] = off + other_sums * sums / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * cross
         hsic.append(values)
