@@ -22,11 +22,12 @@ quarter of them instead, halves read the rule as noisier than it is: smollm2-135
 Firm is not the same as reproducible. A half's profile lies about as far from the whole's as the whole's lies from
 the truth, so another scan of as many probes lands about ``REPLICA_SPREAD`` (sqrt 2) times as far from this one as
 a half does; the rule run on the whole profile plus that much of each half's deviation from it estimates how
-often another scan would pick each block (its ``replication``). A block on a band's edge can be firm here and
-picked by another scan in only 70-80% of cases: over five scans of smollm2-135m (seeds and dtypes, 64-256
-probes), blocks whose replication was 0.9-0.99 were picked by the other scans' rule in 97% of 160 cases, those at
-0.5-0.9 in 82% and those under 0.5 in 25%, where the halves' own probabilities, in the same bins, were followed in
-88%, 75% and 56%.
+often another scan would pick each block (its ``replication``). A block of a band can be firm here and picked by
+another scan in only 79-86% of cases (smollm2-135m, float32 seed 2: blocks 6-8). Over five scans of smollm2-135m
+(seeds and dtypes, 64-256 probes, each block against the rule on all of each other scan's probes), blocks with a
+replication of 0.9-0.99 were picked by the other scan in 97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25%
+of 140, where the halves' own probabilities in the same bins were followed in 88%, 75% and 56%. On gemma3-270m it
+overstates a rarely picked block (block 9: 0.29-0.49, picked by no other seed).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ SETTLED_ROUNDS = 2
 MAX_PROBES = 512  # where an adaptive scan stops if the answer never settles
 # At most this many rows of the sample (smallest keys first: a random draw over every probe read) are resampled:
 # every half comes from their Grams, of which those of window + 1 blocks are held at a time (n^2 floats each, 50 MB
-# at window 2); 1.6 s a round on smollm2-135m (bfloat16, 128 probes, 2-core Xeon with AMX), half of it the Grams.
+# at window 2); 0.87 s a round on smollm2-135m (bfloat16, 2-core Xeon with AMX), 0.5 s of it the Grams.
 GRAM_ROWS = 2048
 REPLICA_SPREAD = math.sqrt(2)  # another scan's distance from this one, in units of a half's distance from it
 STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and the firm blocks are the "
