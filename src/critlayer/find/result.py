@@ -162,7 +162,7 @@ class ScanResult(SavedResult):
                     f"{firmness.replicates} halves of the probes); tentative: {tentative}; the rule on all probes "
                     f"chose {sel.critical} ({how})")
         moving = ""
-        if firmness.may_move:  # firm here, but on a band's edge that another probe set may move
+        if firmness.may_move:  # firm on these probes, but another set of as many may well not pick them
             moving = ("; another scan of as many probes would pick " + ", ".join(
                 f"{b} in {firmness.replication[b]:.0%}" for b in firmness.may_move) + " of cases")
         return (f"critical layers of {name}: {firmness.firm}, firm (picked in >= {firmness.thresholds['firm']:.0%} of "

@@ -27,7 +27,7 @@ HOW_TO_READ = (
     "<b>firm</b> when the rule picks it in at least 90% of such halves, <b>tentative</b> at 50-90%; the firm "
     "blocks are the answer. <b>P(another scan picks)</b> is how often the rule picks a block on the whole profile "
     "plus sqrt(2) times each half's deviation from it: another scan of as many probes lands that much farther away "
-    "than a half does, so a firm block below 0.9 there sits on a band's edge that other probes may move."
+    "than a half does, so a firm block below 0.9 there may well not be picked on other probes."
 )
 
 
