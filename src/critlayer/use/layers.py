@@ -2,9 +2,9 @@
 
 Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (ranked by a ``Lens``: a scan's score, the
 one it selects with or another, or the lens a validation found best), ``random:K`` (seeded), or explicit
-indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. The blocks then become a freeze mask, a PEFT
-``LoraConfig`` targeting only them, or an axolotl ``unfrozen_parameters`` list; the last two need
-only the model's description, so a saved scan is enough.
+indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. The
+blocks then become a freeze mask, a PEFT ``LoraConfig`` targeting only them, or an axolotl
+``unfrozen_parameters`` list; the last two need only the model's description, so a saved scan is enough.
 """
 
 from __future__ import annotations
