@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .find.capture import BATCH_SIZE, TOKEN_MODES
+    from .find.capture import BATCH_SIZE, SINK_RATIO, TOKEN_MODES
     from .find.firmness import MAX_PROBES, ROUND
     from .find.measures import MEASURES
     from .find.probes import SOURCES
@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=_at_least(1), default=BATCH_SIZE,
                       help=f"probes per forward (default {BATCH_SIZE})")
     scan.add_argument("--max-rows", type=_at_least(2), default=2048, help="rows kept for CKA and spectra (default 2048)")
-    scan.add_argument("--sink-ratio", type=float, default=5.0,
-                      help="drop tokens whose norm exceeds this multiple of the layer median (0: keep all)")
+    scan.add_argument("--sink-ratio", type=float, default=SINK_RATIO,
+                      help=f"drop tokens whose norm exceeds this multiple of the layer median (0: keep all; "
+                           f"default {SINK_RATIO:g})")
     scan.add_argument("--device-map", choices=("auto",), default=None,
                       help="auto: spread the model over the GPUs and CPU there are (accelerate)")
     scan.add_argument("--stream", action="store_true",
