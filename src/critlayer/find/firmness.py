@@ -2,15 +2,14 @@
 
 Firmness is stability selection (Meinshausen and Buehlmann, 2010): the selection rule is run on many random
 halves of the probes, drawn without replacement, and a block's probability is the share of halves in
-which the rule picks it. A block picked in at least ``FIRM`` of them is firm, one picked in at least
-``TENTATIVE`` tentative. Halves rather than bootstrap draws, because a bootstrap draw repeats probes and
+which the rule picks it; from the same halves comes each block's replication (below). A block whose replication
+is at least ``FIRM`` is firm, at least ``TENTATIVE`` tentative. Halves rather than bootstrap draws, because a bootstrap draw repeats probes and
 the unbiased CKA estimator would read a repeated probe as perfect agreement; a half has fewer probes than
 the whole, so its probabilities understate firmness rather than overstate it.
 
 A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read and the
 same firm blocks in ``SETTLED_ROUNDS`` rounds running; an answer of no firm block at all settles only if,
-in those rounds, no block is picked in more than ``ABSENT`` of the halves either (nothing is on its way to
-firm). Demanding the same answer twice over is the hysteresis that keeps a scan from stopping on a lucky
+in those rounds, no block has a replication above ``ABSENT`` either (nothing is on its way to firm). Demanding the same answer twice over is the hysteresis that keeps a scan from stopping on a lucky
 round (optional stopping). A round is as many probes as the model writes at once: rounds of half that cost
 1.55x the time per probe on smollm2-135m. ``REPLICATES`` halves put the Monte Carlo error of a probability
 near 0.9 at about 0.02, a fifth of the gap to the tentative blocks' usual 0.8.
@@ -19,15 +18,18 @@ The halves are drawn from the rows the answer itself is computed from (up to ``G
 quarter of them instead, halves read the rule as noisier than it is: smollm2-135m's blocks 7 and 8, picked in
 0.96-1.0 of halves of all 2,048 rows in every round of seeds 1 and 2, were picked in 0.10-0.99 of halves of 512.
 
-Firm is not the same as reproducible. A half's profile lies about as far from the whole's as the whole's lies from
-the truth, so another scan of as many probes lands about ``REPLICA_SPREAD`` (sqrt 2) times as far from this one as
-a half does; the rule run on the whole profile plus that much of each half's deviation from it estimates how
-often another scan would pick each block (its ``replication``). A block of a band can be firm here and picked by
-another scan in only 79-86% of cases (smollm2-135m, float32 seed 2: blocks 6-8). Over five scans of smollm2-135m
-(seeds and dtypes, 64-256 probes, each block against the rule on all of each other scan's probes), blocks with a
-replication of 0.9-0.99 were picked by the other scan in 97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25%
-of 140, where the halves' own probabilities in the same bins were followed in 88%, 75% and 56%. On gemma3-270m it
-overstates a rarely picked block (block 9: 0.29-0.49, picked by no other seed).
+A block firm over halves of one scan's probes need not be picked by another scan: a half's profile lies about as
+far from the whole's as the whole's lies from the truth, so another scan of as many probes lands about
+``REPLICA_SPREAD`` (sqrt 2) times as far from this one as a half does. The rule run on the whole profile plus that
+much of each half's deviation from it estimates how often another scan would pick each block (its ``replication``),
+and where it is measured (delta) it is what firm, tentative and undecided are read from: a firm block is one that
+another scan of as many probes would pick in at least ``FIRM`` of cases. Over halves alone a block sitting at a
+band's edge came out firm in some seeds and not in others (smollm2-135m: block 9 firm with seed 0, 6 with seed 2,
+neither with seed 1): a block at the rule's cut is picked by 0.9 of one scan's halves in about 10% of scans, by 0.9
+of its replicas in about 3.5%. Over five scans of smollm2-135m (seeds and dtypes, 64-256 probes, each block against
+the rule on all of each other scan's probes), blocks with a replication of 0.9-0.99 were picked by the other scan in
+97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25% of 140, where the halves' own probabilities in the same
+bins were followed in 88%, 75% and 56%. The halves' probabilities stay in the result beside it.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ MAX_PROBES = 512  # where an adaptive scan stops if the answer never settles
 # at window 2); 0.87 s a round on smollm2-135m (bfloat16, 2-core Xeon with AMX), 0.5 s of it the Grams.
 GRAM_ROWS = 2048
 REPLICA_SPREAD = math.sqrt(2)  # another scan's distance from this one, in units of a half's distance from it
-STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and the firm blocks are the "
-                 f"same in {SETTLED_ROUNDS} rounds running (when none is firm, no block may be picked in more than "
-                 f"{ABSENT:.0%} of the halves in them either)")
+STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and, in {SETTLED_ROUNDS} rounds "
+                 f"running, the firm blocks (those another scan would pick in at least {FIRM:.0%} of cases) are the "
+                 f"same and no block is tentative ({TENTATIVE:.0%}-{FIRM:.0%}); when none is firm, no block may be "
+                 f"picked in more than {ABSENT:.0%} of cases in them either")
 
 
 @dataclass
@@ -67,8 +70,9 @@ class Round:
     probes: int
     firm: list[int]
     tentative: list[int]
-    undecided: list[int]  # picked in more than ABSENT but fewer than FIRM of the halves
+    undecided: list[int]  # picked in more than ABSENT but fewer than FIRM of cases
     probability: list[float] = field(default_factory=list)  # each block's, over this round's halves
+    replication: list[float] = field(default_factory=list)  # each block's, over this round's replicas
 
     @property
     def settled(self) -> bool:
@@ -78,9 +82,10 @@ class Round:
 
 @dataclass
 class Firmness:
-    """Each block's probability of being picked over halves of the probes, the firm and tentative blocks, the
-    rounds the scan read (``stopped`` says why it stopped) and, where measured, each block's ``replication``: how
-    often another scan of as many probes would pick it."""
+    """Each block's probability of being picked over halves of the probes (or bootstrap replicates) and, where
+    measured, its ``replication``: how often another scan of as many probes would pick it; the firm, tentative and
+    undecided blocks (by replication where measured), and the rounds the scan read (``stopped`` says why it
+    stopped)."""
 
     score: str
     probability: list[float]
@@ -92,22 +97,22 @@ class Firmness:
     replication: list[float] = field(default_factory=list)
 
     @property
+    def chance(self) -> list[float]:
+        """What the blocks are classed by: the replication where measured, else the probability."""
+        return self.replication or self.probability
+
+    @property
     def firm(self) -> list[int]:
-        return summarise(0, self.probability, self.thresholds).firm
+        return summarise(0, self.probability, self.replication, self.thresholds).firm
 
     @property
     def tentative(self) -> list[int]:
-        return summarise(0, self.probability, self.thresholds).tentative
+        return summarise(0, self.probability, self.replication, self.thresholds).tentative
 
     @property
     def undecided(self) -> list[int]:
         """Blocks neither firm nor all but never picked: the tentative ones and those picked in ABSENT-TENTATIVE."""
-        return summarise(0, self.probability, self.thresholds).undecided
-
-    @property
-    def may_move(self) -> list[int]:
-        """Firm blocks that another scan of as many probes would pick in fewer than FIRM of cases."""
-        return [b for b in self.firm if self.replication and self.replication[b] < self.thresholds["firm"]]
+        return summarise(0, self.probability, self.replication, self.thresholds).undecided
 
     def to_json(self) -> dict:
         return {"score": self.score, "firm": self.firm, "tentative": self.tentative, "undecided": self.undecided,
@@ -116,7 +121,8 @@ class Firmness:
                 "rule": self.rule, "stopped": self.stopped, "rounds": [asdict(r) for r in self.rounds],
                 "replication": [round(p, 4) for p in self.replication],
                 "replication_means": "how often the rule picks each block on the whole profile plus sqrt(2) times "
-                                     "each half's deviation from it: another scan of as many probes"}
+                                     "each half's deviation from it: another scan of as many probes",
+                "classed_by": "replication" if self.replication else "probability"}
 
     @classmethod
     def from_json(cls, data: dict) -> "Firmness":
@@ -132,21 +138,25 @@ def probabilities(picks: list[list[int]], layers: int) -> list[float]:
     return (counts / max(1, len(picks))).tolist()
 
 
-def summarise(probes: int, probability: list[float], thresholds: dict = THRESHOLDS) -> Round:
-    """The firm, tentative and undecided blocks of a round that read ``probes``."""
+def summarise(probes: int, probability: list[float], replication: list[float] = (),
+              thresholds: dict = THRESHOLDS) -> Round:
+    """The firm, tentative and undecided blocks of a round that read ``probes``: by ``replication`` where
+    measured, else by ``probability``."""
     firm, tentative, absent = thresholds["firm"], thresholds["tentative"], thresholds["absent"]
-    return Round(probes, [b for b, p in enumerate(probability) if p >= firm],
-                 [b for b, p in enumerate(probability) if tentative <= p < firm],
-                 [b for b, p in enumerate(probability) if absent < p < firm], [round(p, 4) for p in probability])
+    chance = list(replication) or probability
+    return Round(probes, [b for b, p in enumerate(chance) if p >= firm],
+                 [b for b, p in enumerate(chance) if tentative <= p < firm],
+                 [b for b, p in enumerate(chance) if absent < p < firm], [round(p, 4) for p in probability],
+                 [round(p, 4) for p in replication])
 
 
 def should_stop(rounds: list[Round]) -> bool:
-    """The same firm blocks in the last ``SETTLED_ROUNDS`` rounds, after at least ``MIN_PROBES`` probes (and, when
-    none is firm, none undecided either)."""
+    """The same firm blocks and none tentative in the last ``SETTLED_ROUNDS`` rounds, after at least ``MIN_PROBES``
+    probes (and, when none is firm, none undecided either)."""
     last = rounds[-SETTLED_ROUNDS:]
     if len(last) < SETTLED_ROUNDS or last[-1].probes < MIN_PROBES:
         return False
-    if any(r.firm != last[-1].firm for r in last):
+    if any(r.firm != last[-1].firm or r.tentative for r in last):
         return False
     return bool(last[-1].firm) or all(r.settled for r in last)
 

@@ -149,7 +149,7 @@ class ScanResult(SavedResult):
         rule = f"rule {sel.rule}: {sel.reason}"
         if firmness is None:
             return f"critical layers of {name}: {self.critical}  ({rule})"
-        p = firmness.probability
+        p = firmness.chance
         tentative = ", ".join(f"{b} ({p[b]:.3f})" for b in firmness.tentative) or "none"
         doubtful = [b for b in firmness.undecided if b not in firmness.tentative]
         if doubtful:  # not the answer, but not settled either: another probe set may pick them
@@ -157,16 +157,14 @@ class ScanResult(SavedResult):
                           + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful))
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"
+        firm = firmness.thresholds["firm"]
+        meaning = (f"another scan of as many probes would pick each in >= {firm:.0%} of cases, from "
+                   f"{firmness.replicates} halves of the probes" if firmness.replication else
+                   f"picked in >= {firm:.0%} of {firmness.replicates} bootstrap replicates")
         if not firmness.firm:
-            return (f"critical layers of {name}: no block is firm (picked in >= {firmness.thresholds['firm']:.0%} of "
-                    f"{firmness.replicates} halves of the probes); tentative: {tentative}; the rule on all probes "
-                    f"chose {sel.critical} ({how})")
-        moving = ""
-        if firmness.may_move:  # firm on these probes, but another set of as many may well not pick them
-            moving = ("; another scan of as many probes would pick " + ", ".join(
-                f"{b} in {firmness.replication[b]:.0%}" for b in firmness.may_move) + " of cases")
-        return (f"critical layers of {name}: {firmness.firm}, firm (picked in >= {firmness.thresholds['firm']:.0%} of "
-                f"{firmness.replicates} halves of the probes){moving}; tentative: {tentative} ({how}; {rule})")
+            return (f"critical layers of {name}: no block is firm ({meaning}); tentative: {tentative}; the rule on all "
+                    f"probes chose {sel.critical} ({how})")
+        return f"critical layers of {name}: {firmness.firm}, firm ({meaning}); tentative: {tentative} ({how}; {rule})"
 
     def table(self) -> str:
         """A plain-text summary table, one row per layer."""

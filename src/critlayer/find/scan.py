@@ -80,7 +80,8 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
 
     def settle(sample, read: int) -> bool:
         picks[:] = [delta_picks(sample, lambda delta: select("delta", delta).critical, config.window, config.seed)]
-        rounds.append(summarise(read, probabilities(picks[0].halves, lm.num_layers)))
+        rounds.append(summarise(read, probabilities(picks[0].halves, lm.num_layers),
+                                probabilities(picks[0].replicas, lm.num_layers)))
         if progress and config.adaptive:
             print(f"critlayer: {read} probes: {_round_line(rounds[-1])}", file=sys.stderr, flush=True)
         return config.adaptive and should_stop(rounds)
@@ -141,7 +142,7 @@ def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Rou
         if not config.adaptive:
             stopped = f"read the {rounds[-1].probes} probes asked for"
         elif should_stop(rounds):
-            stopped = f"settled: the same firm blocks in {SETTLED_ROUNDS} rounds running"
+            stopped = f"settled: the same firm blocks and none tentative in {SETTLED_ROUNDS} rounds running"
         else:
             stopped = f"read {rounds[-1].probes} probes (at most --max-n {config.max_n}) without settling"
         return Firmness("delta", probabilities(picks[0].halves, layers), REPLICATES, stopped, rounds,

@@ -23,11 +23,12 @@ HOW_TO_READ = (
     "principal components match its neighbours' (low = a shift). Edge blocks have clipped windows and are "
     "greyed out unless the scan was run with edges eligible. The <b>consensus</b> is the mean over measures of "
     "each block's criticality rank scaled to [0, 1] (1 = most critical); <b>p_critical</b> is how often the "
-    "selection rule picks a block from the consensus of a replicate drawn from half the probes. A block is "
-    "<b>firm</b> when the rule picks it in at least 90% of such halves, <b>tentative</b> at 50-90%; the firm "
-    "blocks are the answer. <b>P(another scan picks)</b> is how often the rule picks a block on the whole profile "
-    "plus sqrt(2) times each half's deviation from it: another scan of as many probes lands that much farther away "
-    "than a half does, so a firm block below 0.9 there may well not be picked on other probes."
+    "selection rule picks a block from the consensus of a replicate drawn from half the probes. <b>P(picked)</b> is "
+    "the share of random halves of the probes on which the rule picks a block; <b>P(another scan picks)</b> is how "
+    "often the rule picks it on the whole profile plus sqrt(2) times each half's deviation from it (another scan of "
+    "as many probes lands that much farther away than a half does). A block is <b>firm</b> when another scan would "
+    "pick it in at least 90% of cases (where that is measured; else when 90% of the replicates pick it), "
+    "<b>tentative</b> at 50-90%; the firm blocks are the answer."
 )
 
 

@@ -89,27 +89,29 @@ def plot_measures(result, path: Path) -> None:
 
 
 def plot_firmness(result, path: Path) -> None:
-    """Each block's probability of being picked over halves of the probes, with the firm and tentative thresholds
-    (and, where measured, how often another scan of as many probes would pick it); beside it, round by round, the
-    probabilities of the blocks that were ever firm or tentative."""
+    """Each block's chance of being picked, with the firm and tentative thresholds: how often another scan of as
+    many probes would pick it where measured (and, as ticks, the share of this scan's halves that pick it), else
+    its share of bootstrap replicates; beside it, round by round, the chances of the blocks ever firm or tentative."""
     firmness = result.firmness
-    probability = np.asarray(firmness.probability)
+    chance = np.asarray(firmness.chance)
     fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     colors = [CRITICAL_COLOR if p >= firmness.thresholds["firm"] else
-              "#ff9896" if p >= firmness.thresholds["tentative"] else "#9e9e9e" for p in probability]
-    bars.bar(result.layers, probability, color=colors)
+              "#ff9896" if p >= firmness.thresholds["tentative"] else "#9e9e9e" for p in chance]
+    bars.bar(result.layers, chance, color=colors)
     if firmness.replication:
-        bars.plot(result.layers, firmness.replication, "k_", ms=9, mew=1.5, ls="none", label="another scan")
+        bars.plot(result.layers, firmness.probability, "k_", ms=9, mew=1.5, ls="none", label="this scan's halves")
     for name, style in (("firm", "-"), ("tentative", "--")):
         bars.axhline(firmness.thresholds[name], color="k", lw=0.8, ls=style, label=f"{name} ({firmness.thresholds[name]:.0%})")
-    bars.set(xlabel="block", ylabel="P(picked)", ylim=(0, 1.02),
-             title=f"{result.model['name']}: picked in {firmness.replicates} halves of the probes ({firmness.score})")
+    what = (f"another scan would pick (from {firmness.replicates} halves)" if firmness.replication else
+            f"picked in {firmness.replicates} replicates")
+    bars.set(xlabel="block", ylabel="P(picked)", ylim=(0, 1.02), title=f"{result.model['name']}: {what} ({firmness.score})")
     bars.legend(loc="upper left", fontsize=8)
     if firmness.rounds:
         read = [r.probes for r in firmness.rounds]
         shown = sorted({b for r in firmness.rounds for b in r.tentative + r.firm})
         for block in shown:
-            rounds.plot(read, [r.probability[block] for r in firmness.rounds], marker=".", label=str(block))
+            rounds.plot(read, [(r.replication or r.probability)[block] for r in firmness.rounds], marker=".",
+                        label=str(block))
         rounds.axhline(firmness.thresholds["firm"], color="k", lw=0.8)
         rounds.set(xlabel="probes read", ylabel="P(picked)", ylim=(0, 1.02), title=firmness.stopped[:60])
         if shown:
