@@ -3,7 +3,7 @@
 On one model, dtype and thread count, in one process, with every weight resident first, side by side:
 
   firm scan        ``critlayer.scan`` as ``make demo`` runs it: generated probes written and captured in one
-                   pass, in rounds of 32 until the answer is firm (or ``--max-n``)
+                   pass, in rounds of 64 until the answer is firm (or ``--max-n``)
   writing alone    critlayer's sampler writing the same number of probes, nothing captured (the floor: the
                    probes need the head's logits at every token)
   generate alone   transformers' ``generate`` sampling as many probes of the same length, as critlayer sampled

@@ -1,18 +1,19 @@
 """How firm a scan's answer is, and when a scan has read enough probes to say.
 
 Firmness is stability selection (Meinshausen and Buehlmann, 2010): the selection rule is run on many random
-halves of the probes, drawn without replacement, and a block's probability is the share of halves in
-which the rule picks it; from the same halves comes each block's replication (below). A block whose replication
-is at least ``FIRM`` is firm, at least ``TENTATIVE`` tentative. Halves rather than bootstrap draws, because a bootstrap draw repeats probes and
-the unbiased CKA estimator would read a repeated probe as perfect agreement; a half has fewer probes than
-the whole, so its probabilities understate firmness rather than overstate it.
+halves of the probes, drawn without replacement, and a block's probability is the share of halves in which
+the rule picks it; from the same halves comes each block's replication (below). A block whose replication is
+at least ``FIRM`` is firm, at least ``TENTATIVE`` tentative. Halves rather than bootstrap draws, because a
+bootstrap draw repeats probes and the unbiased CKA estimator would read a repeated probe as perfect agreement;
+a half has fewer probes than the whole, so its probabilities understate firmness rather than overstate it.
 
-A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read and the
-same firm blocks in ``SETTLED_ROUNDS`` rounds running; an answer of no firm block at all settles only if,
-in those rounds, no block has a replication above ``ABSENT`` either (nothing is on its way to firm). Demanding the same answer twice over is the hysteresis that keeps a scan from stopping on a lucky
-round (optional stopping). A round is as many probes as the model writes at once: rounds of half that cost
-1.55x the time per probe on smollm2-135m. ``REPLICATES`` halves put the Monte Carlo error of a probability
-near 0.9 at about 0.02, a fifth of the gap to the tentative blocks' usual 0.8.
+A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read and, in
+``SETTLED_ROUNDS`` rounds running, the same firm blocks and none tentative; an answer of no firm block at all
+settles only if, in those rounds, no block has a replication above ``ABSENT`` either (nothing is on its way to
+firm). Demanding the answer twice over is the hysteresis that keeps a scan from stopping on a lucky round
+(optional stopping); demanding no tentative block keeps it from stopping with a block just under the bar. A
+round is as many probes as the model writes at once: rounds of half that cost 1.55x the time per probe on
+smollm2-135m. ``REPLICATES`` halves put the Monte Carlo error of a probability near 0.9 at about 0.02.
 
 The halves are drawn from the rows the answer itself is computed from (up to ``GRAM_ROWS``). Drawn from a
 quarter of them instead, halves read the rule as noisier than it is: smollm2-135m's blocks 7 and 8, picked in
