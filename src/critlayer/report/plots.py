@@ -113,7 +113,9 @@ def plot_firmness(result, path: Path) -> None:
             rounds.plot(read, [(r.replication or r.probability)[block] for r in firmness.rounds], marker=".",
                         label=str(block))
         rounds.axhline(firmness.thresholds["firm"], color="k", lw=0.8)
-        rounds.set(xlabel="probes read", ylabel="P(picked)", ylim=(0, 1.02), title=firmness.stopped[:60])
+        outcome = "settled" if firmness.stopped.startswith("settled") else "stopped"
+        rounds.set(xlabel="probes read", ylabel="P(picked)", ylim=(0, 1.02),
+                   title=f"{outcome} after {len(firmness.rounds)} round(s) of {firmness.rounds[0].probes} probes")
         if shown:
             rounds.legend(title="block", fontsize=7, ncol=2)
     else:
