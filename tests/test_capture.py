@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from critlayer import CritlayerError, LanguageModel
-from critlayer.find.capture import WIDTH_STEP, Capture, padded_batch
+from critlayer.find.capture import SINK_RATIO, WIDTH_STEP, Capture, padded_batch
 from critlayer.find.probes import Probes
 from critlayer.models.running import attention_mask
 
@@ -45,8 +45,10 @@ def test_all_mode_takes_every_real_token_but_position_zero(tiny_lm):
     assert capture.stats.tokens == 7
 
 
-@pytest.mark.parametrize("factor, dropped", [(1000.0, 4), (4.5, 4), (1.0, 0)])
-def test_massive_activation_tokens_are_dropped(tiny_lm, factor, dropped):
+@pytest.mark.parametrize("factor, ratio, dropped", [(1000.0, SINK_RATIO, 4), (4.5, SINK_RATIO, 4), (4.5, 5.0, 0),
+                                                    (1.0, SINK_RATIO, 0)],
+                         ids=["massive", "4.5x by default", "4.5x under a 5x cut", "normal kept"])
+def test_massive_activation_tokens_are_dropped(tiny_lm, factor, ratio, dropped):
     """From 3x the median norm: smollm2-135m's massive tokens sit at 4-11x, normal ones under 2.8x."""
     def inflate(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -55,7 +57,7 @@ def test_massive_activation_tokens_are_dropped(tiny_lm, factor, dropped):
     handle = tiny_lm.blocks[2].register_forward_hook(inflate)
     try:
         probes = Probes("test", [[1, 5, 6, 7, 8, 9, 10 + i] for i in range(4)])
-        capture = Capture(tiny_lm, probes, token_mode="all", progress=False, batch_size=4)
+        capture = Capture(tiny_lm, probes, token_mode="all", progress=False, batch_size=4, sink_ratio=ratio)
         rows = sum(b.states.shape[1] for b in capture)
     finally:
         handle.remove()

@@ -139,6 +139,9 @@ def test_blocks_are_classed_by_how_often_another_scan_would_pick_them_where_meas
     assert (firmness.firm, firmness.tentative) == ([2], [1])
     assert Firmness.from_json(firmness.to_json()).firm == [2]
     assert Firmness("consensus", [0.0, 0.95], 100, "read").firm == [1]
+    saved = {**firmness.to_json(), "firm": [1, 2]}
+    del saved["classed_by"]  # written before firmness was read from the replicas: it stays as it was saved
+    assert Firmness.from_json(saved).firm == [1, 2]
 
 
 def test_a_scan_does_not_stop_while_a_block_is_tentative():
@@ -153,6 +156,9 @@ def test_a_scan_does_not_stop_while_a_block_is_tentative():
     assert not should_stop([round_(64, [0.0, 1.0, 0.6]), round_(128, [0.0, 1.0, 0.0])])
     assert not should_stop([round_(64, [0.0, 1.0, 0.0]), round_(128, [0.0, 1.0, 0.85])])
     assert not should_stop([round_(64, [0.0, 0.95, 0.0]), round_(128, [0.0, 1.0, 0.95])])  # firm set changed
+    by_replicas = summarise(128, [0.0, 1.0, 0.95], [0.0, 1.0, 0.6])  # firm in the halves, tentative in the replicas
+    assert (by_replicas.firm, by_replicas.tentative) == ([1], [2])
+    assert not should_stop([round_(64, [0.0, 1.0, 0.0]), by_replicas])
 
 
 def test_replicas_lie_sqrt2_times_farther_from_the_whole_than_halves():
@@ -181,3 +187,4 @@ def test_halves_too_small_to_estimate_pick_nothing(tiny_lm):
     not pick from a NaN profile (top-k would pick arbitrary blocks)."""
     result = scan(tiny_lm, n=4, max_tokens=6, token_mode="last", k=2, progress=False)
     assert result.firmness.probability == [0.0] * len(result.layers) and result.firmness.firm == []
+    assert result.firmness.replication == [0.0] * len(result.layers)

@@ -15,6 +15,17 @@ def test_band_is_the_most_prominent_valley():
     assert all(2 <= i <= 12 for i in sel.critical)
 
 
+def test_a_valley_under_half_the_deepest_prominence_is_not_kept():
+    """smollm2-135m's second valley is 0.23-0.36 times as deep as its first; one at 0.6 times is kept."""
+    delta = np.array([0.9, 0.9, 0.97, 0.96, 0.95, 0.96, 0.97, 0.98, 0.98, 0.9, 0.98, 0.98, 0.9, 0.9])
+    sel = select_critical(delta, window=2)  # prominences 0.02 (block 4) and 0.08 (block 9)
+    assert sel.critical == [9] and [v.block for v in sel.valleys] == [4, 9]
+    assert sel.to_json()["params"]["min_relative_prominence"] == 0.5
+    deeper = delta.copy()
+    deeper[4] = 0.92  # prominence 0.05: kept beside block 9
+    assert select_critical(deeper, window=2).critical == [4, 9]
+
+
 def test_edges_are_eligible_only_on_request():
     delta = np.array([0.1, 0.2, 0.9, 0.95, 0.9, 0.5, 0.9, 0.95, 0.9, 0.2, 0.1])
     assert select_critical(delta, window=2).critical == [5]

@@ -35,8 +35,8 @@ TOKEN_MODES = ("last", "all", "mean")
 # the massive ones form a cluster of their own from 4x up (smollm2-135m: 2.1% of tokens, three in four of them
 # " the", at 4-11x in blocks 4-8, normal again by block 10; gemma3-270m: 6.6%, commas, spaces and " and", at
 # 4-17x in block 0). The cut lies in the gap: at 5x it cut through smollm2's cluster, and how many of its 4-5x
-# members a sample held set the depth of the valley at blocks 6-9 (its prominence fell from 0.015-0.023 to
-# 0.006 at 3x), so that block 6 or 9 was firm in one probe set and not in another.
+# members a sample held set the depth of the valley at blocks 6-9 (its prominence ranged over 0.011-0.038
+# between probe sets, 0.005-0.007 at 3x), so that block 6 or 9 was firm in one probe set and not in another.
 SINK_RATIO = 3.0
 # The medians that ratio refers to come from the rows of the first probes by index, so the filter depends
 # neither on batch size nor on how many probes a scan reads.

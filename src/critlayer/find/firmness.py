@@ -5,7 +5,8 @@ halves of the probes, drawn without replacement, and a block's probability is th
 the rule picks it; from the same halves comes each block's replication (below). A block whose replication is
 at least ``FIRM`` is firm, at least ``TENTATIVE`` tentative. Halves rather than bootstrap draws, because a
 bootstrap draw repeats probes and the unbiased CKA estimator would read a repeated probe as perfect agreement;
-a half has fewer probes than the whole, so its probabilities understate firmness rather than overstate it.
+a half has fewer probes than the whole, so its probabilities understate firmness rather than overstate it,
+and the replicas, farther out still, are more cautious than the halves.
 
 A scan reads probes in rounds and stops once the answer is settled: at least ``MIN_PROBES`` read and, in
 ``SETTLED_ROUNDS`` rounds running, the same firm blocks and none tentative; an answer of no firm block at all
@@ -66,7 +67,7 @@ STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are
 
 @dataclass
 class Round:
-    """What the halves said after one round."""
+    """What the halves and the replicas said after one round (blocks classed by the replicas where measured)."""
 
     probes: int
     firm: list[int]
@@ -96,24 +97,32 @@ class Firmness:
     thresholds: dict = field(default_factory=lambda: dict(THRESHOLDS))
     rule: str = STOPPING_RULE
     replication: list[float] = field(default_factory=list)
+    classed_by: str = ""  # "replication" or "probability"; left empty, replication where it is measured
+
+    def __post_init__(self):
+        self.classed_by = self.classed_by or ("replication" if self.replication else "probability")
 
     @property
     def chance(self) -> list[float]:
-        """What the blocks are classed by: the replication where measured, else the probability."""
-        return self.replication or self.probability
+        """What the blocks are classed by: the replication, or the probability."""
+        return self.replication if self.classed_by == "replication" else self.probability
+
+    def _summary(self) -> Round:
+        return summarise(0, self.probability, self.replication if self.classed_by == "replication" else (),
+                         self.thresholds)
 
     @property
     def firm(self) -> list[int]:
-        return summarise(0, self.probability, self.replication, self.thresholds).firm
+        return self._summary().firm
 
     @property
     def tentative(self) -> list[int]:
-        return summarise(0, self.probability, self.replication, self.thresholds).tentative
+        return self._summary().tentative
 
     @property
     def undecided(self) -> list[int]:
         """Blocks neither firm nor all but never picked: the tentative ones and those picked in ABSENT-TENTATIVE."""
-        return summarise(0, self.probability, self.replication, self.thresholds).undecided
+        return self._summary().undecided
 
     def to_json(self) -> dict:
         return {"score": self.score, "firm": self.firm, "tentative": self.tentative, "undecided": self.undecided,
@@ -123,13 +132,13 @@ class Firmness:
                 "replication": [round(p, 4) for p in self.replication],
                 "replication_means": "how often the rule picks each block on the whole profile plus sqrt(2) times "
                                      "each half's deviation from it: another scan of as many probes",
-                "classed_by": "replication" if self.replication else "probability"}
+                "classed_by": self.classed_by}
 
     @classmethod
     def from_json(cls, data: dict) -> "Firmness":
         return cls(data["score"], data["probability"], data["replicates"], data["stopped"],
                    [Round(**r) for r in data.get("rounds", [])], data["thresholds"], data.get("rule", ""),
-                   data.get("replication", []))
+                   data.get("replication", []), data.get("classed_by", "probability"))  # older scans: by halves
 
 
 def probabilities(picks: list[list[int]], layers: int) -> list[float]:

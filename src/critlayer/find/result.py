@@ -27,7 +27,8 @@ class ScanResult(SavedResult):
     ``scores`` maps a score name to one value per block (block i = index i), ``consensus`` and
     ``p_critical`` included; ``cka[i][j]`` is the linear CKA between the outputs of blocks i and j;
     ``selection`` says which blocks the rule chose from all the probes read, by which rule and why;
-    ``firmness`` how often it chose each over halves of them, and ``critical`` is the answer: the firm
+    ``firmness`` how often it chose each over halves of them and how often another scan would (firm is read
+    from the latter where it is measured), and ``critical`` is the answer: the firm
     blocks (possibly none), or the rule's choice where firmness was not measured. ``consensus`` says how
     the scores were combined; ``probe_ids`` are the probes read (saved as probes.json, which ``--probes``
     takes back).
@@ -153,7 +154,8 @@ class ScanResult(SavedResult):
         tentative = ", ".join(f"{b} ({p[b]:.3f})" for b in firmness.tentative) or "none"
         doubtful = [b for b in firmness.undecided if b not in firmness.tentative]
         if doubtful:  # not the answer, but not settled either: another probe set may pick them
-            tentative += (f"; picked in {firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}: "
+            picked = "another scan would pick" if firmness.classed_by == "replication" else "picked in"
+            tentative += (f"; {picked} {firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}: "
                           + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful))
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"

@@ -23,10 +23,10 @@ import numpy as np
 from ..common.errors import CritlayerError
 
 # Valleys at least this share of the deepest one's prominence are kept. With massive-activation tokens dropped
-# from 3x the median norm (find.capture), smollm2-135m's valley at blocks 6-9 has 0.006-0.007 of prominence
-# against 0.018-0.021 at 21-23 (about a third; float32 seeds 0-2 and bfloat16, 128-512 probes): a cut at a
-# quarter sat just under it, so replicas kept it in some cases and dropped it in others, and which of 6-9 came
-# out firm changed from round to round and seed to seed; at a half it is dropped in every case. (A quarter was
+# from 3x the median norm (find.capture), smollm2-135m's valley at blocks 6-9 has 0.005-0.007 of prominence
+# against 0.018-0.021 at 21-23 (0.23-0.36 of it; float32 seeds 0-2 and bfloat16, 128-512 probes): a cut at a
+# quarter sat inside that spread, so replicas kept it in some cases and dropped it in others, and which of 6-9
+# came out firm changed from round to round and seed to seed; at a half it is dropped in every case. (A quarter was
 # chosen while that valley was deepened by sink tokens the filter let through, at 0.3-1 of the deepest.)
 MIN_RELATIVE_PROMINENCE = 0.5
 
@@ -59,13 +59,14 @@ class Selection:
     eligible: list[int]
     k: int | None = None
     valleys: list[Valley] | None = None  # the band rule's, every one found
+    min_relative_prominence: float = MIN_RELATIVE_PROMINENCE  # the band rule's, as it was when it chose
 
     def to_json(self) -> dict:
         params = {"window": self.window, "edges": self.edges, "eligible": self.eligible}
         if self.k is not None:
             params["k"] = self.k
         if self.valleys is not None:
-            params |= {"min_relative_prominence": MIN_RELATIVE_PROMINENCE,
+            params |= {"min_relative_prominence": self.min_relative_prominence,
                        "valleys": [v.to_json() for v in self.valleys]}
         return {"critical": self.critical, "rule": self.rule, "score": self.score, "params": params,
                 "reason": self.reason}
@@ -77,7 +78,8 @@ class Selection:
         return cls(data["critical"], data["rule"], data["score"], data.get("reason", ""), params.get("window", 2),
                    params.get("edges", False), params.get("eligible", list(range(num_layers))), params.get("k"),
                    None if valleys is None else [Valley(v["block"], v["prominence"], tuple(v["band"]))
-                                                 for v in valleys])
+                                                 for v in valleys],
+                   params.get("min_relative_prominence", MIN_RELATIVE_PROMINENCE))
 
 
 def eligible_blocks(num_layers: int, window: int, edges: bool) -> list[int]:

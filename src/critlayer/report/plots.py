@@ -93,28 +93,31 @@ def plot_firmness(result, path: Path) -> None:
     many probes would pick it where measured (and, as ticks, the share of this scan's halves that pick it), else
     its share of bootstrap replicates; beside it, round by round, the chances of the blocks ever firm or tentative."""
     firmness = result.firmness
+    replicated = firmness.classed_by == "replication"
     chance = np.asarray(firmness.chance)
     fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     colors = [CRITICAL_COLOR if p >= firmness.thresholds["firm"] else
               "#ff9896" if p >= firmness.thresholds["tentative"] else "#9e9e9e" for p in chance]
     bars.bar(result.layers, chance, color=colors)
-    if firmness.replication:
+    if replicated:
         bars.plot(result.layers, firmness.probability, "k_", ms=9, mew=1.5, ls="none", label="this scan's halves")
     for name, style in (("firm", "-"), ("tentative", "--")):
         bars.axhline(firmness.thresholds[name], color="k", lw=0.8, ls=style, label=f"{name} ({firmness.thresholds[name]:.0%})")
-    what = (f"another scan would pick (from {firmness.replicates} halves)" if firmness.replication else
+    what = (f"another scan would pick (from {firmness.replicates} halves)" if replicated else
             f"picked in {firmness.replicates} replicates")
-    bars.set(xlabel="block", ylabel="P(picked)", ylim=(0, 1.02), title=f"{result.model['name']}: {what} ({firmness.score})")
+    ylabel = "P(another scan picks)" if replicated else "P(picked)"
+    bars.set(xlabel="block", ylabel=ylabel, ylim=(0, 1.02),
+             title=f"{result.model['name']}: {what} ({firmness.score})")
     bars.legend(loc="upper left", fontsize=8)
     if firmness.rounds:
         read = [r.probes for r in firmness.rounds]
         shown = sorted({b for r in firmness.rounds for b in r.tentative + r.firm})
+        chances = [r.replication if replicated else r.probability for r in firmness.rounds]
         for block in shown:
-            rounds.plot(read, [(r.replication or r.probability)[block] for r in firmness.rounds], marker=".",
-                        label=str(block))
+            rounds.plot(read, [c[block] for c in chances], marker=".", label=str(block))
         rounds.axhline(firmness.thresholds["firm"], color="k", lw=0.8)
         outcome = "settled" if firmness.stopped.startswith("settled") else "stopped"
-        rounds.set(xlabel="probes read", ylabel="P(picked)", ylim=(0, 1.02),
+        rounds.set(xlabel="probes read", ylabel=ylabel, ylim=(0, 1.02),
                    title=f"{outcome} after {len(firmness.rounds)} round(s) of {firmness.rounds[0].probes} probes")
         if shown:
             rounds.legend(title="block", fontsize=7, ncol=2)
