@@ -154,9 +154,10 @@ class ScanResult(SavedResult):
         tentative = ", ".join(f"{b} ({p[b]:.3f})" for b in firmness.tentative) or "none"
         doubtful = [b for b in firmness.undecided if b not in firmness.tentative]
         if doubtful:  # not the answer, but not settled either: another probe set may pick them
-            picked = "another scan would pick" if firmness.classed_by == "replication" else "picked in"
-            tentative += (f"; {picked} {firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}: "
-                          + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful))
+            share = f"{firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}"
+            picked = (f"another scan would pick in {share} of cases" if firmness.classed_by == "replication"
+                      else f"picked in {share}")
+            tentative += f"; {picked}: " + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful)
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"
         firm = firmness.thresholds["firm"]
