@@ -103,13 +103,16 @@ class Firmness:
         self.classed_by = self.classed_by or ("replication" if self.replication else "probability")
 
     @property
+    def by_replication(self) -> bool:
+        return self.classed_by == "replication"
+
+    @property
     def chance(self) -> list[float]:
         """What the blocks are classed by: the replication, or the probability."""
-        return self.replication if self.classed_by == "replication" else self.probability
+        return self.replication if self.by_replication else self.probability
 
     def _summary(self) -> Round:
-        return summarise(0, self.probability, self.replication if self.classed_by == "replication" else (),
-                         self.thresholds)
+        return summarise(0, self.probability, self.replication if self.by_replication else (), self.thresholds)
 
     @property
     def firm(self) -> list[int]:

@@ -155,15 +155,15 @@ class ScanResult(SavedResult):
         doubtful = [b for b in firmness.undecided if b not in firmness.tentative]
         if doubtful:  # not the answer, but not settled either: another probe set may pick them
             share = f"{firmness.thresholds['absent']:.0%}-{firmness.thresholds['tentative']:.0%}"
-            picked = (f"another scan would pick in {share} of cases" if firmness.classed_by == "replication"
-                      else f"picked in {share}")
+            picked = f"another scan would pick in {share} of cases" if firmness.by_replication else f"picked in {share}"
             tentative += f"; {picked}: " + ", ".join(f"{b} ({p[b]:.3f})" for b in doubtful)
         where = (f"{len(firmness.rounds)} round(s), {firmness.rounds[-1].probes} probes; " if firmness.rounds else "")
         how = f"{where}{firmness.stopped}"
         firm = firmness.thresholds["firm"]
         meaning = (f"another scan of as many probes would pick each in >= {firm:.0%} of cases, from "
-                   f"{firmness.replicates} halves of the probes" if firmness.replication else
-                   f"picked in >= {firm:.0%} of {firmness.replicates} bootstrap replicates")
+                   f"{firmness.replicates} halves of the probes" if firmness.by_replication else
+                   f"picked in >= {firm:.0%} of {firmness.replicates} "
+                   + ("halves of the probes" if firmness.score == "delta" else "bootstrap replicates"))
         if not firmness.firm:
             return (f"critical layers of {name}: no block is firm ({meaning}); tentative: {tentative}; the rule on all "
                     f"probes chose {sel.critical} ({how})")

@@ -93,7 +93,7 @@ def plot_firmness(result, path: Path) -> None:
     many probes would pick it where measured (and, as ticks, the share of this scan's halves that pick it), else
     its share of bootstrap replicates; beside it, round by round, the chances of the blocks ever firm or tentative."""
     firmness = result.firmness
-    replicated = firmness.classed_by == "replication"
+    replicated = firmness.by_replication
     chance = np.asarray(firmness.chance)
     fig, (bars, rounds) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     colors = [CRITICAL_COLOR if p >= firmness.thresholds["firm"] else
