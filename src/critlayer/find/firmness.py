@@ -20,18 +20,19 @@ The halves are drawn from the rows the answer itself is computed from (up to ``G
 quarter of them instead, halves read the rule as noisier than it is: smollm2-135m's blocks 7 and 8, picked in
 0.96-1.0 of halves of all 2,048 rows in every round of seeds 1 and 2, were picked in 0.10-0.99 of halves of 512.
 
-A block firm over halves of one scan's probes need not be picked by another scan: a half's profile lies about as
-far from the whole's as the whole's lies from the truth, so another scan of as many probes lands about
+A block firm over halves of one scan's probes need not be picked by another scan: a half's profile lies about as far
+from the whole's as the whole's lies from the truth, so another scan of as many probes lands about
 ``REPLICA_SPREAD`` (sqrt 2) times as far from this one as a half does. The rule run on the whole profile plus that
 much of each half's deviation from it estimates how often another scan would pick each block (its ``replication``),
 and where it is measured (delta) it is what firm, tentative and undecided are read from: a firm block is one that
 another scan of as many probes would pick in at least ``FIRM`` of cases. Over halves alone a block sitting at a
 band's edge came out firm in some seeds and not in others (smollm2-135m: block 9 firm with seed 0, 6 with seed 2,
-neither with seed 1): a block at the rule's cut is picked by 0.9 of one scan's halves in about 10% of scans, by 0.9
-of its replicas in about 3.5%. Over five scans of smollm2-135m (seeds and dtypes, 64-256 probes, each block against
-the rule on all of each other scan's probes), blocks with a replication of 0.9-0.99 were picked by the other scan in
-97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25% of 140, where the halves' own probabilities in the same
-bins were followed in 88%, 75% and 56%. The halves' probabilities stay in the result beside it.
+neither with seed 1): by the normal approximation a block at the rule's cut is picked by 0.9 of one scan's halves in
+about 10% of scans, by 0.9 of its replicas in about 3.5%. Over five scans of smollm2-135m (seeds and dtypes, 64-256
+probes, each block against the rule on all of each other scan's probes), blocks with a replication of 0.9-0.99 were
+picked by the other scan in 97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25% of 140, where the halves' own
+probabilities in the same bins were followed in 88%, 75% and 56%. The halves' probabilities stay in the result
+beside it.
 """
 
 from __future__ import annotations
