@@ -30,24 +30,20 @@ from .writing import BATCH_SIZE as WRITING_BATCH
 from .writing import write_probes
 
 TOKEN_MODES = ("last", "all", "mean")
-# A token whose norm exceeds this multiple of its layer's median (in any block) is a massive-activation token. Over
-# 128 generated probes of smollm2-135m and 96 of gemma3-270m, a token's largest ratio stays under 2.8x for 96% and
-# 92% of tokens, 0.2% and 0.5% lie at 2.8-4x, and the massive ones form a cluster of their own from 4x up
-# (smollm2-135m: 2.1% of tokens, three in four of them " the", at 4-11x in blocks 4-8, normal again by block 10;
-# gemma3-270m: 6.6%, commas, spaces and " and", at 4-17x in block 0). The cut lies in the gap: at 5x it cut through
-# smollm2's cluster, and how many of its 4-5x members a sample held set the depth of the valley at blocks 6-9 (its
-# prominence ranged over 0.011-0.038 between probe sets, 0.005-0.007 at 3x), so that block 6 or 9 was firm in one
-# probe set and not in another.
+# A token whose norm exceeds this multiple of its layer's median (in any block) is a massive-activation token.
+# Ordinary tokens stay well under it and the massive ones form a cluster of their own above it, so the cut lies in
+# the gap between them. A cut inside the cluster would keep a varying number of its members in each sample, and
+# those few rows, weighted by their squared norm in the Grams, would set the depth of a valley, so that a block
+# could be firm with one probe set and not with another. The measured ratios: docs/method/scan.md.
 SINK_RATIO = 3.0
 # The medians that ratio refers to come from the rows of the first probes by index, so the filter depends
 # neither on batch size nor on how many probes a scan reads.
 REFERENCE_SAMPLES = 32
-# Probes per forward. On a 2-core CPU, batches of 16 probes (64 tokens at most) ran 3-16% faster than 32
-# on smollm2-135m and gemma3-270m with 30-90 MB less peak memory; on a GPU a larger batch may pay.
+# Probes per forward. On a CPU, batches of 16 short probes ran faster than 32, with less peak memory
+# (docs/performance.md); on a GPU a larger batch may pay.
 BATCH_SIZE = 16
 # Batch widths are rounded up to a multiple of this. oneDNN keeps kernels per input shape, so a forward over
-# many widths holds more memory: a bf16 forward over 2,048 wiki probes (24 widths) kept 108 MB against 47 MB
-# for 256 (3 widths); rounding adds 1% of padding there.
+# many widths holds more memory; rounding costs little padding (measured in docs/method/scan.md, under CKA).
 WIDTH_STEP = 8
 COSINE_EPS = 1e-8  # a row norm below this counts as this, as in torch.nn.functional.cosine_similarity
 

@@ -13,12 +13,11 @@ A scan reads probes in rounds and stops once the answer is settled: at least ``M
 settles only if, in those rounds, no block has a replication above ``ABSENT`` either (nothing is on its way to
 firm). Demanding the answer twice over is the hysteresis that keeps a scan from stopping on a lucky round
 (optional stopping); demanding no tentative block keeps it from stopping with a block just under the bar. A
-round is as many probes as the model writes at once: rounds of half that cost 1.55x the time per probe on
-smollm2-135m. ``REPLICATES`` halves put the Monte Carlo error of a probability near 0.9 at about 0.02.
+round is as many probes as the model writes at once: smaller rounds cost more time per probe
+(docs/method/firmness.md). ``REPLICATES`` halves put the Monte Carlo error of a probability near 0.9 at about 0.02.
 
 The halves are drawn from the rows the answer itself is computed from (up to ``GRAM_ROWS``). Drawn from a
-quarter of them instead, halves read the rule as noisier than it is: smollm2-135m's blocks 7 and 8, picked in
-0.96-1.0 of halves of all 2,048 rows in every round of seeds 1 and 2, were picked in 0.10-0.99 of halves of 512.
+quarter of them instead, halves read the rule as noisier than it is (docs/method/firmness.md).
 
 A block firm over halves of one scan's probes need not be picked by another scan: a half's profile lies about as far
 from the whole's as the whole's lies from the truth, so another scan of as many probes lands about
@@ -26,13 +25,10 @@ from the whole's as the whole's lies from the truth, so another scan of as many 
 much of each half's deviation from it estimates how often another scan would pick each block (its ``replication``),
 and where it is measured (delta) it is what firm, tentative and undecided are read from: a firm block is one that
 another scan of as many probes would pick in at least ``FIRM`` of cases. Over halves alone a block sitting at a
-band's edge came out firm in some seeds and not in others (smollm2-135m: block 9 firm with seed 0, 6 with seed 2,
-neither with seed 1): by the normal approximation a block at the rule's cut is picked by 0.9 of one scan's halves in
-about 10% of scans, by 0.9 of its replicas in about 3.5%. Over five scans of smollm2-135m (seeds and dtypes, 64-256
-probes, each block against the rule on all of each other scan's probes), blocks with a replication of 0.9-0.99 were
-picked by the other scan in 97% of 160 pairs, 0.5-0.9 in 82% of 156, under 0.5 in 25% of 140, where the halves' own
-probabilities in the same bins were followed in 88%, 75% and 56%. The halves' probabilities stay in the result
-beside it.
+band's edge came out firm in some seeds and not in others: by the normal approximation a block at the rule's cut is
+picked by 0.9 of one scan's halves in about 10% of scans, by 0.9 of its replicas in about 3.5%. Checked against
+other scans of the same model, the replication foretold what another scan picks better than the halves' own
+probabilities did (docs/method/firmness.md). The halves' probabilities stay in the result beside it.
 """
 
 from __future__ import annotations
@@ -57,7 +53,7 @@ SETTLED_ROUNDS = 2
 MAX_PROBES = 512  # where an adaptive scan stops if the answer never settles
 # At most this many rows of the sample (smallest keys first: a random draw over every probe read) are resampled:
 # every half comes from their Grams, of which those of window + 1 blocks are held at a time (n^2 floats each, 50 MB
-# at window 2); 0.87 s a round on smollm2-135m (bfloat16, 2-core Xeon with AMX), 0.5 s of it the Grams.
+# at window 2); what a round of halves costs: docs/method/firmness.md.
 GRAM_ROWS = 2048
 REPLICA_SPREAD = math.sqrt(2)  # another scan's distance from this one, in units of a half's distance from it
 STOPPING_RULE = (f"rounds of {ROUND} probes; stop once at least {MIN_PROBES} are read and, in {SETTLED_ROUNDS} rounds "
