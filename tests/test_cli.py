@@ -10,7 +10,7 @@ OUTPUTS = ("scan.json", "layers.csv", "cka.png", "profile.png", "report.html")
 
 
 def _scan(folder, out, *extra):
-    return main(["scan", str(folder), "--n", "12", "--max-tokens", "12", "--out", str(out), "--quiet", *extra])
+    return main(["scan", str(folder), "--n", "12", "--probe-tokens", "12", "--out", str(out), "--quiet", *extra])
 
 
 def test_scan_writes_every_output_and_compare_reads_them(tiny_folder, tmp_path, capsys, prompt_file):
@@ -44,7 +44,7 @@ def _error(capsys, argv):
     (["--n", "3"], "--n must be at least 4"),
     (["--max-n", "10"], "--max-n must be at least 64"),
     (["--k", "7"], "larger than the 6 layers"),
-    (["--max-tokens", "1"], "--max-tokens must be at least 2"),
+    (["--probe-tokens", "1"], "--probe-tokens must be at least 2"),
     (["--measures", "cka,nope"], "unknown measure"),
 ])
 def test_bad_scan_options(tiny_folder, tmp_path, capsys, extra, message):

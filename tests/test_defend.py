@@ -101,7 +101,7 @@ def test_wilson_interval():
 
 
 def test_defend_command_writes_the_report_and_rejects_bad_input(tiny_folder, pair_file, tmp_path, capsys):
-    common = ["--data", str(pair_file), "--steps", "2", "--batch-size", "4", "--n-eval", "6", "--max-tokens", "8",
+    common = ["--data", str(pair_file), "--steps", "2", "--batch-size", "4", "--n-eval", "6", "--turn-tokens", "8",
               "--trigger", "w1 w2", "--target", "w3 w4", "--quiet"]
     assert main(["defend", str(tiny_folder), "--compare", "none,2-3", "--out", str(tmp_path / "d"), *common]) == 0
     saved = json.loads((tmp_path / "d" / "defend.json").read_text())

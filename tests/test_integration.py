@@ -26,7 +26,7 @@ def test_default_model_loads_with_its_blocks(smollm2):
 
 def test_cli_scan_of_the_default_model(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["scan", "--n", "24", "--max-tokens", "24", "--out", str(out), "--quiet"]) == 0
+    assert main(["scan", "--n", "24", "--probe-tokens", "24", "--out", str(out), "--quiet"]) == 0
     data = json.loads((out / "scan.json").read_text())
     assert data["model"]["name"] == "smollm2-135m" and len(data["cka"]) == 30
     assert data["selection"]["critical"] and all(2 <= i <= 27 for i in data["selection"]["critical"])
@@ -97,7 +97,7 @@ def test_quantized_default_model_gguf_reloads_with_the_plans_values(smollm2, tmp
     result = critlayer.quantize("smollm2-135m", bits=4.5, score="block_influence", scan=scanned, baselines=False,
                                 curve=False, n_eval=4, calibration=4, max_tokens=32, dtype="float32", out=out,
                                 progress=False)
-    assert result.bits == 4.5 and len(set(result.plan.values())) > 1
+    assert result.bits_per_weight == 4.5 and len(set(result.plan.values())) > 1
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
     types = dict(line.split("=") for line in (out / "llama-quantize-tensor-types.txt").read_text().split())
     assert len(types) == 210

@@ -61,6 +61,24 @@ def test_no_import_cycle_counting_imports_inside_functions():
     assert graph["critlayer.find.result"] and "critlayer.report" in graph["critlayer.find.result"]  # the walk sees calls
 
 
+# The packages from the bottom up: a module imports from its own package or one below it, never above. ``report``
+# draws results it is handed and imports nothing of critlayer's but ``common``; ``version`` sits with ``common``.
+LAYERS = ["common", "report", "models", "data", "find", "train", "use", "prove", "cli"]
+LAYER_OF = {"critlayer.version": "common", "critlayer.cli": "cli", "critlayer.__main__": "cli", "critlayer": "cli"}
+
+
+def _layer(module: str) -> int:
+    return LAYERS.index(LAYER_OF.get(module) or module.split(".")[1])
+
+
+def test_packages_import_only_from_below_them():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    assert {LAYER_OF.get(m) or m.split(".")[1] for m in files} == set(LAYERS)  # every package has its place
+    upward = [f"{name} imports {other}" for name, path in files.items() for other in _imports(path, set(files))
+              if _layer(other) > _layer(name)]
+    assert not upward, "\n".join(upward)
+
+
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_every_public_function_has_an_example_that_runs(name, tiny_folder, prompt_file, pair_file):
     examples = doctest.DocTestFinder().find(getattr(critlayer, name), name, globs={
@@ -83,6 +101,15 @@ def _comparable(data):
     return data
 
 
+def _round_trips(result, kind, folder: Path) -> None:
+    """``kind.load(folder)`` gives back the result that was saved there, as its JSON says it."""
+    again = kind.load(folder)
+    assert type(again) is type(result)
+    saved = json.dumps(json.loads((folder / kind.FILE).read_text()))
+    assert json.dumps(json.loads(json.dumps(again.to_json()))) == saved, kind.__name__
+    assert again.table() == result.table(), kind.__name__
+
+
 def _same_outputs(cli: Path, api: Path) -> None:
     assert sorted(p.name for p in cli.iterdir()) == sorted(p.name for p in api.iterdir())
     for path in cli.rglob("*"):
@@ -99,7 +126,7 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
     flags = ["--steps", "20", "--lr", "1e-2", "--batch-size", "4", "--n-eval", "4", "--max-tokens", "10",
              "--eval-every", "10", "--quiet"]
     scan = {"probes": str(prompt_file), "n": 16, "max_tokens": 10}
-    assert main(["scan", str(tiny_folder), "--probes", str(prompt_file), "--n", "16", "--max-tokens", "10",
+    assert main(["scan", str(tiny_folder), "--probes", str(prompt_file), "--n", "16", "--probe-tokens", "10",
                  "--out", str(tmp_path / "cli-scan"), "--quiet"]) == 0
     critlayer.scan(str(tiny_folder), out=tmp_path / "api-scan", progress=False, **scan)
     _same_outputs(tmp_path / "cli-scan", tmp_path / "api-scan")
@@ -132,11 +159,18 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
         "compare": (["compare", scanned, str(tmp_path / "api-scan")],
                     lambda out: critlayer.compare([scanned, str(tmp_path / "api-scan")], out=out)),
     }
+    reloads = {"tune": critlayer.TuneResult, "tune-compare": critlayer.TuneComparison,
+               "validate": critlayer.Validation, "defend": critlayer.DefendResult, "prune": critlayer.PruneResult,
+               "quantize": critlayer.QuantizeResult}
     for name, (argv, call) in runs.items():
-        extra = [] if name in ("compare", "prune", "quantize") else flags
+        extra = {"compare": [], "prune": [], "quantize": [],
+                 "defend": [f.replace("--max-tokens", "--turn-tokens") for f in flags]}.get(name, flags)
         assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
-        call(tmp_path / f"api-{name}")
+        result = call(tmp_path / f"api-{name}")
         _same_outputs(tmp_path / f"cli-{name}", tmp_path / f"api-{name}")
+        if name in reloads:
+            _round_trips(result, reloads[name], tmp_path / f"api-{name}")
+    _round_trips(critlayer.ScanResult.load(scanned), critlayer.ScanResult, tmp_path / "cli-scan")
     capsys.readouterr()
     assert main(["export", scanned, "--layers", "critical:2", "--format", "peft", "--out",
                  str(tmp_path / "cli-peft" / "adapter_config.json")]) == 0

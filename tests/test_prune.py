@@ -17,7 +17,8 @@ import critlayer
 from critlayer import CritlayerError, LanguageModel
 from critlayer.cli import main
 from critlayer.models import find_blocks, surgery
-from critlayer.use.removal import angular_run, eligible_blocks, random_blocks
+from critlayer.find.select import eligible_blocks
+from critlayer.use.removal import angular_run, random_blocks
 
 from conftest import TINY, tiny_model, tiny_tokenizer
 
@@ -105,7 +106,7 @@ def test_sleb_first_step_removes_the_block_whose_absence_costs_least(tiny_folder
 
 
 def test_methods_draw_from_the_eligible_blocks():
-    assert eligible_blocks(8) == [1, 2, 3, 4, 5, 6] and eligible_blocks(8, edges=True) == list(range(8))
+    assert eligible_blocks(8, 1) == [1, 2, 3, 4, 5, 6] and eligible_blocks(8, 0) == list(range(8))
     assert random_blocks([1, 2, 3, 4, 5], 3, 0) == random_blocks([1, 2, 3, 4, 5], 3, 0)
     distances = np.array([[0.5, 0.1, 0.3, 0.2, 0.4, np.nan], [0.6, 0.2, 0.1, 0.5, np.nan, np.nan]])
     assert angular_run(distances, [1, 2, 3, 4], 1) == [1]

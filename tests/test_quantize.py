@@ -94,11 +94,11 @@ def test_every_architecture_gets_a_plan_and_an_evaluation(arch, prompt_file):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     result = critlayer.quantize(lm, bits=5.5, widths="Q4_0,Q5_0,Q8_0", scan=_scan(lm, prompt_file), curve=False,
                                 data=str(prompt_file), **SMALL)
-    assert result.bits <= 5.5 and len(result.plan) == 6 and set(result.plan.values()) <= {"Q4_0", "Q5_0", "Q8_0"}
+    assert result.bits_per_weight <= 5.5 and len(result.plan) == 6 and set(result.plan.values()) <= {"Q4_0", "Q5_0", "Q8_0"}
     assert {"uniform", "reversed", "random", "llama.cpp rule"} <= set(result.methods)
     for method in result.methods.values():
         assert all(np.isfinite(method.perplexity[5.5])) and method.cost[5.5]["bits_per_weight"] <= 5.5
-    assert result.unquantized["kl"] == 0
+    assert result.reference["kl"] == 0
     kl = np.array(result.sensitivity["kl"])
     assert kl.shape == np.array(result.sensitivity["loss_rise"]).shape == (6, 3) and (kl > 0).all()
     assert (kl[:, 2] < kl[:, 0]).all()  # Q8_0 moves the distribution less than Q4_0
@@ -110,7 +110,7 @@ def test_an_encoder_gets_a_plan_by_a_scan_score(prompt_file):
     lm = LanguageModel.wrap(tiny_model("bert"), tiny_tokenizer(), name="tiny-bert")
     scanned = _scan(lm, prompt_file)
     result = critlayer.quantize(lm, bits=4.5, score="delta", scan=scanned, data=str(prompt_file), **SMALL)
-    assert result.bits <= 4.5 and not result.unquantized and "no LM head" in result.settings["evaluation"]
+    assert result.bits_per_weight <= 4.5 and not result.reference and "no LM head" in result.settings["evaluation"]
     with pytest.raises(CritlayerError, match="no LM head"):
         critlayer.quantize(lm, bits=4.5, scan=scanned, data=str(prompt_file), **SMALL)
 
@@ -133,9 +133,9 @@ def test_tensor_types_file_names_every_block_tensor_once_at_the_plans_bits(tiny_
         assert columns % w.group == 0  # llama.cpp applies the type without falling back
         bits += rows * columns // w.group * w.group_bits
     assert len(lines) == len(names) == 42
-    assert bits / sum(r * c for r, c in names.values()) == pytest.approx(result.bits)
+    assert bits / sum(r * c for r, c in names.values()) == pytest.approx(result.bits_per_weight)
     saved = json.loads((out / "quantize.json").read_text())
-    assert saved["plan"] == result.plan and saved["bits_per_weight"] == result.bits
+    assert saved["plan"] == result.plan and saved["bits_per_weight"] == result.bits_per_weight
     assert (out / "quantize.png").is_file() and (out / "quantize.html").is_file()
 
 
@@ -144,7 +144,7 @@ def test_torchao_configuration_quantizes_a_fresh_model_to_the_evaluated_weights(
     from torchao.quantization import quantize_
 
     out = tmp_path / "q"
-    result = critlayer.quantize(str(tiny_folder), bits=3.5, format="int", group_size=32, data=str(prompt_file),
+    result = critlayer.quantize(str(tiny_folder), bits=3.5, family="int", group_size=32, data=str(prompt_file),
                                 out=out, curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
     config = config_from_dict(json.loads((out / "torchao_config.json").read_text()))
     model = critlayer.load(str(tiny_folder), dtype="float32").model
@@ -185,11 +185,11 @@ def test_requantised_gguf_holds_the_plans_types_and_values(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "gguf", "--bits", "4"], "outside the widths"),
+    (["--family", "gguf", "--bits", "4"], "outside the widths"),
     (["--bits", "9"], "outside the widths"),
     (["--score", "nonsense"], "unknown score"),
-    (["--format", "int", "--widths", "Q4_0,Q8_0"], "not a int format"),
-    (["--format", "int", "--bits", "3.3"], "rows of 32"),
+    (["--family", "int", "--widths", "Q4_0,Q8_0"], "not a int format"),
+    (["--family", "int", "--bits", "3.3"], "rows of 32"),
 ])
 def test_bad_input_is_one_line_and_nothing_on_disk(argv, message, tiny_folder, prompt_file, tmp_path, capsys):
     out = tmp_path / "q"
@@ -229,7 +229,7 @@ def test_per_kind_plans_give_attention_and_mlp_their_own_widths(tiny_folder, pro
     out = tmp_path / "q"
     result = critlayer.quantize(str(tiny_folder), bits=4.5, per_kind=True, data=str(prompt_file), out=out,
                                 curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
-    assert list(result.plan) == [f"{i}.{kind}" for i in range(6) for kind in ("attn", "mlp")] and result.bits <= 4.5
+    assert list(result.plan) == [f"{i}.{kind}" for i in range(6) for kind in ("attn", "mlp")] and result.bits_per_weight <= 4.5
     types = dict(line.split("=") for line in (out / "llama-quantize-tensor-types.txt").read_text().split())
     for pattern, kind in types.items():
         block, tensor = re.match(r"\^blk\\\.(\d+)\\\.(\w+)\\\.weight\$", pattern).groups()

@@ -13,8 +13,9 @@ from critlayer import CritlayerError, TrainConfig
 from critlayer.data.text import load_data
 from critlayer.models.loss import collate, heldout_loss
 from critlayer.prove.validate import Validation, restore_windows
-from critlayer.use.layers import choose_lens, freeze_except, lora_config, parse_layers, unfrozen_parameters
-from critlayer.use.train import make_optimizer
+from critlayer.train.finetune import make_optimizer
+from critlayer.train.targets import freeze_except, lora_config, unfrozen_parameters
+from critlayer.use.layers import choose_lens, parse_layers
 
 FAST = TrainConfig(steps=3, batch_size=4, eval_every=2, lr=1e-2, n_eval=6, max_tokens=12)
 LEARNS = replace(FAST, steps=20, eval_every=10)  # enough steps for the tiny model's held-out loss to fall for sure

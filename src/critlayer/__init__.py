@@ -17,14 +17,15 @@ from .find.scan import scan
 from .models import LanguageModel, load
 from .prove.compare import Comparison, compare
 from .prove.validate import Validation, validate
+from .train.finetune import TrainConfig
 from .use.defend import DefendConfig, DefendResult, defend
 from .use.export import export
 from .use.prune import PruneConfig, PruneResult, prune
 from .use.quantize import QuantizeConfig, QuantizeResult, quantize
-from .use.train import TrainConfig
 from .use.tune import TuneComparison, TuneResult, tune
 from .version import __version__
 
 __all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "LanguageModel", "Probes", "PruneConfig",
-           "PruneResult", "QuantizeConfig", "QuantizeResult", "ScanConfig", "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation",
-           "__version__", "compare", "defend", "export", "load", "make_probes", "prune", "quantize", "scan", "tune", "validate"]
+           "PruneResult", "QuantizeConfig", "QuantizeResult", "ScanConfig", "ScanResult", "TrainConfig",
+           "TuneComparison", "TuneResult", "Validation", "__version__", "compare", "defend", "export", "load",
+           "make_probes", "prune", "quantize", "scan", "tune", "validate"]

@@ -1,7 +1,8 @@
 """Result folders: refuse to clobber earlier results, never leave one half-written, write from one process.
 
-Every result critlayer saves (a scan, a comparison, a fine-tune, a validation, a defence) is a
-``SavedResult``: a JSON file that names the folder's kind, beside the plots and pages it writes.
+Every result critlayer saves (a scan, a comparison, a fine-tune, a validation, a defence, a prune, a quantization)
+is a ``SavedResult``: a JSON file that names the folder's kind, beside the plots and pages it writes, and that
+``load`` reads back.
 """
 
 from __future__ import annotations
@@ -77,17 +78,47 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def read_result_json(path: str | Path, file_name: str, kind: str) -> dict:
+    """The JSON object a result folder (or the file itself) holds; one line of error where there is none."""
+    path = Path(path)
+    file = path / file_name if path.is_dir() else path
+    if not file.is_file():
+        raise CritlayerError(f"no {kind} found at {path}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSON and Unicode errors are ValueErrors
+        raise CritlayerError(f"{file} is not a critlayer {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CritlayerError(f"{file} is not a critlayer {kind}: not a JSON object")
+    return data
+
+
 class SavedResult:
-    """A result that saves as a folder: ``FILE`` (its JSON, ``to_json()``) and whatever ``write_files`` adds.
+    """A result that saves as a folder: ``FILE`` (its JSON, ``to_json()``) and whatever ``write_files`` adds, and
+    reloads from it (``load``, through ``from_json``).
 
     ``save`` writes atomically, refuses an earlier result of the same kind without ``force``, and writes
     from the main process only when several run (``accelerate launch``).
     """
 
     FILE: ClassVar[str]
+    KIND: ClassVar[str]  # what the result is called in messages: "scan", "validation", ...
 
     def to_json(self) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, data: dict):
+        raise CritlayerError(f"a {cls.KIND} is written for reading, not read back")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Reload a result from its folder or its JSON file (plots and model weights are not read back)."""
+        data = read_result_json(path, cls.FILE, cls.KIND)
+        try:
+            return cls.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise CritlayerError(f"{path} is not a critlayer {cls.KIND}: {exc!r}") from None
 
     def write_files(self, folder: Path) -> None:
         """Plots, pages and other files beside the JSON (none by default)."""

@@ -19,7 +19,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise CritlayerError(f"unsupported file type {path.suffix!r}; use .txt or .jsonl")
     if not path.is_file():
         raise CritlayerError(f"file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise CritlayerError(f"{path} is not UTF-8 text (byte {exc.start}); give a .txt file of text, one per line, "
+                             "or a .jsonl file") from None
     lines = [line for line in lines if line]
     if path.suffix == ".txt":
         prompts = lines

@@ -45,6 +45,16 @@ def load_texts(source: str) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def check_source(source: str, needed: int = 2) -> None:
+    """Refuse, in one line and before any model is loaded, a source that is neither a built-in corpus nor a readable
+    UTF-8 .txt/.jsonl file holding at least ``needed`` distinct texts."""
+    if source in CORPORA:
+        return
+    texts = load_texts(source)
+    if len(texts) < needed:
+        raise CritlayerError(f"{source} holds {len(texts)} distinct text(s); at least {needed} are needed")
+
+
 def load_data(lm: LanguageModel, source: str, *, n_eval: int = 32, n_train: int | None = None,
               max_tokens: int = 128) -> TextData:
     """Shuffle ``source`` once (fixed seed) and split it: the first ``n_eval`` texts are held out."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..common.errors import CritlayerError, require_at_least
+from ..common.errors import CritlayerError
+from ..common.options import SEED_HELP, check_options, option
+from ..data.text import check_source
 from ..models.surgery import parse_parts
 from .capture import BATCH_SIZE, SINK_RATIO, TOKEN_MODES
 from .measures import CAPTURE, DEFAULT_MEASURES, MEASURES, TEXT, parse_measures
-from .firmness import MAX_PROBES, MIN_PROBES
-from .probes import Probes
+from .firmness import MAX_PROBES, MIN_PROBES, ROUND
+from .probes import SOURCES, Probes
 
 FIXED_N = 256  # probes when n is not given and the answer's firmness is not measured in rounds
 BOOTSTRAP = 100  # replicates; each recomputes the capture measures (mostly spectral's eigendecompositions) and ablation
@@ -32,40 +35,44 @@ class ScanConfig:
     ``sink_ratio``: tokens above this multiple of the layer's median norm are dropped (0 keeps all).
     """
 
-    probes: str | Probes = "generated"
-    n: int | None = None
-    max_n: int = MAX_PROBES
-    max_tokens: int = 64
-    seed: int = 0
-    chat_template: bool = False
-    # Every token but position 0 and massive activations: on smollm2-135m about 60 rows per generated probe where
-    # the last token gives one; 21-23 came out firm after 128 probes (seeds 0-2, float32 and bfloat16), the last
-    # token needed over 400 (measured with firmness by halves, before the sink filter cut at 3x).
-    token_mode: str = "all"
-    window: int = 2
-    measures: str | tuple[str, ...] = "default"
-    data: str | None = None
-    text_n: int = 32
-    ablate: str | tuple[str, ...] = "block"
-    bootstrap: int | None = None
-    k: int | None = None
-    edges: bool = False
-    score: str | None = None
-    batch_size: int = BATCH_SIZE
-    max_rows: int = 2048
-    sink_ratio: float = SINK_RATIO
+    probes: str | Probes = option("generated", f"{', '.join(SOURCES)}, a .txt/.jsonl file, or a probes.json a scan "
+                                                "wrote")
+    n: int | None = option(None, f"number of probes (default: rounds of {ROUND} until the answer is firm, at most "
+                                 "--max-n)", minimum=4)
+    max_n: int = option(MAX_PROBES, "most probes a scan without --n reads", minimum=MIN_PROBES)
+    max_tokens: int = option(64, "tokens per probe at most", minimum=2, flag="--probe-tokens", old_flag="--max-tokens")
+    seed: int = option(0, SEED_HELP, minimum=0)
+    chat_template: bool = option(False, "wrap text probes in the model's chat template")
+    token_mode: str = option("all", "all tokens but attention sinks, the last token (the paper's), or their mean",
+                             choices=TOKEN_MODES)
+    window: int = option(2, "delta averages CKA over |j - l| <= window", minimum=1)
+    measures: str | tuple[str, ...] = option("default", f"comma list of {', '.join(MEASURES)}; default "
+                                                        "(cka,influence,spectral: no task data, one pass) or all")
+    data: str | None = option(None, "text for ablation and gradient: wiki, bbc, sharegpt or a .txt/.jsonl file "
+                                    "(default: the probes, unless random)")
+    text_n: int = option(32, "texts ablation and gradient read", minimum=2)
+    ablate: str | tuple[str, ...] = option("block", "what ablation skips: comma list of block, attn, mlp")
+    bootstrap: int | None = option(None, f"bootstrap replicates over probe samples for P(critical) (default {BOOTSTRAP} "
+                                         "with more than the default measures, else 0)", minimum=0)
+    k: int | None = option(None, "choose exactly K critical layers (default: the band rule)", minimum=1)
+    edges: bool = option(False, "let the selection pick the first and last --window blocks")
+    score: str | None = option(None, "the score the selection ranks by, e.g. consensus or p_critical (default delta, "
+                                     "else consensus)")
+    batch_size: int = option(BATCH_SIZE, "probes per forward", minimum=1)
+    max_rows: int = option(2048, "rows kept for CKA and spectra", minimum=2)
+    sink_ratio: float = option(SINK_RATIO, "drop tokens whose norm exceeds this multiple of the layer median (0 keeps "
+                                           "all)", minimum=0)
 
     def __post_init__(self):
         self.measures = parse_measures(self.measures)
         self.ablate = parse_parts(self.ablate)
         if self.bootstrap is None:
             self.bootstrap = 0 if set(self.measures) <= set(DEFAULT_MEASURES) else BOOTSTRAP
-        if self.token_mode not in TOKEN_MODES:
-            raise CritlayerError(f"unknown token mode {self.token_mode!r}; choose one of {', '.join(TOKEN_MODES)}")
-        require_at_least(self, n=4, max_n=MIN_PROBES, max_tokens=2, seed=0, window=1, text_n=2, bootstrap=0,
-                         batch_size=1, max_rows=2, k=1)
-        if self.sink_ratio < 0:
-            raise CritlayerError(f"--sink-ratio must be 0 (off) or positive, got {self.sink_ratio}")
+        check_options(self)
+        if self.data is not None:
+            check_source(self.data, 2)
+        if isinstance(self.probes, str) and Path(self.probes).suffix in (".txt", ".jsonl"):
+            check_source(self.probes, 1)
         self._check_text_source()
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -17,7 +16,7 @@ from .consensus import Consensus, measure_ranks
 from .firmness import Firmness
 from .measures import DIRECTION
 from .probes import PROBE_FILE, Probes, tokenizer_fingerprint, write_probe_file
-from .select import Selection, rank_blocks
+from .select import Selection, ranking_by
 
 
 @dataclass
@@ -35,6 +34,7 @@ class ScanResult(SavedResult):
     """
 
     FILE: ClassVar[str] = "scan.json"
+    KIND: ClassVar[str] = "scan"
 
     model: dict
     probes: dict
@@ -94,20 +94,6 @@ class ScanResult(SavedResult):
             for i in self.layers:
                 writer.writerow([i, int(i in self.critical), *(f"{v[i]:.6f}" for v in self.scores.values())])
 
-    @classmethod
-    def load(cls, path: str | Path) -> "ScanResult":
-        """Reload a result from its folder or its scan.json."""
-        path = Path(path)
-        file = path / cls.FILE if path.is_dir() else path
-        if not file.is_file():
-            raise CritlayerError(f"no scan found at {path}")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            return cls.from_json(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
-            raise CritlayerError(f"{file} is not a critlayer scan: {exc}") from None
 
     def require_layers(self, num_layers: int) -> None:
         """Refuse to apply this scan to a model with another number of blocks."""
@@ -128,17 +114,28 @@ class ScanResult(SavedResult):
         """+1 when a high value of ``score`` marks a critical block, -1 when a low one does."""
         return DIRECTION.get(score, -1)
 
-    def ranking(self, score: str | None = None) -> list[int]:
-        """Blocks from most to least critical by ``score`` (default: the selection's): eligible ones first, and
-        by the selection's score firm blocks before tentative ones before the rest."""
+    def ranking(self, score: str | None = None, eligible: list[int] | None = None) -> list[int]:
+        """Blocks from most to least critical by ``score`` (default: the selection's): ``eligible`` ones (default:
+        the selection's) first, and by the selection's score firm blocks before tentative ones before the rest.
+        Every use that orders blocks by a scan (layer specs, pruning, quantization) orders them here."""
         score = score or self.selection.score
         if score not in self.scores:
             raise CritlayerError(f"the scan has no score {score!r}; it has {', '.join(self.scores)}")
-        ranked = rank_blocks(self.direction(score) * np.asarray(self.scores[score]), self.selection.eligible)
+        ranked = ranking_by(self.scores, score, self.selection.eligible if eligible is None else eligible)
         if self.firmness is None or score != self.selection.score:
             return ranked
         tier = {**dict.fromkeys(self.firmness.tentative, 1), **dict.fromkeys(self.firmness.firm, 2)}
         return sorted(ranked, key=lambda block: -tier.get(block, 0))  # stable: by score within a tier
+
+    def least_critical(self, score: str, eligible: list[int]) -> list[int]:
+        """The ``eligible`` blocks alone, from least to most critical by ``score``."""
+        return self.ranking(score, eligible)[:len(eligible)][::-1]
+
+    @property
+    def cost(self) -> dict:
+        """What the scan cost: seconds and forward tokens (generated probes are written one token at a time)."""
+        tokens = int(round(self.probes.get("n", 0) * self.probes.get("mean_tokens", 0)))
+        return {"seconds": round(self.timing.get("total", 0.0), 3), "forward_tokens": tokens}
 
     def measure_ranks(self) -> dict[str, np.ndarray]:
         """Each measure's criticality rank scaled to [0, 1], as the consensus averages them."""

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common.distributed import is_main, on_main
 from ..common.errors import CritlayerError
 from ..data.text import sample_texts
 from ..models import DEFAULT_MODEL, LanguageModel, load
+from ..models.loading import resolve_dtype
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
 from .firmness import (REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Picks, Round, delta_picks, probabilities,
@@ -57,9 +59,38 @@ def scan(model: LanguageModel | str = DEFAULT_MODEL, config: ScanConfig | None =
     return result
 
 
+def scan_of(lm: LanguageModel, scan: ScanResult | str | Path | None = None, *, config: ScanConfig | None = None,
+            dtype: str | None = None, progress: bool = True) -> ScanResult:
+    """The one way every command gets a scan of the model it works on: ``scan`` (a result, or its folder or
+    scan.json), else a scan (``config``, default the default scan) run now, once (by the main process, handed to
+    the others); either way checked to fit ``lm`` (architecture, shape, tokenizer).
+
+    ``dtype`` None scans ``lm`` as loaded; a dtype scans the model as ``critlayer scan --dtype`` would, loading it
+    anew where ``lm`` holds wider weights (float32, for a checkpoint or training) than that dtype computes in.
+    """
+    if scan is None:
+        if progress and is_main():
+            print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
+                  flush=True)
+        config = config or ScanConfig()
+        if dtype is not None and lm.spec is not None and resolve_dtype(dtype, str(lm.device)) != lm.dtype:
+            scan = on_main(lambda: _scan_anew(lm, config, dtype, progress))
+        else:
+            scan = on_main(lambda: scan_model(lm, config, progress=progress))
+    result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
+    result.require_model(lm)
+    return result
+
+
+def _scan_anew(lm: LanguageModel, config: ScanConfig, dtype: str, progress: bool) -> ScanResult:
+    """The scan of ``lm``'s model loaded anew in ``dtype``, on ``lm``'s device."""
+    return scan(lm.spec, config, dtype=dtype, device=str(lm.device), progress=progress)
+
+
 def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) -> ScanResult:
     """The scan of a loaded model."""
     timing: dict = {}
+    start = time.perf_counter()
     if lm.streamed:
         _check_streamable(config)
     if config.k is not None and config.k > lm.num_layers:
@@ -125,7 +156,8 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         consensus=Consensus(groups, ranked, np.round(agreement(scores, ranked), 6).tolist(),
                             config.bootstrap if resampled else 0,
                             measured.fixed if resampled else list(config.measures), text_info, measured.details),
-        firmness=firmness, probe_ids=read, capture=measured.capture, timing=timing, versions=_versions())
+        firmness=firmness, probe_ids=read, capture=measured.capture,
+        timing={**timing, "total": round(time.perf_counter() - start, 3)}, versions=_versions())
 
 
 def _written_as_captured(lm: LanguageModel, config: ScanConfig) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..common.errors import CritlayerError
+from .measures import DIRECTION
 
 # Valleys at least this share of the deepest one's prominence are kept. With massive-activation tokens dropped
 # from 3x the median norm (find.capture), smollm2-135m's valley at blocks 6-9 has 0.005-0.007 of prominence
@@ -83,10 +84,12 @@ class Selection:
                    params.get("min_relative_prominence", MIN_RELATIVE_PROMINENCE))
 
 
-def eligible_blocks(num_layers: int, window: int, edges: bool) -> list[int]:
-    if edges or num_layers <= 2 * window + 1:
+def eligible_blocks(num_layers: int, edge: int) -> list[int]:
+    """Every block but the ``edge`` blocks at each end (every block where that would leave at most one): what a
+    selection (``edge`` the window) or a removal (``edge`` 1) may pick."""
+    if num_layers <= 2 * edge + 1:
         return list(range(num_layers))
-    return list(range(window, num_layers - window))
+    return list(range(edge, num_layers - edge))
 
 
 def rank_blocks(criticality: np.ndarray, eligible: list[int]) -> list[int]:
@@ -96,13 +99,18 @@ def rank_blocks(criticality: np.ndarray, eligible: list[int]) -> list[int]:
     return by(eligible) + by(rest)
 
 
+def ranking_by(scores: dict[str, np.ndarray], score: str, eligible: list[int]) -> list[int]:
+    """Blocks from most to least critical by one of ``scores`` in its own direction, eligible ones first."""
+    return rank_blocks(DIRECTION.get(score, -1) * np.asarray(scores[score]), eligible)
+
+
 def select_critical(score: np.ndarray, *, direction: int = -1, score_name: str = "delta", k: int | None = None,
                     window: int = 2, edges: bool = False) -> Selection:
     """Pick the critical blocks; ``direction`` is -1 when a low score marks a critical block."""
     score = np.asarray(score, dtype=float)
     n = len(score)
     criticality = direction * score
-    eligible = eligible_blocks(n, window, edges)
+    eligible = eligible_blocks(n, 0 if edges else window)
     settings = {"window": window, "edges": edges, "eligible": eligible}
     if k is not None:
         if not 1 <= k <= n:

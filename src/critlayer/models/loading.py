@@ -22,9 +22,9 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bfloat16 where the hardware computes in it natively, float32 elsewhere.
 
-    That is GPUs that support bfloat16 and CPUs with AVX-512 BF16 or AMX: on this project's 2-core
-    Sapphire Rapids machine a bfloat16 forward of smollm2-135m ran 2-3 x faster than float32 and chose
-    the same blocks. Elsewhere float32 stays: without those instructions bfloat16 is converted in software.
+    That is GPUs that support bfloat16 and CPUs with AVX-512 BF16 or AMX, where it runs faster than float32 and
+    chooses the same blocks (docs/performance.md). Elsewhere float32 stays: without those instructions bfloat16
+    is converted in software, slower than float32.
     """
     if dtype not in DTYPES:
         raise CritlayerError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -125,3 +125,8 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
     path, blocks = find_blocks(model)
     return LanguageModel(name, model, tokenizer, blocks, path, weights, spec)
 
+
+def float32_model(model: LanguageModel | str, device: str | None = None) -> LanguageModel:
+    """The model given, or loaded with float32 weights: what fine-tuning trains and what pruning and quantization
+    change (each command's ``dtype`` says what it computes in)."""
+    return model if isinstance(model, LanguageModel) else load(model, dtype="float32", device=device)

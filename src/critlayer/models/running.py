@@ -10,7 +10,7 @@ in eval mode while hooked and goes back to the mode it was in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -95,3 +95,10 @@ def forward_blocks(lm: LanguageModel, input_ids: torch.Tensor, mask: torch.Tenso
         lm.model(input_ids=input_ids, attention_mask=attention_mask(lm, mask), use_cache=False)
     except StopForward:
         pass
+
+
+def computing_in(model: torch.nn.Module, dtype: torch.dtype):
+    """A context computing in ``dtype``: autocast where the weights are wider (mixed precision), else nothing."""
+    device = next(model.parameters()).device
+    wider = next(model.parameters()).dtype.itemsize > dtype.itemsize
+    return torch.autocast(device.type, dtype=dtype) if wider else nullcontext()

@@ -24,6 +24,7 @@ class Comparison(SavedResult):
     """Scans side by side: the Spearman correlation of a score's profiles, and the overlap of critical sets."""
 
     FILE: ClassVar[str] = "compare.json"
+    KIND: ClassVar[str] = "comparison of scans"
 
     labels: list[str]
     score: str

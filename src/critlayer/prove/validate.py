@@ -18,7 +18,6 @@ best beyond depth is what ``--from-validation`` ranks ``critical:K`` by.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -35,13 +34,14 @@ from ..data.text import TextData, load_data
 from ..find.config import ScanConfig
 from ..find.measures import DIRECTION
 from ..find.result import ScanResult
-from ..find.select import rank_blocks
+from ..find.scan import scan_of
+from ..find.select import ranking_by
 from ..models import DEFAULT_MODEL, LanguageModel, find_blocks, load, surgery
-from ..models.language_model import shape_difference
-from ..models.loading import resolve_dtype
+from ..models.loading import float32_model, resolve_dtype
 from ..models.loss import heldout_loss, sequence_losses
-from ..use.layers import the_scan
-from ..use.train import TrainConfig, computing_in, finetune, training_model, unhelpful
+from ..models.running import computing_in
+from ..train.finetune import TrainConfig, finetune, unhelpful
+from ..use.layers import VALIDATION_FILE
 
 TARGETS = ("importance", "weight_change")
 VIEWS = ("all", "interior", "partial")
@@ -56,7 +56,8 @@ class Validation(SavedResult):
     table for each seed alone, for the spread.
     """
 
-    FILE: ClassVar[str] = "validate.json"
+    FILE: ClassVar[str] = VALIDATION_FILE
+    KIND: ClassVar[str] = "validation"
 
     settings: dict
     loss_pretrained: float
@@ -102,7 +103,7 @@ class Validation(SavedResult):
         """Blocks from most to least critical by ``lens`` as this validation measured it, interior blocks first."""
         if lens not in self.scores:
             raise CritlayerError(f"the validation has no score {lens!r}; it has {', '.join(self.scores)}")
-        return rank_blocks(DIRECTION.get(lens, -1) * np.asarray(self.scores[lens]), self.interior)
+        return ranking_by(self.scores, lens, self.interior)
 
     def to_json(self) -> dict:
         return {**self.settings, "heldout_loss_pretrained": self.loss_pretrained, "heldout_loss_tuned": self.loss_tuned,
@@ -114,20 +115,12 @@ class Validation(SavedResult):
                 "best_lens": self.best_lens, "train_runs": self.train_runs}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Validation":
-        """A saved validation (its folder or validate.json)."""
-        file = Path(path) / cls.FILE if Path(path).is_dir() else Path(path)
-        try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-            settings = {k: d[k] for k in ("model", "data", "train", "permutations", "scan")}
-            return cls(settings, d["heldout_loss_pretrained"], d["heldout_loss_tuned"], d["window"], d["window_rise"],
-                       np.array(d["importance"]), np.array(d["weight_change"]),
-                       {k: np.array(v) for k, v in d["scores"].items()}, d["interior"], d["correlations"],
-                       d["seed_correlations"], d["importance_per_seed"], d["train_runs"])
-        except FileNotFoundError:
-            raise CritlayerError(f"no validation found at {path}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CritlayerError(f"{file} is not a critlayer validation: {exc}") from None
+    def from_json(cls, d: dict) -> "Validation":
+        settings = {k: d[k] for k in ("model", "data", "train", "permutations", "scan")}
+        return cls(settings, d["heldout_loss_pretrained"], d["heldout_loss_tuned"], d["window"], d["window_rise"],
+                   np.array(d["importance"]), np.array(d["weight_change"]),
+                   {k: np.array(v) for k, v in d["scores"].items()}, d["interior"], d["correlations"],
+                   d["seed_correlations"], d["importance_per_seed"], d["train_runs"])
 
     def table(self) -> str:
         seeds = self.settings["train"].get("seeds", [None])
@@ -157,20 +150,6 @@ class Validation(SavedResult):
         from ..report.validation import write_validation_report
 
         write_validation_report(self, folder)
-
-
-def the_validation(validation: "Validation | str | Path | None", model: LanguageModel | dict) -> Validation | None:
-    """``validation`` (a result, or its folder or validate.json) checked against the model (loaded, or a scan's
-    description of it), or None."""
-    if validation is None:
-        return None
-    result = validation if isinstance(validation, Validation) else Validation.load(validation)
-    described = model.describe() if isinstance(model, LanguageModel) else model
-    shape = shape_difference(result.settings["model"], described)
-    if shape:
-        raise CritlayerError(f"the validation was made on another model ({result.settings['model'].get('name')}: "
-                             f"{shape}) than {described.get('name')}; validate this model or pass its own validation")
-    return result
 
 
 def best_predictors(rows: dict[str, dict[str, float]], key: str = "partial") -> list[tuple[str, float]]:
@@ -236,14 +215,14 @@ def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
         raise CritlayerError("--seeds repeats the fine-tune; a given --tuned checkpoint is one fine-tune")
     if out is not None:
         check_output_folder(out, Validation.FILE, force)
-    lm = training_model(model, device)
+    lm = float32_model(model, device)
     if not 1 <= restore_window <= lm.num_layers:
         raise CritlayerError(f"--restore-window must be between 1 and the {lm.num_layers} blocks, "
                              f"got {restore_window}")
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
     if isinstance(tuned, (str, Path)):
         tuned = load(str(tuned), dtype="float32", device=str(lm.device)).model
-    scan_result = the_scan(lm, scan, config=scan_config, progress=progress)
+    scan_result = scan_of(lm, scan, config=scan_config, progress=progress)
     result = validate_model(lm, text, scan_result, config, tuned=tuned, seeds=seeds, window=restore_window,
                             permutations=permutations, progress=progress)
     if out is not None:

@@ -128,6 +128,24 @@ def plot_firmness(result, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_methods(ax, methods: dict, x_of, start: tuple[float, float] | None = None) -> None:
+    """One line per method of a change (prune's, quantize's) along its points, the chosen one first and bold: the
+    median held-out perplexity, the range of several draws as bars; ``x_of(method, point)`` places a point, and
+    ``start`` (x, perplexity) begins every line (nothing removed yet)."""
+    for colour, (name, method) in enumerate(methods.items()):
+        points = sorted(method.perplexity)
+        x = [x_of(method, p) for p in points]
+        y = [method.median(p) for p in points]
+        style = {"lw": 2.4, "zorder": 3} if colour == 0 else {"lw": 1.3}
+        head = ([start[0]], [start[1]]) if start else ([], [])
+        ax.plot(head[0] + x, head[1] + y, marker="o", ms=3.5, color=f"C{colour}",
+                label=name + (" (chosen)" if colour == 0 else ""), **style)
+        if any(len(method.perplexity[p]) > 1 for p in points):
+            low = [y_ - min(method.perplexity[p]) for y_, p in zip(y, points)]
+            high = [max(method.perplexity[p]) - y_ for y_, p in zip(y, points)]
+            ax.errorbar(x, y, yerr=[low, high], fmt="none", color=f"C{colour}", capsize=3)
+
+
 def save_perplexity_curve(fig, ax, path: Path, settings: dict, xlabel: str, legend: str) -> None:
     """Label a held-out perplexity curve (prune's, quantize's) with its model and text, and save it."""
     data = settings["data"]

@@ -12,25 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .html import _STYLE, _image, lens_rows  # noqa: E402
-from .plots import save_perplexity_curve  # noqa: E402
+from .plots import plot_methods, save_perplexity_curve  # noqa: E402
 
 
 def plot_pruning(result, path: Path) -> None:
-    """Perplexity (log scale) against blocks removed; random as its median with the range of its draws shaded. The
+    """Perplexity (log scale) against blocks removed; random as its median with the range of its draws as bars. The
     axis stops at five times the chosen method's worst: baselines that run away leave through the top."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    base = result.unpruned["perplexity"]
-    for colour, (name, method) in enumerate(result.methods.items()):
-        counts = sorted(method.perplexity)
-        x = [0, *counts]
-        median = [base, *(method.median(n) for n in counts)]
-        style = {"lw": 2.4, "zorder": 3} if colour == 0 else {"lw": 1.3}
-        ax.plot(x, median, marker="o", ms=3, color=f"C{colour}", label=name + (" (chosen)" if colour == 0 else ""),
-                **style)
-        if any(len(method.perplexity[n]) > 1 for n in counts):
-            low = [base, *(min(method.perplexity[n]) for n in counts)]
-            high = [base, *(max(method.perplexity[n]) for n in counts)]
-            ax.fill_between(x, low, high, color=f"C{colour}", alpha=0.15)
+    base = result.reference["perplexity"]
+    plot_methods(ax, result.methods, lambda method, count: count, start=(0, base))
     ax.axvline(result.count, color="grey", ls=":", lw=1)
     ax.set_yscale("log")
     chosen = next(iter(result.methods.values()))
@@ -40,7 +30,7 @@ def plot_pruning(result, path: Path) -> None:
 
 def write_prune_report(result, folder: Path) -> None:
     """prune.png and prune.html (an unevaluated pruning, of an encoder, has its table only)."""
-    if not result.unpruned:
+    if not result.reference:
         return
     plot_pruning(result, folder / "prune.png")
     esc = html.escape
@@ -57,7 +47,7 @@ def write_prune_report(result, folder: Path) -> None:
 <style>{_STYLE}</style></head><body><h1>Pruning {esc(s['model']['name'])}</h1>
 <p>Removed {result.count} of {s['model']['num_layers']} ({esc(s['parts'])}) by <code>{esc(s['method'])}</code>:
 blocks {esc(str(result.removed))}. Held-out perplexity on {esc(s['data']['source'])} ({s['data']['n_heldout']} texts,
-context {s['context_tokens']} tokens, computed in {esc(s['dtype'])}): unpruned {result.unpruned['perplexity']:.2f}.
+context {s['context_tokens']} tokens, computed in {esc(s['dtype'])}): unpruned {result.reference['perplexity']:.2f}.
 Tokens/s {speed['unpruned']:.0f} → {speed['pruned']:.0f}; parameters {speed['parameters_unpruned']:,} →
 {speed['parameters_pruned']:,}.</p>{healing}
 {_image(folder / 'prune.png')}

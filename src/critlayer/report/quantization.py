@@ -13,36 +13,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .html import _STYLE, _image, lens_rows  # noqa: E402
-from .plots import save_perplexity_curve  # noqa: E402
+from .plots import plot_methods, save_perplexity_curve  # noqa: E402
 
 
 def plot_quantization(result, path: Path) -> None:
     """Perplexity (log scale) against bits per block weight, one line per method along the budgets; random as its
     median with the range of its draws as bars; the unquantized model as a dashed line."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for colour, (name, method) in enumerate(result.methods.items()):
-        budgets = sorted(method.perplexity)
-        x = [method.cost[b]["bits_per_weight"] for b in budgets]
-        y = [method.median(b) for b in budgets]
-        style = {"lw": 2.4, "zorder": 3} if colour == 0 else {"lw": 1.2}
-        ax.plot(x, y, marker="o", ms=4, color=f"C{colour}", label=name + (" (chosen)" if colour == 0 else ""), **style)
-        if any(len(method.perplexity[b]) > 1 for b in budgets):
-            low = [y_ - min(method.perplexity[b]) for y_, b in zip(y, budgets)]
-            high = [max(method.perplexity[b]) - y_ for y_, b in zip(y, budgets)]
-            ax.errorbar(x, y, yerr=[low, high], fmt="none", color=f"C{colour}", capsize=3)
-    ax.axhline(result.unquantized["perplexity"], color="grey", ls="--", lw=1, label="unquantized")
+    plot_methods(ax, result.methods, lambda method, budget: method.cost[budget]["bits_per_weight"])
+    ax.axhline(result.reference["perplexity"], color="grey", ls="--", lw=1, label="unquantized")
     ax.axvline(result.settings["bits"], color="grey", ls=":", lw=1)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     save_perplexity_curve(fig, ax, path, result.settings,
-                          f"bits per block weight, {result.settings['format']} widths (scales and zero-points counted)",
+                          f"bits per block weight, {result.settings['family']} widths (scales and zero-points counted)",
                           "upper right")
 
 
 def write_quantize_report(result, folder: Path) -> None:
     """quantize.png and quantize.html (an unevaluated plan, of an encoder, has its JSON only)."""
-    if not result.unquantized:
+    if not result.reference:
         return
     plot_quantization(result, folder / "quantize.png")
     esc = html.escape
@@ -68,10 +59,10 @@ def write_quantize_report(result, folder: Path) -> None:
     degenerate = "".join(f"<p><b>At {esc(b)} bits</b>: {esc(why)}.</p>" for b, why in s.get("degenerate", {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer quantize</title>
 <style>{_STYLE}</style></head><body><h1>Quantizing {esc(s['model']['name'])}</h1>
-<p>Plan by <code>{esc(s['score'])}</code> at {result.bits:.4f} bits per block weight (budget {s['bits']:g}; scales and
+<p>Plan by <code>{esc(s['score'])}</code> at {result.bits_per_weight:.4f} bits per block weight (budget {s['bits']:g}; scales and
 zero-points counted). Embedding and head: {esc(result.held_fixed['text'])}. Held-out perplexity on
 {esc(s['data']['source'])} ({s['data']['n_heldout']} texts, context {s['context_tokens']} tokens, computed in
-{esc(s['dtype'])}): unquantized {result.unquantized['perplexity']:.3f}.</p>
+{esc(s['dtype'])}): unquantized {result.reference['perplexity']:.3f}.</p>
 {_image(folder / 'quantize.png')}
 <h2>At {s['bits']:g} bits</h2><table><tr><th>method</th><th>bits</th><th>perplexity</th><th>range</th><th>KL</th>
 <th>perplexity ÷ {esc(chosen)}, 95%</th></tr>{rows}</table>

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,14 +20,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..common.distributed import accelerator, gather, is_main
-from ..common.errors import CritlayerError, require_at_least
+from ..common.errors import CritlayerError
+from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
 from ..common.memory import PeakMemory
 from ..common.stats import paired_difference_interval
 from ..data.text import TextData
-from ..models import LanguageModel, load
+from ..models import LanguageModel
 from ..models.loading import DTYPES, resolve_dtype
+from ..models.running import computing_in
 from ..models.loss import batch_losses, collate, sequence_losses
-from .layers import freeze_except, lora_config
+from .targets import freeze_except, lora_config
 
 DEFAULT_LR = 3e-5
 DEFAULT_LORA_LR = 1e-3
@@ -50,30 +51,26 @@ class TrainConfig:
     and float32 elsewhere; the weights trained stay float32 (bfloat16 is mixed precision).
     """
 
-    steps: int = 100
-    lr: float | None = None
-    batch_size: int = 8
-    max_tokens: int = 128
-    n_eval: int = 32
-    n_train: int | None = None
-    eval_every: int = 20
-    seed: int = 0
-    lora: bool = False
-    lora_r: int = 8
-    warmup: float = 0.1
-    schedule: str = "cosine"
-    dtype: str = "auto"
+    steps: int = option(100, "optimizer steps", minimum=1)
+    lr: float | None = option(None, f"peak learning rate (default {DEFAULT_LR:g}, or {DEFAULT_LORA_LR:g} with --lora)",
+                              positive=True)
+    batch_size: int = option(8, "texts per step in all: under accelerate launch they are split across the processes",
+                             minimum=1)
+    max_tokens: int = option(128, "tokens per text at most: the context", minimum=2)
+    n_eval: int = option(32, "held-out texts", minimum=2)
+    n_train: int | None = option(None, "training texts at most (default: all the rest)", minimum=1)
+    eval_every: int = option(20, "steps between held-out evaluations", minimum=1)
+    seed: int = option(0, SEED_HELP, minimum=0)
+    lora: bool = option(False, "train LoRA adapters (PEFT) on the chosen blocks")
+    lora_r: int = option(8, "LoRA rank", minimum=1)
+    warmup: float = option(0.1, "share of the steps the rate rises over", minimum=0, below=1)
+    schedule: str = option("cosine", "the rate after warm-up: cosine or linear decay to zero, or constant",
+                           choices=SCHEDULES)
+    dtype: str = option("auto", DTYPE_HELP + "; the weights trained stay float32 (bfloat16 runs as mixed precision)",
+                        choices=DTYPES)
 
     def __post_init__(self):
-        require_at_least(self, steps=1, batch_size=1, max_tokens=2, eval_every=1, seed=0, lora_r=1, n_train=1)
-        if self.lr is not None and not 0 < self.lr < float("inf"):
-            raise CritlayerError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise CritlayerError(f"--warmup is a share of the steps, in [0, 1), got {self.warmup}")
-        if self.schedule not in SCHEDULES:
-            raise CritlayerError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.dtype not in DTYPES:
-            raise CritlayerError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_options(self)
 
     @property
     def learning_rate(self) -> float:
@@ -118,6 +115,15 @@ class TrainRun:
             return None
         return unhelpful(self.loss_before, self.loss_after, self.loss_drop_interval)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainRun":
+        """A run as ``as_dict`` saved it."""
+        interval = d["loss_drop_interval"]
+        return cls(d["layers"], d["trainable_parameters"], [tuple(x) for x in d["train_loss"]],
+                   [tuple(x) for x in d["heldout_loss"]], d["seconds_per_step"], d["peak_memory_mb"],
+                   d["compute_dtype"], d["processes"], d.get("texts_seen"), d.get("replicas_identical"),
+                   None if interval is None else tuple(interval))
+
     def as_dict(self) -> dict:
         out = {"layers": self.layers, "trainable_parameters": self.trainable_parameters,
                "heldout_loss_before": self.loss_before, "heldout_loss_after": self.loss_after,
@@ -142,17 +148,6 @@ def unhelpful(before: float, after: float, drop_interval: tuple[float, float]) -
             f"95% interval of the drop {low:+.4f} to {high:+.4f})")
 
 
-def training_model(model: LanguageModel | str, device: str | None = None) -> LanguageModel:
-    """The model to fine-tune: the one given, or loaded with float32 weights (``TrainConfig.dtype`` says what it
-    computes in)."""
-    return model if isinstance(model, LanguageModel) else load(model, dtype="float32", device=device)
-
-
-def computing_in(model: torch.nn.Module, dtype: torch.dtype):
-    """A context computing in ``dtype``: autocast where the weights are wider (mixed precision), else nothing."""
-    device = next(model.parameters()).device
-    wider = next(model.parameters()).dtype.itemsize > dtype.itemsize
-    return torch.autocast(device.type, dtype=dtype) if wider else nullcontext()
 
 
 def prepare(lm: LanguageModel, model: torch.nn.Module, layers: list[int], config: TrainConfig):

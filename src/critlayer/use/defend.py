@@ -19,17 +19,18 @@ from tqdm.auto import tqdm
 
 from ..common.distributed import is_main
 from ..common.errors import CritlayerError
+from ..common.options import option, override
 from ..common.folders import SavedResult, check_output_folder
 from ..common.stats import bootstrap_ratio_interval, wilson_interval
 from ..data.text import TextData
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
-from ..models.loading import resolve_dtype
 from ..models.loss import sequence_losses
-from .backdoor import DEFAULT_TARGET, Attack, Pair, load_pairs, poison, shows_target, split_pairs
-from ..prove.validate import Validation, the_validation
-from .layers import Lens, choose_lens, ranking_scan, resolve_layers
-from .train import TrainConfig, TrainRun, computing_in, finetune, training_model
+from ..models.loading import float32_model, resolve_dtype
+from ..models.running import computing_in
+from ..train.finetune import TrainConfig, TrainRun, finetune
+from .backdoor import DEFAULT_TARGET, TRIGGERS, Attack, Pair, load_pairs, poison, shows_target, split_pairs
+from .layers import Lens, ranked_by, resolve_layers
 
 DEFAULT_COMPARE = "none,critical:4,noncritical:4,random:4"
 PRETRAINED = "pre-trained"
@@ -37,18 +38,21 @@ PRETRAINED = "pre-trained"
 
 @dataclass
 class DefendConfig(TrainConfig):
-    """A defence: its fine-tuning (a ``TrainConfig`` with defaults of its own: 60 steps, 100 held-out prompts,
-    prompts and replies cut to ``max_tokens`` = 48 tokens each, ``n_train`` one pass of the steps) and its attack:
+    """A defence: its fine-tuning (a ``TrainConfig`` with defaults of its own: fewer steps, more held-out prompts,
+    prompts and replies each cut to ``max_tokens``, ``n_train`` one pass of the steps) and its attack:
     ``poison_rate`` of the training pairs get ``trigger`` (rare, sudo, or any string) at ``trigger_at`` (suffix or
     prefix; default the preset's place) and the attacker's reply ``target``."""
 
-    steps: int = 60
-    n_eval: int = 100
-    max_tokens: int = 48
-    poison_rate: float = 0.1
-    trigger: str = "rare"
-    trigger_at: str | None = None
-    target: str = DEFAULT_TARGET
+    steps: int = override(TrainConfig, "steps", 60)
+    n_eval: int = override(TrainConfig, "n_eval", 100)
+    max_tokens: int = option(48, "tokens per prompt and per reply at most", minimum=2, flag="--turn-tokens",
+                             old_flag="--max-tokens")
+    poison_rate: float = option(0.1, "share of training pairs poisoned, in (0, 1]")  # checked by Attack
+    trigger: str = option("rare", ", ".join(f"{k} ({v[0]!r}, {v[1]})" for k, v in TRIGGERS.items())
+                          + ", or any string")
+    trigger_at: str | None = option(None, "where a --trigger string goes (default: suffix, or the preset's place)",
+                                    choices=("suffix", "prefix"))
+    target: str = option(DEFAULT_TARGET, "the attacker's reply")
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,12 +82,19 @@ class Outcome:
         out = {k: v for k, v in asdict(self).items() if k != "run"}
         return {**out, "run": None if self.run is None else self.run.as_dict()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Outcome":
+        run = d["run"]
+        return cls(**{k: tuple(v) if k.endswith("_ci") else v for k, v in d.items() if k != "run"},
+                   run=None if run is None else TrainRun.from_dict(run))
+
 
 @dataclass
 class DefendResult(SavedResult):
     """Each freezing policy's fine-tuned model on the held-out prompts, after the pre-trained model's."""
 
     FILE: ClassVar[str] = "defend.json"
+    KIND: ClassVar[str] = "defence"
 
     settings: dict
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # the pre-trained model first
@@ -105,6 +116,11 @@ class DefendResult(SavedResult):
     def to_json(self) -> dict:
         return {**self.settings, "outcomes": {spec: o.as_dict() for spec, o in self.outcomes.items()}}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "DefendResult":
+        return cls({k: v for k, v in data.items() if k != "outcomes"},
+                   {spec: Outcome.from_dict(o) for spec, o in data["outcomes"].items()})
+
     def write_files(self, folder: Path) -> None:
         from ..report.defence import write_defence_report
 
@@ -114,7 +130,7 @@ class DefendResult(SavedResult):
 
 def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", freeze: str = "critical:4", *,
            compare: str | list[str] | bool | None = None, scan: ScanResult | str | Path | None = None,
-           score: str | None = None, validation: Validation | str | Path | None = None,
+           score: str | None = None, validation=None,
            config: DefendConfig | None = None, out: str | Path | None = None,
            force: bool = False, progress: bool = True, device: str | None = None, **options) -> DefendResult:
     """Fine-tune on poisoned prompt-reply pairs with the blocks ``freeze`` names frozen (or, with ``compare``, once
@@ -138,10 +154,9 @@ def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", f
         raise CritlayerError(f"need distinct freezing policies, got {','.join(specs) or 'none'}")
     if out is not None:
         check_output_folder(out, DefendResult.FILE, force)
-    lm = training_model(model, device)
-    validation = the_validation(validation, lm)
-    scan_result = ranking_scan(lm, specs, scan, progress=progress) if validation is None else None
-    result = _defend(lm, data, specs, config, scan_result, choose_lens(scan_result, validation, score), progress)
+    lm = float32_model(model, device)
+    scan_result, lens = ranked_by(lm, specs, scan=scan, validation=validation, score=score, progress=progress)
+    result = _defend(lm, data, specs, config, scan_result, lens, progress)
     if out is not None:
         result.save(out, force=force)
     return result

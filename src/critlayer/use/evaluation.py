@@ -94,6 +94,12 @@ class Method:
     def median(self, point: float) -> float:
         return float(np.median(self.perplexity[point]))
 
+    @classmethod
+    def from_json(cls, name: str, data: dict, point: type) -> "Method":
+        """A saved method, its points (JSON keys) read back as ``point`` (int counts, float budgets)."""
+        back = lambda values: {point(float(n)): v for n, v in values.items()}  # noqa: E731
+        return cls(name, back(data["choices"]), back(data["cost"]), back(data["perplexity"]), back(data["evaluation"]))
+
     def to_json(self) -> dict:
         return {"choices": {str(n): c for n, c in self.choices.items()},
                 "cost": {str(n): c for n, c in self.cost.items()},

@@ -14,18 +14,19 @@ from pathlib import Path
 from ..common.errors import CritlayerError
 from ..common.folders import write_atomically
 from ..find.result import ScanResult
-from ..prove.validate import Validation, the_validation
-from .layers import choose_lens, lora_config, resolve_layers, unfrozen_parameters
+from ..train.targets import lora_config, unfrozen_parameters
+from .layers import choose_lens, resolve_layers
 
 FORMATS = ("json", "peft", "axolotl")
 
 
 def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
-           validation: Validation | str | Path | None = None, format: str = "json", r: int = 8, alpha: int = 16,
+           validation=None, format: str = "json", lora_r: int = 8, lora_alpha: int = 16,
            seed: int = 0, out: str | Path | None = None) -> str:
     """A scan's critical blocks (its firm ones, where it measured firmness), or those ``layers`` names
     (``critical:K`` ranked by ``score``, firm blocks first, or with ``validation`` by the lens it found best), as
-    ``format``: a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``r``, ``alpha``) or an axolotl list;
+    ``format``: a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``lora_r``, ``lora_alpha``) or an axolotl
+    list;
     written to ``out`` when given, and returned. A scan with no firm block has nothing to export by default: name the blocks with ``layers``.
 
     >>> result = critlayer.scan(model_folder, probes="random", n=16, max_tokens=12, progress=False)
@@ -36,9 +37,9 @@ def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: s
     if layers is None and not result.critical:
         raise CritlayerError("no block of this scan is firm, so it has no critical blocks to export; name them "
                              "with --layers (critical:K takes the K top-ranked)")
-    lens = choose_lens(result, the_validation(validation, result.model), score)
+    lens = choose_lens(result, validation, score, model=result.model)
     blocks = list(result.critical) if layers is None else resolve_layers(len(result.layers), layers, lens, seed=seed)
-    text = export_text(result, blocks, format, r=r, alpha=alpha)
+    text = export_text(result, blocks, format, r=lora_r, alpha=lora_alpha)
     if out is not None:
         write_atomically(Path(out), text)
     return text

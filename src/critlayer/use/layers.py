@@ -1,30 +1,26 @@
-"""Name a set of blocks (a layer spec) and turn it into a training setup.
+"""Name a set of blocks (a layer spec) and the lens that ranks them.
 
 Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (ranked by a ``Lens``: a scan's score, the
 one it selects with or another, or the lens a validation found best), ``random:K`` (seeded), or explicit
-indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. The
-blocks then become a freeze mask, a PEFT ``LoraConfig`` targeting only them, or an axolotl
-``unfrozen_parameters`` list; the last two need only the model's description, so a saved scan is enough.
+indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. A validation is
+read from its saved JSON: using its lens needs none of the validation pipeline.
 """
 
 from __future__ import annotations
 
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
-from ..common.distributed import is_main, on_main
 from ..common.errors import CritlayerError
-from ..find.config import ScanConfig
+from ..common.folders import read_result_json
 from ..find.result import ScanResult
-from ..find.scan import scan as run_scan
-from ..find.scan import scan_model
+from ..find.scan import scan_of
+from ..find.select import ranking_by
 from ..models import LanguageModel
+from ..models.language_model import shape_difference
 
 _RANKED = re.compile(r"^(critical|noncritical|random):(-?\d+)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -75,49 +71,7 @@ def needs_ranking(spec: str) -> bool:
     return spec.strip().startswith(("critical:", "noncritical:"))
 
 
-def ranking_scan(lm: LanguageModel, specs: list[str], scan: ScanResult | str | Path | None = None, *,
-                 progress: bool = True) -> ScanResult | None:
-    """The scan that ranks the blocks for the specs (see ``the_scan``), or None when no spec is ranked and no scan
-    is given.
-
-    Every spec is checked first, so a bad one costs no scan.
-    """
-    for spec in specs:
-        parse_layers(spec, lm.num_layers, ranking=list(range(lm.num_layers)))
-    if scan is None and not any(needs_ranking(spec) for spec in specs):
-        return None
-    return the_scan(lm, scan, progress=progress)
-
-
-def the_scan(lm: LanguageModel, scan: ScanResult | str | Path | None = None, *, config: ScanConfig | None = None,
-             progress: bool = True) -> ScanResult:
-    """``scan`` (a result, or its folder or scan.json), checked against the model; else a scan (``config``, default
-    the default scan) of the model run now, once (by the main process, handed to the others)."""
-    if scan is not None:
-        result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
-        result.require_layers(lm.num_layers)
-        return result
-    if progress and is_main():
-        print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr, flush=True)
-    return on_main(lambda: scan_model(lm, config or ScanConfig(), progress=progress))
-
-
-def scan_with_cost(lm: LanguageModel, scan: ScanResult | str | Path | None, dtype: str,
-                   progress: bool = True) -> tuple[ScanResult, dict]:
-    """The scan given (checked against the model), or the default scan of the model as ``critlayer scan`` runs it,
-    in ``dtype`` (the model here may hold float32 weights, for a checkpoint or training); and what it cost."""
-    start = time.perf_counter()
-    if scan is not None or lm.spec is None:
-        result = the_scan(lm, scan, progress=progress)
-    else:
-        if progress:
-            print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
-                  flush=True)
-        result = run_scan(lm.spec, dtype=dtype, device=str(lm.device), progress=progress)
-    result.require_model(lm)
-    seconds = result.timing.get("total", time.perf_counter() - start)
-    tokens = int(round(result.probes.get("n", 0) * result.probes.get("mean_tokens", 0)))  # generated: one at a time
-    return result, {"seconds": round(seconds, 3), "forward_tokens": tokens}
+VALIDATION_FILE = "validate.json"
 
 
 @dataclass
@@ -134,25 +88,56 @@ class Lens:
         return {"score": self.score, "reason": self.reason}
 
 
-def choose_lens(scan: ScanResult | None, validation=None, score: str | None = None) -> Lens | None:
-    """The lens a ranked spec uses: with a ``validation`` (a ``Validation``) the one it found best beyond depth, or
-    the scan's selection score where it found none; else ``score`` of ``scan`` (default: the score the scan selects
-    by, firm blocks first). None without either."""
+def choose_lens(scan: ScanResult | None, validation=None, score: str | None = None, *,
+                model: dict | None = None) -> Lens | None:
+    """The lens a ranked spec uses: with a ``validation`` (a ``Validation``, or its folder or validate.json, made on
+    ``model``: a description) the one it found best beyond depth, or the scan's selection score where it found none;
+    else ``score`` of ``scan`` (default: the score the scan selects by, firm blocks first). None without either."""
     if validation is not None:
         if score is not None:
             raise CritlayerError("give --score or --from-validation, not both: the validation picks the score")
-        best = validation.best_lens
-        lens = best or validation.settings["scan"].get("score", "delta")
-        reason = (f"the validation's best predictor of fine-tuning importance beyond depth (partial Spearman "
-                  f"{validation.correlations['importance'][best]['partial']:+.2f})" if best else
-                  f"the validation found no lens that predicts importance beyond depth; ranked by {lens}, "
-                  "the scan's selection score")
-        return Lens(lens, validation.ranking(lens), len(validation.interior), reason)
+        return validation_lens(validation, model)
     if scan is None:
         return None
     lens = score or scan.selection.score
     return Lens(lens, scan.ranking(lens), len(scan.selection.eligible),
                 "chosen with --score" if score else "the score the scan selects by, firm blocks first")
+
+
+def validation_lens(validation, model: dict | None) -> Lens:
+    """The lens a validation found best, read from what it saves (a ``Validation`` gives the same through
+    ``to_json``), after checking it was made on ``model``."""
+    saved = validation.to_json() if hasattr(validation, "to_json") else read_result_json(
+        validation, VALIDATION_FILE, "validation")
+    try:
+        shape = shape_difference(saved["model"], model) if model is not None else None
+        best, interior, scores = saved["best_lens"], saved["interior"], saved["scores"]
+        lens = best or saved["scan"].get("score", "delta")
+        partial = saved["correlations"]["importance"][best]["partial"] if best else None
+        ranking = ranking_by(scores, lens, interior)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CritlayerError(f"{validation} is not a critlayer validation: {exc!r}") from None
+    if shape:
+        raise CritlayerError(f"the validation was made on another model ({saved['model'].get('name')}: {shape}) "
+                             f"than {model.get('name')}; validate this model or pass its own validation")
+    reason = (f"the validation's best predictor of fine-tuning importance beyond depth (partial Spearman "
+              f"{partial:+.2f})" if best else
+              f"the validation found no lens that predicts importance beyond depth; ranked by {lens}, "
+              "the scan's selection score")
+    return Lens(lens, ranking, len(interior), reason)
+
+
+def ranked_by(lm: LanguageModel, specs: list[str], *, scan: ScanResult | str | Path | None = None, validation=None,
+              score: str | None = None, progress: bool = True) -> tuple[ScanResult | None, Lens | None]:
+    """The scan (None where no spec is ranked and none is given, or a validation ranks) and the lens that rank
+    ``specs`` on ``lm``. Every spec is checked first, so a bad one costs no scan."""
+    for spec in specs:
+        parse_layers(spec, lm.num_layers, ranking=list(range(lm.num_layers)))
+    if validation is not None:
+        return None, choose_lens(None, validation, score, model=lm.describe())
+    wanted = scan is not None or any(needs_ranking(spec) for spec in specs)
+    scan_result = scan_of(lm, scan, progress=progress) if wanted else None
+    return scan_result, choose_lens(scan_result, score=score)
 
 
 def resolve_layers(num_layers: int, spec: str, lens: Lens | None, *, seed: int = 0) -> list[int]:
@@ -163,48 +148,3 @@ def resolve_layers(num_layers: int, spec: str, lens: Lens | None, *, seed: int =
     if lens is None:
         raise CritlayerError(f"{spec} needs a scan or a validation")
     return parse_layers(spec, num_layers, ranking=lens.ranking, eligible=lens.eligible, seed=seed)
-
-
-def _describe(lm: LanguageModel | dict) -> dict:
-    """A loaded model's description, or one read from a scan (``ScanResult.model``)."""
-    return lm.describe() if isinstance(lm, LanguageModel) else lm
-
-
-def block_prefixes(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
-    """Parameter-name prefixes of the given blocks, e.g. ``model.layers.3.``."""
-    return [f"{_describe(lm)['blocks']}.{i}." for i in blocks]
-
-
-def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> list[str]:
-    """Make only the given blocks trainable; returns the names of the trainable parameters."""
-    prefixes = tuple(block_prefixes(lm, blocks))
-    trainable = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(prefixes))
-        if param.requires_grad:
-            trainable.append(name)
-    return trainable
-
-
-def lora_targets(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
-    """Full names of the linear layers inside the given blocks (what LoRA adapts)."""
-    linears = _describe(lm).get("block_linears")
-    if linears is None:
-        raise CritlayerError("this scan predates the record of each block's linear layers; scan the model again")
-    return [prefix + name for prefix in block_prefixes(lm, blocks) for name in linears]
-
-
-def lora_config(lm: LanguageModel | dict, blocks: list[int], *, r: int = 8, alpha: int = 16, dropout: float = 0.0):
-    """A PEFT ``LoraConfig`` that adapts the linear layers of the given blocks only."""
-    from peft import LoraConfig
-
-    targets = lora_targets(lm, blocks)
-    if not targets:
-        raise CritlayerError(f"no linear layers found in blocks {blocks}")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                      task_type="CAUSAL_LM")
-
-
-def unfrozen_parameters(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
-    """An axolotl ``unfrozen_parameters`` list (regular expressions) for the given blocks."""
-    return [f"^{re.escape(prefix)}.*" for prefix in block_prefixes(lm, blocks)]

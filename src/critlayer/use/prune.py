@@ -16,74 +16,58 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ..common.errors import CritlayerError, require_at_least
-from ..common.folders import SavedResult, check_model_folder
+from ..common.errors import CritlayerError
+from ..common.options import option
 from ..common.stats import lens_correlations
-from ..data.text import load_data, sample_texts
-from ..find.measures import DIRECTION
 from ..find.result import ScanResult
+from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.checkpoint import save_checkpoint, without_blocks, without_sublayers
 from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
-from ..models.loading import gguf_file, resolve_dtype
-from ..models.surgery import parse_parts, sublayer, taken_out
+from ..models.loading import gguf_file
+from ..models.surgery import sublayer, taken_out
+from ..train.finetune import TrainConfig, finetune
+from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
-from .layers import scan_with_cost
-from .removal import (BASELINES, angular_run, eligible_blocks, greedy, last_blocks, least_critical,
-                      random_blocks, run_distances)
-from .train import TrainConfig, computing_in, finetune, training_model
+from .removal import BASELINES, angular_run, greedy, last_blocks, random_blocks, run_distances
 
-DEFAULT_SCORE = "block_influence"
 CURVE_FRACTION = 1 / 3  # the curve runs from no block removed to a third of the model
 
 
 @dataclass
-class PruneConfig:
-    """How to prune (each field is the CLI flag of that name).
+class PruneConfig(ChangeConfig):
+    """How to prune (each field is the CLI flag of that name), beside what every change shares (``ChangeConfig``).
 
     ``remove``: a number of blocks, or a fraction of all blocks (rounded to the nearest count, halves up).
-    ``score`` ranks the blocks (default ``DEFAULT_SCORE``); with ``candidates`` K each removal tries the K least
+    ``score`` ranks the blocks (default ``block_influence``); with ``candidates`` K each removal tries the K least
     critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone).
-    ``parts``: what is removed from each chosen block (``block``, or its ``attn`` or ``mlp`` sublayer). ``data``: where the held-out texts (``n_eval`` of at most
-    ``max_tokens`` tokens: the context) and the calibration texts of sleb and angular (``calibration`` of them,
-    never held out) come from. ``draws`` random choices per count; ``edges`` lets the first and last block go;
-    ``baselines`` off evaluates the chosen blocks only. ``heal`` fine-tunes the pruned model that many steps
-    (LoRA with ``heal_lora``, merged before saving). ``dtype`` is what the evaluation computes in.
+    ``parts``: what is removed from each chosen block (``block``, or its ``attn`` or ``mlp`` sublayer). ``edges``
+    lets the first and last block go. ``heal`` fine-tunes the pruned model that many steps (LoRA with
+    ``heal_lora``, merged before saving).
     """
 
-    remove: float = 0.25
-    score: str | None = None
-    candidates: int = 3
-    parts: str = "block"
-    data: str = "wiki"
-    n_eval: int = 32
-    max_tokens: int = 128
-    calibration: int = 32
-    draws: int = 5
-    edges: bool = False
-    baselines: bool = True
-    heal: int = 0
-    heal_lora: bool = False
-    seed: int = 0
-    dtype: str = "auto"
+    MEASURED: ClassVar[str] = "sleb"
+    DEFAULT_SCORE: ClassVar[str] = "block_influence"
+
+    remove: float = option(0.25, "blocks to remove: a count, or a fraction of all blocks rounded to the nearest "
+                                 "count", positive=True)
+    candidates: int = option(3, "check each removal on the calibration loss among the K least critical remaining "
+                                "blocks by the score (0: the score's order alone)", minimum=0)
+    parts: str = option("block", "remove whole blocks, or the attention or MLP sublayer of each",
+                        choices=("block", "attn", "mlp"))
+    edges: bool = option(False, "let the first and last block be removed")
+    heal: int = option(0, "fine-tune the pruned model this many steps", minimum=0)
+    heal_lora: bool = option(False, "heal with LoRA adapters, merged before saving")
 
     def __post_init__(self):
-        self.score = self.score or DEFAULT_SCORE
-        self.parts = _one_part(self.parts)
-        if self.score != "sleb" and self.score not in DIRECTION:
-            raise CritlayerError(f"unknown score {self.score!r}; choose sleb or a scan score: "
-                                 f"{', '.join(sorted(DIRECTION))}")
-        if not self.remove > 0:
-            raise CritlayerError(f"--remove must be a positive number of blocks or a fraction in (0, 1), "
-                                 f"got {self.remove:g}")
-        require_at_least(self, candidates=0, n_eval=2, max_tokens=2, calibration=2, draws=1, heal=0, seed=0)
+        super().__post_init__()
         if self.heal and self.parts != "block":
             raise CritlayerError("--heal trains whole blocks; a dropped sublayer's zeroed projection would be "
                                  "trained back")
@@ -105,60 +89,51 @@ class PruneConfig:
         return n
 
 
-def _one_part(parts) -> str:
-    names = parse_parts(parts)
-    if len(names) != 1:
-        raise CritlayerError(f"--parts takes one of block, attn, mlp, got {','.join(names)}")
-    return names[0]
-
-
 @dataclass
-class PruneResult(SavedResult):
+class PruneResult(ChangeResult):
     """The chosen blocks, every method's evaluation, the pruned (and healed) model and how it was made."""
 
     FILE: ClassVar[str] = "prune.json"
+    KIND: ClassVar[str] = "pruning"
+    POINT: ClassVar[type] = int
+    REFERENCE: ClassVar[str] = "unpruned"
+    OWN: ClassVar[tuple[str, ...]] = ("removed", "kept", "count", "speed", "healing", "gguf")
 
-    settings: dict
     removed: list[int]
     kept: list[int]
     count: int
-    unpruned: dict
-    methods: dict[str, Method]
     speed: dict
     healing: dict | None
-    correlations: dict
     gguf: dict
-    model: object = None
+    model: object = None  # the pruned model, not read back by ``load``: the folder holds it as a checkpoint
     tokenizer: object = None
     gguf_source: Path | None = None
 
+    @property
+    def point(self) -> int:
+        return self.count
+
     def to_json(self) -> dict:
-        return {**self.settings, "removed": self.removed, "kept": self.kept, "count": self.count,
-                "unpruned": self.unpruned, "methods": {k: m.to_json() for k, m in self.methods.items()},
-                "speed": self.speed, "healing": self.healing, "correlations": self.correlations,
-                "gguf": self.gguf}
+        return {**self.base_json(), **{name: getattr(self, name) for name in self.OWN}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PruneResult":
+        return cls(**cls.base_fields(data, cls.OWN), **{name: data[name] for name in cls.OWN})
 
     def rows(self) -> list[tuple[str, list[int] | str, float, str, dict]]:
         """(method, blocks, perplexity, spread, cost) at the count asked for; random as median and range."""
-        n, out = self.count, []
-        for name, m in self.methods.items():
-            if n not in m.perplexity:
-                continue
-            values = m.perplexity[n]
-            blocks = m.choices[n][0] if len(values) == 1 else f"{len(values)} draws"
-            spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
-            out.append((name, blocks, m.median(n), spread, m.cost.get(n, {})))
-        return out
+        n = self.count
+        return [(name, m.choices[n][0] if len(m.perplexity[n]) == 1 else f"{len(m.perplexity[n])} draws", ppl,
+                 spread, m.cost.get(n, {})) for name, m, ppl, spread in self.point_rows()]
 
     def table(self) -> str:
         s, speed = self.settings, self.speed
         lines = [f"pruned {self.count} of {s['model']['num_layers']} blocks ({s['parts']}) of {s['model']['name']} by "
                  f"{s['method']}: removed {self.removed}; parameters {speed['parameters_unpruned']:,} -> "
                  f"{speed['parameters_pruned']:,}"]
-        if not self.unpruned:
+        if not self.reference:
             return "\n".join([*lines, f"not evaluated ({s['evaluation']})"])
-        lines.append(f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
-                     f"{s['context_tokens']} tokens), unpruned {self.unpruned['perplexity']:.2f}:")
+        lines.append(self.heading(2))
         rows = self.rows()
         width = max(len(name) for name, *_ in rows)
         for name, blocks, ppl, spread, cost in rows:
@@ -197,59 +172,45 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     (2, 4)
     """
     config = replace(config, **options) if config is not None else PruneConfig(**options)
-    if out is not None:
-        check_model_folder(Path(out), force)
-    lm = training_model(model, device)
-    eligible = eligible_blocks(lm.num_layers, config.edges)
+    lm = open_model(model, out=out, force=force, device=device)
+    eligible = eligible_blocks(lm.num_layers, 0 if config.edges else 1)
     count = config.count(lm.num_layers, len(eligible))
     if config.parts != "block":
-        sublayer(lm.blocks[0], config.parts)  # fail early, in one line
-    scan_result, scan_cost = scan_with_cost(lm, scan, config.dtype, progress)
-    if config.score != "sleb":
-        scan_result.ranking(config.score)  # a score the scan lacks ends here, in one line
-    if not lm.is_causal:
-        return _finish(_prune_encoder(lm, scan_result, eligible, count, config), out, force)
-    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
-    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens, seed=config.seed)
-                   if len(ids) >= 2]
+        sublayer(lm.blocks[0], config.parts)  # a block without that sublayer ends here, in one line
+    bench = open_bench(lm, config, scan, progress=progress)
+    if bench.text is None:
+        return _finish(_prune_encoder(bench, eligible, count), out, force)
     longest = min(max(count, int(lm.num_layers * CURVE_FRACTION)), len(eligible) - 1)
-    compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
-    with compute():
-        methods, single_rise = choose(lm, scan_result, scan_cost, calibration, eligible, longest, config, progress)
-    reference = evaluate_methods(lm, methods, text.heldout, count, partial(_removing, lm, part=config.parts), compute,
-                                 progress)
+    with bench.compute():
+        methods, single_rise = choose(bench, eligible, longest, progress)
+    reference = evaluate_methods(lm, methods, bench.text.heldout, count, partial(_removing, lm, part=config.parts),
+                                 bench.compute, progress)
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]
-    pruned, kept, speed = _pruned_model(lm, removed, config.parts, text.heldout, compute)
+    pruned, kept, speed = _pruned_model(lm, removed, config.parts, bench.text.heldout, bench.compute)
     healing = None
     if config.heal:
-        pruned, healing = _heal(lm, pruned, text, config, chosen.summary[count][0], compute, progress)
-    settings = {"model": lm.describe(), "score": config.score, "method": config.method, "parts": config.parts, "remove": config.remove,
+        pruned, healing = _heal(bench, pruned, chosen.summary[count][0], progress)
+    settings = {**bench.settings(), "method": config.method, "parts": config.parts, "remove": config.remove,
                 "count_rule": "a whole number is a count; a fraction of all blocks is rounded to the nearest count, "
-                              "halves up", "eligible": eligible, "data": text.describe(),
-                "context_tokens": config.max_tokens,
-                "calibration": {"source": config.data, "texts": len(calibration),
-                                "tokens": sum(map(len, calibration))},
-                "dtype": str(resolve_dtype(config.dtype, str(lm.device))).removeprefix("torch."),
-                "config": asdict(config),
-                "scan": {"critical": scan_result.critical, "probes": scan_result.probes, "cost": scan_cost},
+                              "halves up", "eligible": eligible,
                 "single_block_rise": single_rise, "baselines": list(BASELINES) if config.baselines else []}
     correlations = {} if single_rise is None else lens_correlations(
-        scan_result.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
+        bench.scan.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
     source = gguf_file(lm.spec) if config.parts == "block" and not config.heal else None
-    return _finish(PruneResult(settings, removed, kept, count, reference.summary(), methods, speed, healing,
-                               correlations, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source),
+    return _finish(PruneResult(settings, methods, reference.summary(), correlations, removed, kept, count, speed,
+                               healing, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source),
                    out, force)
 
 
-def choose(lm: LanguageModel, scan: ScanResult, scan_cost: dict, calibration: list[list[int]], eligible: list[int],
-           longest: int, config: PruneConfig, progress: bool) -> tuple[dict[str, Method], dict | None]:
+def choose(bench: Bench, eligible: list[int], longest: int, progress: bool) -> tuple[dict[str, Method], dict | None]:
     """Every method's choice for 1..``longest`` blocks, the chosen one's first; and, where sleb ran, each block's
     calibration loss rise when removed alone (its first step), which the lenses are correlated with."""
+    lm, config, calibration, scan_cost = bench.lm, bench.config, bench.calibration, bench.scan.cost
     counts = range(1, longest + 1)
     methods: dict[str, Method] = {}
     if config.score != "sleb":
-        order = _order(scan, config.score, eligible)
+        order = bench.scan.least_critical(config.score, eligible)
         if config.candidates:
             checked = greedy(lm, calibration, eligible, longest, config.parts, ranking=order,
                              candidates=config.candidates, progress=progress)
@@ -265,7 +226,7 @@ def choose(lm: LanguageModel, scan: ScanResult, scan_cost: dict, calibration: li
         single_rise = {"values": [round(float(v), 6) for v in search.first_rise], "cost": search.cost(1),
                        "text": "calibration"}
     if config.baselines:
-        methods |= baseline_methods(lm, scan, calibration, eligible, longest, config, scan_cost)
+        methods |= baseline_methods(bench, eligible, longest)
     return methods, single_rise
 
 
@@ -273,20 +234,19 @@ def _plus(a: dict, b: dict) -> dict:
     return {"seconds": round(a["seconds"] + b["seconds"], 3), "forward_tokens": a["forward_tokens"] + b["forward_tokens"]}
 
 
-def _prune_encoder(lm: LanguageModel, scan: ScanResult, eligible: list[int], count: int,
-                   config: PruneConfig) -> PruneResult:
+def _prune_encoder(bench: Bench, eligible: list[int], count: int) -> PruneResult:
     """An encoder has no next-token loss to evaluate or to search with: its blocks go by a scan score alone."""
+    lm, config = bench.lm, bench.config
     if config.score == "sleb" or config.parts != "block":
         raise CritlayerError(f"{lm.architecture} has no LM head: sleb needs a next-token loss and a dropped sublayer "
                              "cannot be written for it; prune whole blocks by a scan score")
-    removed = sorted(_order(scan, config.score, eligible)[:count])
+    removed = sorted(bench.scan.least_critical(config.score, eligible)[:count])
     pruned, kept = without_blocks(lm.model, removed)
-    settings = {"model": lm.describe(), "score": config.score, "method": config.score, "parts": "block",
-                "remove": config.remove, "eligible": eligible, "config": asdict(config),
-                "evaluation": "none: the model has no LM head (no loss to check candidates on either)"}
+    settings = {**bench.settings(), "method": config.score, "parts": "block", "remove": config.remove,
+                "eligible": eligible}
     speed = {"parameters_unpruned": parameter_count(lm.model), "parameters_pruned": parameter_count(pruned)}
     method = Method(config.score, {count: [removed]})
-    return PruneResult(settings, removed, kept, count, {}, {config.score: method}, speed, None, {},
+    return PruneResult(settings, {config.score: method}, {}, {}, removed, kept, count, speed, None,
                        {"file": None, "why": "encoders are written as safetensors only"}, pruned, lm.tokenizer)
 
 
@@ -296,18 +256,18 @@ def _finish(result: PruneResult, out, force: bool) -> PruneResult:
     return result
 
 
-def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list[int]], eligible: list[int],
-                     longest: int, config: PruneConfig, scan_cost: dict) -> dict[str, Method]:
+def baseline_methods(bench: Bench, eligible: list[int], longest: int) -> dict[str, Method]:
     """last, random, Block Influence (the scan's) and angular runs (on calibration text; whole blocks only)."""
+    lm, config, scan, calibration = bench.lm, bench.config, bench.scan, bench.calibration
     counts = range(1, longest + 1)
     free = {n: {"seconds": 0.0, "forward_tokens": 0} for n in counts}
     methods = {"last": Method("last", {n: [last_blocks(eligible, n)] for n in counts}, free),
                "random": Method("random", {n: [random_blocks(eligible, n, d, config.seed) for d in range(config.draws)]
                                            for n in counts}, free)}
     if config.method != "block_influence" and "block_influence" in scan.scores:
-        order = _order(scan, "block_influence", eligible)
+        order = scan.least_critical("block_influence", eligible)
         methods["block_influence"] = Method("block_influence", {n: [sorted(order[:n])] for n in counts},
-                                            {n: scan_cost for n in counts})
+                                            {n: scan.cost for n in counts})
     if config.parts == "block":
         start = time.perf_counter()
         distances = run_distances(lm, calibration, longest)
@@ -320,11 +280,6 @@ def baseline_methods(lm: LanguageModel, scan: ScanResult, calibration: list[list
                 break
         methods["angular"] = Method("angular", choices, {n: cost for n in choices})
     return methods
-
-
-def _order(scan: ScanResult, score: str, eligible: list[int]) -> list[int]:
-    """Eligible blocks from least to most critical by one of the scan's scores."""
-    return least_critical(scan.scores[score], scan.direction(score), eligible)
 
 
 def _removing(lm: LanguageModel, blocks: list[int], part: str):
@@ -346,9 +301,10 @@ def _pruned_model(lm: LanguageModel, removed: list[int], part: str, heldout: lis
     return pruned, kept, speed
 
 
-def _heal(lm: LanguageModel, pruned, text, config: PruneConfig, before: dict, compute, progress: bool):
+def _heal(bench: Bench, pruned, before: dict, progress: bool):
     """Fine-tune every kept block (or LoRA on them, merged) on the training texts; evaluate after (``before`` is the
     pruned model's evaluation)."""
+    lm, config, text = bench.lm, bench.config, bench.text
     pruned_lm = LanguageModel.wrap(pruned, lm.tokenizer, lm.name)
     train = TrainConfig(steps=config.heal, lora=config.heal_lora, seed=config.seed, dtype=config.dtype,
                         max_tokens=config.max_tokens, n_eval=config.n_eval, eval_every=max(1, config.heal // 5))
@@ -356,7 +312,7 @@ def _heal(lm: LanguageModel, pruned, text, config: PruneConfig, before: dict, co
                            label="healing")
     if config.heal_lora:
         healed = healed.merge_and_unload()
-    after = evaluate(lm, text.heldout, {"healed": lambda: nullcontext(healed)}, compute=compute,
+    after = evaluate(lm, text.heldout, {"healed": lambda: nullcontext(healed)}, compute=bench.compute,
                      progress=False)[1]["healed"].summary()
     return healed, {"steps": config.heal, "lora": config.heal_lora, "before": before, "after": after,
                     "run": run.as_dict()}

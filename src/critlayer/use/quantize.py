@@ -16,130 +16,110 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ..common.errors import CritlayerError, require_at_least
-from ..common.folders import SavedResult, check_model_folder
+from ..common.errors import CritlayerError
+from ..common.options import option, override
 from ..common.stats import lens_correlations
-from ..data.text import load_data, sample_texts
-from ..find.measures import DIRECTION
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
-from ..models.loading import gguf_file, resolve_dtype
+from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
+from .change import ChangeConfig, ChangeResult, open_bench, open_model
 from .evaluation import Method, evaluate, evaluate_methods
-from .layers import scan_with_cost
-from .quantizers import FAMILIES, Width, parse_widths
-from .removal import least_critical
-from .train import computing_in, training_model
+from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
 
 SENSITIVITY = "sensitivity"
-DEFAULT_SCORE = SENSITIVITY
 SMALLEST_GGUF_BITS = 4.25  # MXFP4: below it, ``auto`` takes torchao's integer widths
+FAMILY_CHOICES = ("auto", *FAMILIES)
 
 
 @dataclass
-class QuantizeConfig:
-    """How to quantize (each field is the CLI flag of that name).
+class QuantizeConfig(ChangeConfig):
+    """How to quantize (each field is the CLI flag of that name), beside what every change shares (``ChangeConfig``).
 
     ``bits``: the average bits per block weight, everything a group is stored with counted (the embedding and head
-    are held as loaded and reported apart). ``format``: ``gguf`` (llama.cpp's types), ``int`` (torchao's groups of
+    are held as loaded and reported apart). ``family``: ``gguf`` (llama.cpp's types), ``int`` (torchao's groups of
     ``group_size``) or ``auto`` (gguf from 4.25 bits up). ``widths``: the candidate widths, a comma list (default
-    the format's). ``score`` makes the plan (default ``sensitivity``). ``data``: held-out texts (``n_eval`` of at most
-    ``max_tokens`` tokens: the context) and the ``calibration`` texts sensitivity reads, never held out. ``draws``
-    random plans; ``baselines`` off evaluates the chosen plan and uniform only; ``curve`` off evaluates at ``bits``
-    only. ``per_kind`` gives each block's attention and MLP a width apart. ``dtype`` is what the evaluation computes
-    in.
+    the family's). ``score`` makes the plan (default ``sensitivity``). ``curve`` off evaluates at ``bits`` only.
+    ``per_kind`` gives each block's attention and MLP a width apart.
     """
 
-    bits: float = 4.5
-    format: str = "auto"
-    widths: str | None = None
-    group_size: int = 64
-    score: str | None = None
-    data: str = "wiki"
-    n_eval: int = 32
-    max_tokens: int = 128
-    calibration: int = 16
-    draws: int = 5
-    baselines: bool = True
-    curve: bool = True
-    per_kind: bool = False
-    seed: int = 0
-    dtype: str = "auto"
+    MEASURED: ClassVar[str] = SENSITIVITY
+    DEFAULT_SCORE: ClassVar[str] = SENSITIVITY
 
-    def __post_init__(self):
-        self.score = self.score or DEFAULT_SCORE
-        if self.score != SENSITIVITY and self.score not in DIRECTION:
-            raise CritlayerError(f"unknown score {self.score!r}; choose {SENSITIVITY} or a scan score: "
-                                 f"{', '.join(sorted(DIRECTION))}")
-        if self.format not in ("auto", *FAMILIES):
-            raise CritlayerError(f"unknown format {self.format!r}; choose auto, {', '.join(FAMILIES)}")
-        if not 0 < self.bits < 64:
-            raise CritlayerError(f"--bits must be a positive average of bits per weight, got {self.bits:g}")
-        require_at_least(self, group_size=1, n_eval=2, max_tokens=2, calibration=2, draws=1, seed=0)
+    calibration: int = override(ChangeConfig, "calibration", 16)
+    bits: float = option(4.5, "average bits per block weight, scales and zero-points counted", positive=True,
+                         below=64)
+    family: str = option("auto", "the widths' family: gguf (llama.cpp's types), int (torchao's integer groups), "
+                                 "auto: gguf from 4.25 bits", choices=FAMILY_CHOICES, old_flag="--format")
+    widths: str | None = option(None, f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)} or "
+                                      f"{', '.join(INT_WIDTHS)} (default: the family's)")
+    group_size: int = option(64, "weights per group of an int width", minimum=1)
+    curve: bool = option(True, "evaluate at --bits only, not also at every inner width's uniform point",
+                         flag="--no-curve")
+    per_kind: bool = option(False, "give each block's attention and MLP a width apart")
 
     @property
-    def family(self) -> str:
-        if self.format != "auto":
-            return self.format
+    def widths_family(self) -> str:
+        """The family the widths come from: ``family``, or for ``auto`` gguf from 4.25 bits up, else int."""
+        if self.family != "auto":
+            return self.family
         return "gguf" if self.bits >= SMALLEST_GGUF_BITS else "int"
 
 
 @dataclass
-class QuantizeResult(SavedResult):
+class QuantizeResult(ChangeResult):
     """The chosen plan, every method's evaluation along the curve, the lenses' correlations and the exports."""
 
     FILE: ClassVar[str] = "quantize.json"
+    KIND: ClassVar[str] = "quantization"
+    POINT: ClassVar[type] = float
+    REFERENCE: ClassVar[str] = "unquantized"
+    OWN: ClassVar[tuple[str, ...]] = ("plan", "bits_per_weight", "sensitivity", "held_fixed", "exports")
 
-    settings: dict
     plan: dict[str, str]
-    bits: float
-    unquantized: dict
-    methods: dict[str, Method]
+    bits_per_weight: float
     sensitivity: dict | None
-    correlations: dict
     held_fixed: dict
     exports: dict
-    gguf_source: Path | None = None
+    gguf_source: Path | None = None  # what the exports are written from; not read back by ``load``
     gguf_types: dict | None = None
     torchao_config: dict | None = None
 
+    @property
+    def point(self) -> float:
+        return self.settings["bits"]
+
     def to_json(self) -> dict:
-        return {**self.settings, "plan": self.plan, "bits_per_weight": self.bits, "unquantized": self.unquantized,
-                "methods": {k: m.to_json() for k, m in self.methods.items()}, "sensitivity": self.sensitivity,
-                "correlations": self.correlations, "held_fixed": self.held_fixed, "exports": self.exports}
+        return {**self.base_json(), **{name: getattr(self, name) for name in self.OWN}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantizeResult":
+        return cls(**cls.base_fields(data, cls.OWN), **{name: data[name] for name in cls.OWN})
 
     def rows(self) -> list[tuple[str, float, float, str, float]]:
         """(method, bits per weight, perplexity, range, KL) at the budget asked for; random as its median and
         range."""
-        budget = self.settings["bits"]
-        out = []
-        for name, m in self.methods.items():
-            if budget not in m.perplexity:
-                continue
-            values, summaries = m.perplexity[budget], m.summary[budget]
-            spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
-            kl = float(np.median([s["kl"] for s in summaries]))
-            out.append((name, m.cost[budget]["bits_per_weight"], m.median(budget), spread, kl))
-        return out
+        budget = self.point
+        return [(name, m.cost[budget]["bits_per_weight"], ppl, spread,
+                 float(np.median([s["kl"] for s in m.summary[budget]]))) for name, m, ppl, spread in self.point_rows()]
 
     def table(self) -> str:
         s = self.settings
         widths = ", ".join(f"{w}: {n}" for w, n in Counter(self.plan.values()).items())
-        lines = [f"quantized {s['model']['name']} at {self.bits:.4f} bits per block weight (budget {s['bits']:g}) by "
-                 f"{s['score']}: {widths}", f"embedding and head: {self.held_fixed['text']}"]
-        if not self.unquantized:
+        lines = [f"quantized {s['model']['name']} at {self.bits_per_weight:.4f} bits per block weight (budget "
+                 f"{s['bits']:g}) by {s['score']}: {widths}", f"embedding and head: {self.held_fixed['text']}"]
+        if not self.reference:
             return "\n".join([*lines, f"not evaluated ({s['evaluation']})"])
-        lines.append(f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
-                     f"{s['context_tokens']} tokens), unquantized {self.unquantized['perplexity']:.3f}:")
+        lines.append(self.heading(3))
         rows = self.rows()
         width = max(len(r[0]) for r in rows)
         lines.append(f"  {'method':<{width}} {'bits':>7} {'perplexity':>11} {'range':>13} {'KL':>8}")
@@ -182,64 +162,50 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     >>> scanned = critlayer.scan(model_folder, probes=text_file, n=16, max_tokens=12, progress=False)
     >>> result = critlayer.quantize(model_folder, bits=5, widths="Q4_0,Q5_0,Q8_0", data=text_file, n_eval=4,
     ...                             calibration=4, draws=2, scan=scanned, progress=False)
-    >>> round(result.bits, 3) <= 5
+    >>> round(result.bits_per_weight, 3) <= 5
     True
     """
     config = replace(config, **options) if config is not None else QuantizeConfig(**options)
-    if out is not None:
-        check_model_folder(Path(out), force)
-    lm = training_model(model, device)
-    widths = parse_widths(config.widths, config.family, config.group_size)
+    widths = parse_widths(config.widths, config.widths_family, config.group_size)
     if not widths[0].bits <= config.bits <= widths[-1].bits:
         raise CritlayerError(f"--bits {config.bits:g} lies outside the widths' {float(widths[0].bits):g} "
                              f"({widths[0].name}) to {float(widths[-1].bits):g} ({widths[-1].name}) bits per weight")
+    lm = open_model(model, out=out, force=force, device=device)
     if not lm.is_causal and config.score == SENSITIVITY:
         raise CritlayerError(f"{lm.architecture} has no LM head: sensitivity needs a next-token loss; plan by a "
                              "scan score")
     weights = BlockWeights(lm, widths, per_kind=config.per_kind, progress=progress)
-    scan_result, scan_cost = scan_with_cost(lm, scan, config.dtype, progress)
-    if config.score != SENSITIVITY:
-        scan_result.ranking(config.score)  # a score the scan lacks ends here, in one line
+    bench = open_bench(lm, config, scan, progress=progress)
     budgets = _budgets(config, weights)
-    settings = {"model": lm.describe(), "bits": config.bits, "format": config.family, "score": config.score,
-                "widths": {w.name: {"bits": float(w.bits), "group": w.group} for w in widths},
-                "budgets": budgets, "config": asdict(config),
-                "scan": {"critical": scan_result.critical, "probes": scan_result.probes, "cost": scan_cost},
+    settings = {**bench.settings(), "bits": config.bits, "family": config.widths_family,
+                "widths": {w.name: {"bits": float(w.bits), "group": w.group} for w in widths}, "budgets": budgets,
                 "ranked_rule": f"the first {UP_SHARE:.0%} of the weights in the order one width up, the last ones "
                                "one width down until the plan fits"}
-    if not lm.is_causal:
-        plan = ranked_plan(_order(scan_result, config.score, weights), weights.costs, weights.sizes,
+    if bench.text is None:
+        plan = ranked_plan(_order(bench.scan, config.score, weights), weights.costs, weights.sizes,
                            weights.budget(config.bits))
-        settings["evaluation"] = "none: the model has no LM head"
-        method = Method(config.score, {config.bits: [plan]}, {config.bits: _cost(weights, plan, scan_cost)})
-        return _finish(lm, weights, widths, plan, settings, {}, {config.score: method}, None, {}, config, out, force)
+        method = Method(config.score, {config.bits: [plan]}, {config.bits: _cost(weights, plan, bench.scan.cost)})
+        return _finish(lm, weights, plan, settings, {}, {config.score: method}, None, {}, config, out, force)
 
-    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
-    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens, seed=config.seed)
-                   if len(ids) >= 2]
-    compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
     sensitivity = None
     if config.score == SENSITIVITY or config.baselines:
-        sensitivity = measure_sensitivity(lm, weights, calibration, compute, progress)
-    methods = plan_methods(weights, scan_result, scan_cost, sensitivity, budgets, config)
+        sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
+    methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
     weights.prepare([c for m in methods.values() for choices in m.choices.values() for c in choices])
-    reference = evaluate_methods(lm, methods, text.heldout, config.bits, lambda plan: partial(weights.applied, plan),
-                                 compute, progress)
+    reference = evaluate_methods(lm, methods, bench.text.heldout, config.bits,
+                                 lambda plan: partial(weights.applied, plan), bench.compute, progress)
     correlations = {}
     if sensitivity is not None:
         down = max(uniform_width(weights.costs, weights.budget(config.bits)) - 1, 0)
         sensitivity["correlated_width"] = widths[down].name
-        correlations = lens_correlations(scan_result.scores, {
+        correlations = lens_correlations(bench.scan.scores, {
             "quantization_damage": weights.per_block(np.array(sensitivity["kl"])[:, down]),
             "loss_rise": weights.per_block(np.array(sensitivity["loss_rise"])[:, down])},
             list(range(1, lm.num_layers - 1)))
-    settings |= {"data": text.describe(), "context_tokens": config.max_tokens,
-                 "calibration": {"source": config.data, "texts": len(calibration), "tokens": sum(map(len, calibration))},
-                 "dtype": str(resolve_dtype(config.dtype, str(lm.device))).removeprefix("torch."),
-                 "baselines": list(methods)[1:]}
+    settings["baselines"] = list(methods)[1:]
     plan = next(iter(methods.values())).choices[config.bits][0]
-    return _finish(lm, weights, widths, plan, settings, reference.summary(), methods, sensitivity, correlations,
-                   config, out, force)
+    return _finish(lm, weights, plan, settings, reference.summary(), methods, sensitivity, correlations, config, out,
+                   force)
 
 
 def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: list[list[int]], compute,
@@ -260,10 +226,10 @@ def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: l
                      "forward_tokens": sum(map(len, calibration)) * (len(alone) + 1)}}
 
 
-def plan_methods(weights: BlockWeights, scan: ScanResult, scan_cost: dict, sensitivity: dict | None,
-                 budgets: list[float], config: QuantizeConfig) -> dict[str, Method]:
+def plan_methods(weights: BlockWeights, scan: ScanResult, sensitivity: dict | None, budgets: list[float],
+                 config: QuantizeConfig) -> dict[str, Method]:
     """Every method's plan at every budget, the chosen one's first."""
-    n = len(weights.sizes)
+    n, scan_cost = len(weights.sizes), scan.cost
     free = {"seconds": 0.0, "forward_tokens": 0}
     damage = None if sensitivity is None else np.array(sensitivity["kl"])
 
@@ -303,8 +269,7 @@ def plan_methods(weights: BlockWeights, scan: ScanResult, scan_cost: dict, sensi
 def _order(scan: ScanResult, score: str, weights: BlockWeights) -> list[int]:
     """Every unit, most critical block first by one of the scan's scores (the edges included: they are quantized
     too)."""
-    blocks = least_critical(scan.scores[score], scan.direction(score), list(range(weights.lm.num_layers)))[::-1]
-    return weights.units_of(blocks)
+    return weights.units_of(scan.ranking(score, list(range(weights.lm.num_layers))))
 
 
 def _sensitivity_order(damage: np.ndarray, costs: np.ndarray, budget: int) -> list[int]:
@@ -325,16 +290,15 @@ def _cost(weights: BlockWeights, plan: list[int], cost: dict) -> dict:
     return {**cost, "bits_per_weight": round(weights.bits_per_weight(plan), 6)}
 
 
-def _finish(lm: LanguageModel, weights: BlockWeights, widths: list[Width], plan: list[int], settings: dict,
-            unquantized: dict, methods: dict[str, Method], sensitivity, correlations: dict, config: QuantizeConfig,
+def _finish(lm: LanguageModel, weights: BlockWeights, plan: list[int], settings: dict, unquantized: dict, methods: dict[str, Method], sensitivity, correlations: dict, config: QuantizeConfig,
             out, force: bool) -> QuantizeResult:
-    named = {weights.labels[u]: widths[k].name for u, k in enumerate(plan)}
+    named = {weights.labels[u]: weights.widths[k].name for u, k in enumerate(plan)}
     source, architecture, held = _source(lm)
-    exports, types, torchao_config = _exports(lm, weights, plan, source, architecture, config.family)
+    exports, types, torchao_config = _exports(lm, weights, plan, source, architecture, config.widths_family)
     if types and source is not None:
         settings["degenerate"] = _degenerate({held.get(name) for name in types}, weights, settings["budgets"])
-    result = QuantizeResult(settings, named, weights.bits_per_weight(plan), unquantized, methods, sensitivity,
-                            correlations, _held_fixed(lm, held), exports, source, types, torchao_config)
+    result = QuantizeResult(settings, methods, unquantized, correlations, named, weights.bits_per_weight(plan),
+                            sensitivity, _held_fixed(lm, held), exports, source, types, torchao_config)
     if out is not None:
         result.save(out, force=force)
     return result

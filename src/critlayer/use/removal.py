@@ -34,16 +34,6 @@ from ..models.loss import BATCH, text_batches
 BASELINES = ("last", "random", "block_influence", "angular", "sleb")
 
 
-def eligible_blocks(num_layers: int, edges: bool = False) -> list[int]:
-    """Every block, or (by default) every block but the first and the last."""
-    return list(range(num_layers)) if edges else list(range(1, num_layers - 1))
-
-
-def least_critical(scores: np.ndarray, direction: int, eligible: list[int]) -> list[int]:
-    """Eligible blocks from least to most critical by a score (``direction`` +1: high = critical); ties by index."""
-    return sorted(eligible, key=lambda i: (direction * float(scores[i]), i))
-
-
 def last_blocks(eligible: list[int], n: int) -> list[int]:
     return sorted(eligible[-n:])
 

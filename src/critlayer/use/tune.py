@@ -19,9 +19,12 @@ from ..common.folders import SavedResult, check_output_folder
 from ..data.text import TextData, load_data
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
-from ..prove.validate import Validation, the_validation
-from .layers import Lens, choose_lens, lora_config, ranking_scan, resolve_layers
-from .train import TrainConfig, TrainRun, finetune, training_model
+from ..models.loading import float32_model
+from ..train.finetune import TrainConfig, TrainRun, finetune
+from ..train.targets import lora_config
+from .layers import Lens, ranked_by, resolve_layers
+
+DEFAULT_COMPARE = "critical:4,noncritical:4,random:4"
 
 
 @dataclass
@@ -29,6 +32,7 @@ class TuneResult(SavedResult):
     """One fine-tuning run, with the model it produced (saved as model/ or adapter/, not reloaded from tune.json)."""
 
     FILE: ClassVar[str] = "tune.json"
+    KIND: ClassVar[str] = "fine-tune"
 
     spec: str
     settings: dict
@@ -42,6 +46,12 @@ class TuneResult(SavedResult):
 
     def to_json(self) -> dict:
         return {"spec": self.spec, **self.settings, "warnings": self.warnings, "run": self.run.as_dict()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TuneResult":
+        """The run as saved (the tuned weights stay in the folder's model/ or adapter/)."""
+        settings = {k: v for k, v in data.items() if k not in ("spec", "warnings", "run")}
+        return cls(data["spec"], settings, TrainRun.from_dict(data["run"]))
 
     def table(self) -> str:
         run, lens = self.run, self.settings["lens"]
@@ -69,6 +79,7 @@ class TuneComparison(SavedResult):
     """Layer choices fine-tuned side by side from the same weights, one run per spec and seed."""
 
     FILE: ClassVar[str] = "compare.json"
+    KIND: ClassVar[str] = "fine-tuning comparison"
 
     specs: list[str]
     seeds: list[int]
@@ -133,6 +144,12 @@ class TuneComparison(SavedResult):
                 "verdicts": self.verdicts(), "warnings": self.warnings,
                 "runs": {s: [r.as_dict() for r in runs] for s, runs in self.runs.items()}}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "TuneComparison":
+        derived = ("specs", "seeds", "summary", "verdicts", "warnings", "runs")
+        return cls(data["specs"], data["seeds"], {k: v for k, v in data.items() if k not in derived},
+                   {s: [TrainRun.from_dict(r) for r in runs] for s, runs in data["runs"].items()})
+
     def write_files(self, folder: Path) -> None:
         from ..report.training import plot_curves
 
@@ -149,12 +166,13 @@ def _warnings(runs: dict[str, list[TrainRun]], seeds: list[int]) -> list[str]:
 
 
 def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str = "critical:4", *,
-         compare: str | list[str] | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
-         score: str | None = None, validation: Validation | str | Path | None = None,
+         compare: str | list[str] | bool | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
+         score: str | None = None, validation=None,
          config: TrainConfig | None = None, out: str | Path | None = None,
          force: bool = False, progress: bool = True, device: str | None = None,
          **options) -> TuneResult | TuneComparison:
-    """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, or a comma list) each choice from
+    """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, a comma list, or True for
+    ``DEFAULT_COMPARE``) each choice from
     the same pre-trained weights on the same data order, over ``seeds`` seeds.
 
     ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
@@ -169,6 +187,7 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     ([1, 4], [0, 2])
     """
     config = replace(config, **options) if config is not None else TrainConfig(**options)
+    compare = DEFAULT_COMPARE if compare is True else compare
     specs = [s.strip() for s in compare.split(",") if s.strip()] if isinstance(compare, str) else compare
     if seeds < 1:
         raise CritlayerError(f"--seeds must be at least 1, got {seeds}")
@@ -178,11 +197,10 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
         raise CritlayerError(f"--compare needs distinct layer specs, got {','.join(specs or []) or 'none'}")
     if out is not None:
         check_output_folder(out, (TuneResult if specs is None else TuneComparison).FILE, force)
-    lm = training_model(model, device)
+    lm = float32_model(model, device)
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
-    validation = the_validation(validation, lm)
-    scan_result = ranking_scan(lm, specs or [layers], scan, progress=progress) if validation is None else None
-    lens = choose_lens(scan_result, validation, score)
+    scan_result, lens = ranked_by(lm, specs or [layers], scan=scan, validation=validation, score=score,
+                                  progress=progress)
     if specs is None:
         result = _tune_one(lm, text, layers, config, scan_result, lens, progress)
     else:

@@ -1,0 +1,167 @@
+"""The frame of every command that changes a model and compares it on held-out text (``prune``, ``quantize``): the
+options they share, their setup, and the result base they save and reload.
+
+A command states what it changes (its own config fields, its methods and their choices); the frame gives it the
+model with float32 weights, the scan that supplies scores (given, or run as ``critlayer scan`` would), held-out and
+calibration text drawn from one source and never overlapping, the context the evaluation computes in, the settings
+every result records, and a result whose rows, table heading, JSON and reload are the same for all.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..common.errors import CritlayerError
+from ..common.folders import SavedResult, check_model_folder
+from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
+from ..data.text import TextData, check_source, load_data, sample_texts
+from ..find.measures import DIRECTION
+from ..find.result import ScanResult
+from ..find.scan import scan_of
+from ..models import LanguageModel
+from ..models.loading import DTYPES, float32_model, resolve_dtype
+from ..models.running import computing_in
+from .evaluation import Method
+
+
+@dataclass
+class ChangeConfig:
+    """What every change-and-compare command shares (each field is the CLI flag of that name): the ``score`` that
+    ranks the blocks (``MEASURED``, the command's own measurement, or any scan score), the ``data`` that gives
+    ``n_eval`` held-out texts of at most ``max_tokens`` tokens (the context) and ``calibration`` texts never held out,
+    ``draws`` of each random baseline, whether the ``baselines`` run, the ``seed`` and the ``dtype`` the evaluation
+    computes in."""
+
+    MEASURED: ClassVar[str]
+    DEFAULT_SCORE: ClassVar[str]
+
+    score: str | None = option(None, "what ranks the blocks: the command's own measurement or any scan score, e.g. "
+                                     "consensus")
+    data: str = option("wiki", "held-out and calibration text: wiki, bbc, sharegpt or a .txt/.jsonl file")
+    n_eval: int = option(32, "held-out texts", minimum=2)
+    max_tokens: int = option(128, "tokens per text at most: the evaluation's context", minimum=2)
+    calibration: int = option(32, "calibration texts the measured choices read, never held out", minimum=2)
+    draws: int = option(5, "draws of each random baseline", minimum=1)
+    baselines: bool = option(True, "evaluate the chosen blocks only, without the baselines", flag="--no-baselines")
+    seed: int = option(0, SEED_HELP, minimum=0)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+
+    def __post_init__(self):
+        self.score = self.score or self.DEFAULT_SCORE
+        if self.score != self.MEASURED and self.score not in DIRECTION:
+            raise CritlayerError(f"unknown score {self.score!r}; choose {self.MEASURED} or a scan score: "
+                                 f"{', '.join(sorted(DIRECTION))}")
+        check_options(self)
+        check_source(self.data, self.n_eval)
+
+
+@dataclass
+class Bench:
+    """What a change is measured on: the model (float32 weights), the scan that supplies scores and what it cost,
+    the held-out and calibration text (none for an encoder: it has no next-token loss), and the config."""
+
+    lm: LanguageModel
+    scan: ScanResult
+    text: TextData | None
+    calibration: list[list[int]]
+    config: ChangeConfig
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return resolve_dtype(self.config.dtype, str(self.lm.device))
+
+    def compute(self) -> AbstractContextManager:
+        """The context every forward of the evaluation runs in (autocast to ``dtype`` over float32 weights)."""
+        return computing_in(self.lm.model, self.dtype)
+
+    def settings(self) -> dict:
+        """What every result of a change records of its setting."""
+        out = {"model": self.lm.describe(), "score": self.config.score, "config": asdict(self.config),
+               "scan": {"critical": self.scan.critical, "probes": self.scan.probes, "cost": self.scan.cost}}
+        if self.text is None:
+            return {**out, "evaluation": "none: the model has no LM head"}
+        return {**out, "data": self.text.describe(), "context_tokens": self.config.max_tokens,
+                "calibration": {"source": self.config.data, "texts": len(self.calibration),
+                                "tokens": sum(map(len, self.calibration))},
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def open_model(model: LanguageModel | str, *, out: str | Path | None, force: bool,
+               device: str | None) -> LanguageModel:
+    """Refuse an output folder in the way, then load the model with float32 weights. A command checks what it asks
+    of the model next, before ``open_bench`` runs the scan."""
+    if out is not None:
+        check_model_folder(Path(out), force)
+    return float32_model(model, device)
+
+
+def open_bench(lm: LanguageModel, config: ChangeConfig, scan: ScanResult | str | Path | None, *,
+               progress: bool) -> Bench:
+    """The scan (given, or run as ``critlayer scan`` would), checked to hold the config's score, and the held-out
+    and calibration text."""
+    result = scan_of(lm, scan, dtype=config.dtype, progress=progress)
+    if config.score != config.MEASURED:
+        result.ranking(config.score)  # a score the scan lacks ends here, in one line
+    if not lm.is_causal:
+        return Bench(lm, result, None, [], config)
+    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
+    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens,
+                                               seed=config.seed) if len(ids) >= 2]
+    return Bench(lm, result, text, calibration, config)
+
+
+@dataclass
+class ChangeResult(SavedResult):
+    """A change and its comparison: the settings, every method's choices and held-out figures along the curve (the
+    chosen method first), the unchanged model's figures (``reference``, empty where nothing was evaluated) and
+    which scan score predicts the damage (``correlations``).
+
+    ``POINT`` is the type of a curve's points (a count of blocks, a budget of bits); ``REFERENCE`` what the
+    unchanged model is called; ``point`` the point asked for.
+    """
+
+    POINT: ClassVar[type]
+    REFERENCE: ClassVar[str]
+
+    settings: dict
+    methods: dict[str, Method]
+    reference: dict
+    correlations: dict
+
+    @property
+    def point(self) -> float:
+        raise NotImplementedError
+
+    def point_rows(self) -> list[tuple[str, Method, float, str]]:
+        """(name, method, perplexity, range) of every method evaluated at the point asked for: a method with several
+        draws by its median and the range of its draws."""
+        out = []
+        for name, m in self.methods.items():
+            if self.point in m.perplexity:
+                values = m.perplexity[self.point]
+                spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+                out.append((name, m, m.median(self.point), spread))
+        return out
+
+    def heading(self, digits: int) -> str:
+        """The table's line that says what the perplexities are measured on."""
+        s = self.settings
+        return (f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
+                f"{s['context_tokens']} tokens), {self.REFERENCE} {self.reference['perplexity']:.{digits}f}:")
+
+    def base_json(self) -> dict:
+        return {**self.settings, self.REFERENCE: self.reference,
+                "methods": {k: m.to_json() for k, m in self.methods.items()}, "correlations": self.correlations}
+
+    @classmethod
+    def base_fields(cls, data: dict, own: tuple[str, ...]) -> dict:
+        """The base fields of a saved result (``own``: the keys of the subclass's fields, not settings)."""
+        taken = {cls.REFERENCE, "methods", "correlations", *own}
+        return {"settings": {k: v for k, v in data.items() if k not in taken}, "reference": data[cls.REFERENCE],
+                "methods": {k: Method.from_json(k, m, cls.POINT) for k, m in data["methods"].items()},
+                "correlations": data["correlations"]}
