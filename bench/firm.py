@@ -33,7 +33,7 @@ import torch
 import critlayer
 from critlayer.find.capture import padded_batch
 from critlayer.find.probes import Probes
-from critlayer.find.writing import BATCH_SIZE, end_tokens, start_token, write_probes
+from critlayer.find.sampler import BATCH_SIZE, end_tokens, start_token, write_probes
 from critlayer.models import running
 
 TOKENS = 64

@@ -164,3 +164,60 @@ def test_bad_measure_options_are_one_line(tiny_folder, tmp_path, capsys, extra, 
     extra = [str(tmp_path / e) if e.endswith(".txt") else e for e in extra]
     assert message in _error(capsys, ["scan", str(tiny_folder), "--n", "4", "--out", str(tmp_path / "o"), "--quiet", *extra])
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_refused_in_one_line_before_any_model_work(tiny_folder, tmp_path, capsys):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(256)) * 16)
+    missing = str(tmp_path / "missing.txt")
+    # a model that does not exist: had it been loaded first, the error would be about the model
+    for argv, message in [(["prune", "no-such-model", "--data", str(noise)], "not UTF-8 text"),
+                          (["prune", "no-such-model", "--data", missing], "file not found"),
+                          (["tune", "no-such-model", "--data", missing], "file not found"),
+                          (["validate", "no-such-model", "--data", missing], "file not found"),
+                          (["defend", "no-such-model", "--data", str(tmp_path / "missing.jsonl")], "file not found"),
+                          (["scan", "no-such-model", "--measures", "all", "--data", missing], "file not found"),
+                          (["scan", "no-such-model", "--probes", str(noise)], "not UTF-8 text"),
+                          (["scan", str(tiny_folder), "--window", "100"], "--window 100 does not fit the 6 blocks")]:
+        assert message in _error(capsys, [*argv, "--out", str(tmp_path / "out")]), argv
+    assert not (tmp_path / "out").exists()
+
+
+def _flags(parser) -> dict[str, dict[str, tuple]]:
+    """Every visible flag of every command: what kind of value it takes, and what its help says before its default
+    and any ``;`` note of the command's own."""
+    import argparse
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    out: dict[str, dict[str, tuple]] = {}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or not action.option_strings or action.dest == "help":
+                continue
+            kind = (type(action).__name__, action.nargs, getattr(action.type, "__name__", None),
+                    tuple(action.choices or ()))
+            meaning = action.help.split(" (default")[0].split(";")[0]
+            out.setdefault(action.option_strings[0], {})[name] = (kind, meaning)
+    return out
+
+
+# Flags whose text names what the command itself reads or writes: the same kind of value, said in its own words.
+CONTEXTUAL = {"--data", "--score", "--scan", "--measures", "--edges", "--batch-size", "--out"}
+
+
+def test_one_flag_one_meaning_across_commands():
+    from critlayer.cli import build_parser
+
+    for flag, by_command in _flags(build_parser()).items():
+        kinds = {kind for kind, _ in by_command.values()}
+        assert len(kinds) == 1, f"{flag} takes different values: {by_command}"
+        if flag not in CONTEXTUAL:
+            meanings = {meaning for _, meaning in by_command.values()}
+            assert len(meanings) == 1, f"{flag} means different things: {by_command}"
+
+
+def test_old_flag_spellings_still_work_with_a_warning(tiny_folder, tmp_path, capsys):
+    assert main(["scan", str(tiny_folder), "--n", "12", "--max-tokens", "12", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    assert "--max-tokens is deprecated" in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / "scan.json").read_text())["probes"]["max_tokens"] == 12

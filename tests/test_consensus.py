@@ -6,7 +6,7 @@ import pytest
 from critlayer import CritlayerError, LanguageModel, ScanResult, scan
 from critlayer.find.consensus import agreement, bootstrap_critical, consensus, criticality_rank
 from critlayer.find.measures import DIRECTION, MEASURES
-from critlayer.find.measures.sample import resample_rows
+from critlayer.find.measures.rows import resample_rows
 from critlayer.find.probes import Probes, random_probes
 
 from conftest import tiny_model, tiny_tokenizer

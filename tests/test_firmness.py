@@ -11,7 +11,7 @@ import torch
 from critlayer import CritlayerError, LanguageModel, export, load, scan
 from critlayer.find.firmness import ROUND
 from critlayer.find.probes import make_probes, random_probes
-from critlayer.find.writing import write_probes
+from critlayer.find.sampler import write_probes
 
 from conftest import TINY, tiny_model, tiny_tokenizer
 
@@ -164,7 +164,7 @@ def test_a_scan_does_not_stop_while_a_block_is_tentative():
 def test_replicas_lie_sqrt2_times_farther_from_the_whole_than_halves():
     """Another scan is simulated as the whole profile (every row) plus sqrt(2) times a half's deviation from it."""
     from critlayer.find.firmness import REPLICA_SPREAD, delta_picks, half_deltas
-    from critlayer.find.measures.sample import Batch, RowSample
+    from critlayer.find.measures.rows import Batch, RowSample
 
     generator = torch.Generator().manual_seed(1)
     base = torch.randn(60, 8, generator=generator)

@@ -140,7 +140,7 @@ def test_a_full_disk_is_one_clear_error(monkeypatch):
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("critlayer.find.measures.sample.os.pwrite", full)
+    monkeypatch.setattr("critlayer.find.measures.rows.os.pwrite", full)
     keys = torch.tensor([0.25, 0.5], dtype=torch.float64)
     with pytest.raises(CritlayerError, match="No space left on device; point TMPDIR at a larger disk"):
         RowSample(2).update(Batch(torch.ones(3, 2, 4), keys))

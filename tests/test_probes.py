@@ -54,7 +54,7 @@ def test_the_two_step_draw_samples_the_inverse_cdf_over_the_whole_vocabulary():
     multiple of the chunk), and never a token that cannot be drawn."""
     import torch
 
-    from critlayer.find.writing import draw
+    from critlayer.find.sampler import draw
 
     generator = torch.Generator().manual_seed(0)
     for vocab in (3000, 4096):

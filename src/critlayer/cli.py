@@ -57,7 +57,7 @@ PARAMETERS = {
     "layers": Parameter(f"a layer spec: {SPEC}", none="the scan's critical blocks"),
     "freeze": Parameter(f"blocks kept frozen: none, or a layer spec: {SPEC}"),
     "seeds": Parameter("repeat over N seeds from --seed on, for the spread", type=int),
-    "scan": Parameter("a scan of the model to take scores from (its folder or scan.json)", type=Path,
+    "scan": Parameter("a scan of the model to take scores from: its folder or scan.json", type=Path,
                       none="scan now"),
     "score": Parameter("the score that ranks the blocks for critical:K", none="the scan's selection score"),
     "validation": Parameter("a validation of the model: critical:K ranks by the lens it found best (no scan needed)",
@@ -83,13 +83,15 @@ PARAMETERS = {
 
 @dataclass(frozen=True)
 class Command:
-    """A verb: its function, its config (whose fields become flags), its own parameters that become flags (with
-    per-command help where a parameter means more there), its output folder and how its result is shown."""
+    """A verb: its function, its config (whose fields become flags, but for those it ``skips``), its own parameters
+    that become flags (with per-command help where a parameter means more there), its output folder and how its
+    result is shown."""
 
     function: Callable
     help: str
     config: type | None = None
     parameters: tuple[str, ...] = ()
+    skips: tuple[str, ...] = ()
     helps: dict = field(default_factory=dict)
     out: str | None = None
     show: Callable = lambda result, args: result.table()
@@ -99,6 +101,7 @@ def _show_scan(result, args) -> str:
     return f"{result.table()}\n\n{result.answer()}; {result.timing['total']:.1f} s"
 
 
+WHOLE_BLOCKS = ("lora", "lora_r")  # validate and defend fine-tune whole blocks
 COMMANDS = {
     "scan": Command(scan, "find a model's critical layers without task data", ScanConfig,
                     ("model", "dtype", "device", "device_map", "stream", "trust_remote_code"), out="critlayer-scan",
@@ -118,14 +121,14 @@ COMMANDS = {
                     out="critlayer-tune"),
     "validate": Command(validate, "do the scan's critical layers predict what fine-tuning changes?", TrainConfig,
                         ("model", "data", "tuned", "seeds", "scan", "restore_window", "measures", "permutations",
-                         "device"), out="critlayer-validate"),
+                         "device"), skips=WHOLE_BLOCKS, out="critlayer-validate"),
     "defend": Command(defend, "does freezing critical blocks blunt a backdoor planted by fine-tuning?", DefendConfig,
                       ("model", "data", "freeze", "compare", "scan", "score", "validation", "device"),
                       helps={"data": Parameter("prompt-reply pairs: sharegpt, or a .jsonl file of prompt and reply "
                                                "fields"),
                              "compare": Parameter("comma list of layer specs run side by side", none="one run",
                                                   const=DEFEND_COMPARE)},
-                      out="critlayer-defend"),
+                      skips=WHOLE_BLOCKS, out="critlayer-defend"),
     "prune": Command(prune, "remove the least critical blocks, save a checkpoint, compare with baselines",
                      PruneConfig, ("model", "scan", "device"), out="critlayer-pruned"),
     "quantize": Command(quantize, "give each block a width at a fixed average of bits, compare with baselines",
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_parameter(p, parameter, command.helps.get(parameter, PARAMETERS.get(parameter)),
                            inspect.signature(command.function).parameters[parameter].default)
         if command.config is not None:
-            _add_config(p, command.config)
+            _add_config(p, command.config, command.skips)
         if command.out is not None:
             p.add_argument("--out", type=Path, default=Path(command.out), help=f"output folder (default {command.out})")
             p.add_argument("--force", action="store_true", help="overwrite an earlier result in --out")
@@ -179,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_parameter(p: argparse.ArgumentParser, name: str, parameter: Parameter, default) -> None:
     """A function's own parameter as a flag (or an argument), its default read from the signature."""
     default = None if default is inspect.Parameter.empty else default
-    shown = parameter.none if default is None else default
-    text = parameter.help + (f" (default {shown})" if shown is not None and parameter.type is not bool else "")
+    text = parameter.help + _default(default, parameter.none) * (parameter.type is not bool)
     if parameter.positional:
         p.add_argument(name, type=parameter.type, nargs=parameter.nargs, default=default, help=text)
         return
@@ -191,19 +193,19 @@ def _add_parameter(p: argparse.ArgumentParser, name: str, parameter: Parameter, 
     options = {"dest": name, "type": parameter.type, "default": default, "choices": parameter.choices}
     if parameter.const is not None:
         options |= {"nargs": "?", "const": parameter.const}
-        text = f"{parameter.help}; alone: {parameter.const} (default {parameter.none})"
-    p.add_argument(flag, help=text, **options)
+        text = f"{parameter.help}; alone: {parameter.const}{_default(None, parameter.none)}"
+    p.add_argument(flag, help=text, metavar=_metavar(flag, parameter.choices), **options)
     if parameter.old_flag:
         p.add_argument(parameter.old_flag, action=_Deprecated, new=flag, help=argparse.SUPPRESS, **options)
 
 
-def _add_config(p: argparse.ArgumentParser, config: type) -> None:
+def _add_config(p: argparse.ArgumentParser, config: type, skips: tuple[str, ...]) -> None:
     """A config's fields as flags, a command's own fields before the ones it shares; unset flags take the config's
     defaults, so each default is written once, on its field."""
     hints = typing.get_type_hints(config)
     own = [f for f in fields(config) if f.name in vars(config).get("__annotations__", {})]
     for f in own + [f for f in fields(config) if f not in own]:
-        if "help" not in f.metadata:
+        if "help" not in f.metadata or f.name in skips:
             continue
         meta, default = f.metadata, (None if f.default is MISSING else f.default)
         flag = flag_of(f)
@@ -213,12 +215,23 @@ def _add_config(p: argparse.ArgumentParser, config: type) -> None:
             continue
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         kind = kind if kind in (int, float) else str
-        text = meta["help"] + ("" if default is None else f" (default {default:g})" if isinstance(default, float)
-                               else f" (default {default})")
         options = {"dest": f.name, "type": kind, "default": argparse.SUPPRESS, "choices": meta["choices"]}
-        p.add_argument(flag, help=text, **options)
+        p.add_argument(flag, help=meta["help"] + _default(default, meta["none"]), metavar=_metavar(flag, meta["choices"]),
+                       **options)
         if meta["old_flag"]:
             p.add_argument(meta["old_flag"], action=_Deprecated, new=flag, help=argparse.SUPPRESS, **options)
+
+
+def _default(value, none: str | None) -> str:
+    """How a flag's help ends: its default, or what a default of None means."""
+    if value is None:
+        return f" (default: {none})" if none else ""
+    return f" (default {value:g})" if isinstance(value, float) else f" (default {value})"
+
+
+def _metavar(flag: str, choices: tuple | None) -> str | None:
+    """What the help shows for a flag's value: its choices, or its name (``--turn-tokens TURN_TOKENS``)."""
+    return None if choices else flag.removeprefix("--").replace("-", "_").upper()
 
 
 def run(name: str, args: argparse.Namespace) -> None:

@@ -17,13 +17,13 @@ DTYPE_HELP = ("what the model computes in: auto is bfloat16 on GPUs and CPUs wit
 
 
 def option(default, help: str, *, minimum: float | None = None, below: float | None = None,
-           positive: bool = False, choices: tuple | None = None, flag: str | None = None,
+           positive: bool = False, choices: tuple | None = None, none: str | None = None, flag: str | None = None,
            old_flag: str | None = None):
     """A config field with what its CLI flag says and accepts: ``minimum`` (inclusive), ``below`` (exclusive),
-    ``positive`` (a finite number above zero), ``choices``; ``flag`` where the flag is not the field's name
+    ``positive`` (a finite number above zero), ``choices``; ``none``: what a default of None means; ``flag`` where the flag is not the field's name
     (``--no-baselines`` for a switch that is on by default), ``old_flag`` a deprecated spelling still accepted."""
     meta = {"help": help, "minimum": minimum, "below": below, "positive": positive, "choices": choices,
-            "flag": flag, "old_flag": old_flag}
+            "none": none, "flag": flag, "old_flag": old_flag}
     return field(default=default, metadata=meta)
 
 

@@ -2,7 +2,7 @@
 
 The hidden states come from one of three places: a forward over probes whose token ids are known
 (``models.running``), the same block by block from disk (``models.stream``), or the model writing its own
-probes (``find.writing``), which sees every block output as each token goes through, so that generated
+probes (``find.sampler``), which sees every block output as each token goes through, so that generated
 probes cost one pass. Each hidden state is reduced at once to the token mode's rows' norms and the block's
 input/output dot products (turned into cosines once the last block has run); rows are kept whole only
 while their key is among the ``max_rows`` smallest seen so far (the ``RowSample``), so no batch's hidden
@@ -24,10 +24,10 @@ from ..common.errors import CritlayerError
 from ..common.hashing import ROWS, uniform
 from ..models import LanguageModel, running
 from ..models.stream import stream_blocks
-from .measures.sample import Batch, RowSample
+from .measures.rows import Batch, RowSample
 from .probes import Probes
-from .writing import BATCH_SIZE as WRITING_BATCH
-from .writing import write_probes
+from .sampler import BATCH_SIZE as WRITING_BATCH
+from .sampler import write_probes
 
 TOKEN_MODES = ("last", "all", "mean")
 # A token whose norm exceeds this multiple of its layer's median (in any block) is a massive-activation token.

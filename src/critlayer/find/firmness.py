@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .measures.sample import RowSample, half_weights
-from .writing import BATCH_SIZE as WRITING_BATCH
+from .measures.rows import RowSample, half_weights
+from .sampler import BATCH_SIZE as WRITING_BATCH
 
 FIRM, TENTATIVE, ABSENT = 0.9, 0.5, 0.1
 THRESHOLDS = {"firm": FIRM, "tentative": TENTATIVE, "absent": ABSENT}
@@ -169,6 +169,27 @@ def should_stop(rounds: list[Round]) -> bool:
     if any(r.firm != last[-1].firm or r.tentative for r in last):
         return False
     return bool(last[-1].firm) or all(r.settled for r in last)
+
+
+class Rounds:
+    """The rounds of a scan selecting by delta: after each, ``settle`` runs the rule over halves and replicas of
+    the probes read so far, records how firm each block is (``history``; the last round's picks in ``picks``) and
+    says whether the scan may stop (only an ``adaptive`` scan stops early)."""
+
+    def __init__(self, select: Callable[[np.ndarray], list[int]], window: int, seed: int, layers: int,
+                 adaptive: bool, report: Callable[[Round], None] | None = None):
+        self.select, self.window, self.seed, self.layers = select, window, seed, layers
+        self.adaptive, self.report = adaptive, report
+        self.history: list[Round] = []
+        self.picks: Picks | None = None
+
+    def settle(self, sample: RowSample, read: int) -> bool:
+        self.picks = delta_picks(sample, self.select, self.window, self.seed)
+        self.history.append(summarise(read, probabilities(self.picks.halves, self.layers),
+                                      probabilities(self.picks.replicas, self.layers)))
+        if self.report is not None:
+            self.report(self.history[-1])
+        return self.adaptive and should_stop(self.history)
 
 
 @dataclass

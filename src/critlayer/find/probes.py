@@ -22,8 +22,8 @@ from ..common.errors import CritlayerError
 from ..data.corpora import CORPORA, corpus_texts
 from ..data.prompts import read_prompt_file, tokenize
 from ..models import LanguageModel
-from .writing import BATCH_SIZE as WRITING_BATCH
-from .writing import bos_token, write_probes
+from .sampler import BATCH_SIZE as WRITING_BATCH
+from .sampler import bos_token, write_probes
 
 SOURCES = ("generated", "random", *CORPORA)
 PROBE_FILE = "probes.json"
@@ -88,7 +88,7 @@ def random_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int) -> list
 
 
 def generate_probes(lm: LanguageModel, n: int, max_tokens: int, seed: int, progress: bool = True) -> list[list[int]]:
-    """Let the model write its own probes from its BOS token (see ``find.writing``)."""
+    """Let the model write its own probes from its BOS token (see ``find.sampler``)."""
     sequences: list[list[int]] = []
     for begin in tqdm(range(0, n, WRITING_BATCH), desc="generating probes", unit="batch", disable=not progress):
         sequences += write_probes(lm, range(begin, min(n, begin + WRITING_BATCH)), max_tokens, seed)

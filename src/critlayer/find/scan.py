@@ -18,8 +18,7 @@ from ..models import DEFAULT_MODEL, LanguageModel, load
 from ..models.loading import resolve_dtype
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
-from .firmness import (REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Picks, Round, delta_picks, probabilities,
-                       should_stop, summarise)
+from .firmness import REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Round, Rounds, probabilities, should_stop
 from .measures import DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
 from .probes import Probes, make_probes, tokenizer_fingerprint
@@ -95,6 +94,9 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         _check_streamable(config)
     if config.k is not None and config.k > lm.num_layers:
         raise CritlayerError(f"--k {config.k} is larger than the {lm.num_layers} layers of {lm.name}")
+    if config.window > (lm.num_layers - 1) // 2:
+        raise CritlayerError(f"--window {config.window} does not fit the {lm.num_layers} blocks of {lm.name}: at most "
+                             f"{(lm.num_layers - 1) // 2}, so that a block lies clear of both edges' windows")
     probes = config.probes if isinstance(config.probes, Probes) else None
     if config.needs_probes and probes is None and not _written_as_captured(lm, config):
         with timed(timing, "probes"):
@@ -106,23 +108,14 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         return select_critical(values, direction=DIRECTION[name], score_name=name, k=config.k,
                                window=config.window, edges=config.edges)
 
-    rounds: list[Round] = []
-    picks: list[Picks] = []  # the latest round's
-
-    def settle(sample, read: int) -> bool:
-        picks[:] = [delta_picks(sample, lambda delta: select("delta", delta).critical, config.window, config.seed)]
-        rounds.append(summarise(read, probabilities(picks[0].halves, lm.num_layers),
-                                probabilities(picks[0].replicas, lm.num_layers)))
-        if progress and config.adaptive:
-            print(f"critlayer: {read} probes: {_round_line(rounds[-1])}", file=sys.stderr, flush=True)
-        return config.adaptive and should_stop(rounds)
-
+    rounds = Rounds(lambda delta: select("delta", delta).critical, config.window, config.seed, lm.num_layers,
+                    config.adaptive, report=_print_round if progress and config.adaptive else None)
     total = config.probe_count
     if probes is not None:
         total = len(probes) if config.n is None and not config.adaptive else min(len(probes), total)
     plan = list(range(ROUND, total, ROUND)) + [total] if config.adaptive else [total]
     measured = run_measures(lm, config, probes=probes, text=text, rounds=plan,
-                            settle=settle if config.selects_by_delta else None, progress=progress)
+                            settle=rounds.settle if config.selects_by_delta else None, progress=progress)
     timing.update(measured.timing)
     if probes is None and measured.probes is not None:
         timing["probes"] = 0.0  # written during the capture: its time is the capture's
@@ -139,7 +132,7 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
                                                       replicates=config.bootstrap, seed=config.seed)
     if select_by not in scores:
         raise CritlayerError(f"cannot select by {select_by!r}; the scan computed {', '.join(scores)}")
-    firmness = _firmness(config, select_by, scores, rounds, picks, lm.num_layers, resampled)
+    firmness = _firmness(config, select_by, scores, rounds, resampled)
     ranked = [s for names in groups.values() for s in names]
     read = measured.probes or probes
     probe_info = {} if read is None else {
@@ -166,29 +159,29 @@ def _written_as_captured(lm: LanguageModel, config: ScanConfig) -> bool:
     return config.probes == "generated" and not lm.streamed and not (config.needs_text and config.data is None)
 
 
-def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: list[Round], picks: list[Picks],
-              layers: int, resampled: bool) -> Firmness | None:
+def _firmness(config: ScanConfig, select_by: str, scores: dict, rounds: Rounds, resampled: bool) -> Firmness | None:
     """How firm the answer is: from the halves of the last round when the selection is by delta, else from the
     replicates behind P(critical); None when neither was measured."""
-    if select_by == "delta" and picks:
+    if select_by == "delta" and rounds.picks is not None:
+        history, picks, layers = rounds.history, rounds.picks, rounds.layers
         if not config.adaptive:
-            stopped = f"read the {rounds[-1].probes} probes asked for"
-        elif should_stop(rounds):
+            stopped = f"read the {history[-1].probes} probes asked for"
+        elif should_stop(history):
             stopped = f"settled: the same firm blocks and none tentative in {SETTLED_ROUNDS} rounds running"
         else:
-            stopped = f"read {rounds[-1].probes} probes (at most --max-n {config.max_n}) without settling"
-        return Firmness("delta", probabilities(picks[0].halves, layers), REPLICATES, stopped, rounds,
-                        replication=probabilities(picks[0].replicas, layers))
+            stopped = f"read {history[-1].probes} probes (at most --max-n {config.max_n}) without settling"
+        return Firmness("delta", probabilities(picks.halves, layers), REPLICATES, stopped, history,
+                        replication=probabilities(picks.replicas, layers))
     if resampled and select_by in ("consensus", "p_critical"):
         return Firmness("consensus", scores["p_critical"].tolist(), config.bootstrap,
                         f"read the {config.probe_count} probes asked for")
     return None
 
 
-def _round_line(round_: Round) -> str:
+def _print_round(round_: Round) -> None:
     firm = ", ".join(map(str, round_.firm)) or "none"
     undecided = ", ".join(map(str, round_.undecided)) or "none"
-    return f"firm {firm}; undecided {undecided}"
+    print(f"critlayer: {round_.probes} probes: firm {firm}; undecided {undecided}", file=sys.stderr, flush=True)
 
 
 def _check_streamable(config: ScanConfig) -> None:

@@ -30,7 +30,7 @@ from ..common.distributed import is_main
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_output_folder
 from ..common.stats import lens_correlations, paired_difference_interval
-from ..data.text import TextData, load_data
+from ..data.text import TextData, check_source, load_data
 from ..find.config import ScanConfig
 from ..find.measures import DIRECTION
 from ..find.result import ScanResult
@@ -215,6 +215,11 @@ def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
         raise CritlayerError("--seeds repeats the fine-tune; a given --tuned checkpoint is one fine-tune")
     if out is not None:
         check_output_folder(out, Validation.FILE, force)
+    if config.lora:
+        raise CritlayerError("validate fine-tunes whole blocks: their weight change is what it measures; drop lora")
+    if permutations < 10:
+        raise CritlayerError(f"--permutations must be at least 10, got {permutations}")
+    check_source(data, config.n_eval + 1)  # a missing or unreadable file ends here, before the model loads
     lm = float32_model(model, device)
     if not 1 <= restore_window <= lm.num_layers:
         raise CritlayerError(f"--restore-window must be between 1 and the {lm.num_layers} blocks, "

@@ -105,7 +105,13 @@ def _read_pair_file(path: Path) -> list[Pair]:
     if not path.is_file():
         raise CritlayerError(f"data file not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    if not path.is_file():
+        raise CritlayerError(f"file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CritlayerError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -10,7 +10,7 @@ every result records, and a result whose rows, table heading, JSON and reload ar
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,13 +38,11 @@ class ChangeConfig:
     computes in."""
 
     MEASURED: ClassVar[str]
-    DEFAULT_SCORE: ClassVar[str]
 
-    score: str | None = option(None, "what ranks the blocks: the command's own measurement or any scan score, e.g. "
-                                     "consensus")
+    score: str | None = None  # each command's own: ``score_option``
     data: str = option("wiki", "held-out and calibration text: wiki, bbc, sharegpt or a .txt/.jsonl file")
     n_eval: int = option(32, "held-out texts", minimum=2)
-    max_tokens: int = option(128, "tokens per text at most: the evaluation's context", minimum=2)
+    max_tokens: int = option(128, "tokens per text at most: the context", minimum=2)
     calibration: int = option(32, "calibration texts the measured choices read, never held out", minimum=2)
     draws: int = option(5, "draws of each random baseline", minimum=1)
     baselines: bool = option(True, "evaluate the chosen blocks only, without the baselines", flag="--no-baselines")
@@ -52,12 +50,19 @@ class ChangeConfig:
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
 
     def __post_init__(self):
-        self.score = self.score or self.DEFAULT_SCORE
+        self.score = self.score or next(f for f in fields(self) if f.name == "score").metadata["none"]
         if self.score != self.MEASURED and self.score not in DIRECTION:
             raise CritlayerError(f"unknown score {self.score!r}; choose {self.MEASURED} or a scan score: "
                                  f"{', '.join(sorted(DIRECTION))}")
         check_options(self)
         check_source(self.data, self.n_eval)
+
+
+def score_option(measured: str, default: str):
+    """The ``score`` field of a change's config: what ranks the blocks, ``measured`` by the command or any scan
+    score, ``default`` when none is given."""
+    return option(None, f"what ranks the blocks: {measured} (measured here) or any scan score, e.g. consensus",
+                  none=default)
 
 
 @dataclass

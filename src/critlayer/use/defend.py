@@ -56,6 +56,8 @@ class DefendConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.lora:
+            raise CritlayerError("defend fine-tunes the blocks it does not freeze, whole; drop lora")
         self.attack  # checked now, before any work
 
     @property
@@ -154,23 +156,24 @@ def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", f
         raise CritlayerError(f"need distinct freezing policies, got {','.join(specs) or 'none'}")
     if out is not None:
         check_output_folder(out, DefendResult.FILE, force)
+    pairs = load_pairs(data)  # a missing or unreadable file ends here, before the model loads
     lm = float32_model(model, device)
     scan_result, lens = ranked_by(lm, specs, scan=scan, validation=validation, score=score, progress=progress)
-    result = _defend(lm, data, specs, config, scan_result, lens, progress)
+    result = _defend(lm, data, pairs, specs, config, scan_result, lens, progress)
     if out is not None:
         result.save(out, force=force)
     return result
 
 
-def _defend(lm: LanguageModel, source: str, specs: list[str], config: DefendConfig, scan_result: ScanResult | None,
-            lens: Lens | None, progress: bool) -> DefendResult:
+def _defend(lm: LanguageModel, source: str, pairs: list[Pair], specs: list[str], config: DefendConfig,
+            scan_result: ScanResult | None, lens: Lens | None, progress: bool) -> DefendResult:
     """Fine-tune on poisoned pairs once per freezing policy in ``specs``; measure the backdoor each time."""
     frozen = {spec: resolve_layers(lm.num_layers, spec, lens, seed=config.seed) for spec in specs}
     for spec, blocks in frozen.items():
         if len(blocks) == lm.num_layers:
             raise CritlayerError(f"freezing {spec} leaves no block to fine-tune")
     tokens, attack = config.max_tokens, config.attack
-    train_pairs, heldout_pairs = split_pairs(_cut_prompts(lm, load_pairs(source), tokens), config.n_eval)
+    train_pairs, heldout_pairs = split_pairs(_cut_prompts(lm, pairs, tokens), config.n_eval)
     train_pairs = _cut_replies(lm, train_pairs[:config.n_train or config.steps * config.batch_size], tokens)
     heldout_pairs = _cut_replies(lm, heldout_pairs, tokens)
     if len(heldout_pairs) < 2 or not train_pairs:

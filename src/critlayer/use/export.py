@@ -33,6 +33,8 @@ def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: s
     >>> critlayer.export(result, layers="1,3")
     '[1, 3]\\n'
     """
+    if min(lora_r, lora_alpha) < 1:
+        raise CritlayerError(f"--lora-r and --lora-alpha must be at least 1, got {lora_r} and {lora_alpha}")
     result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
     if layers is None and not result.critical:
         raise CritlayerError("no block of this scan is firm, so it has no critical blocks to export; name them "

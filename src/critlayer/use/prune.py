@@ -34,7 +34,7 @@ from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
 from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..train.finetune import TrainConfig, finetune
-from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model
+from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
 from .removal import BASELINES, angular_run, greedy, last_blocks, random_blocks, run_distances
 
@@ -54,7 +54,8 @@ class PruneConfig(ChangeConfig):
     """
 
     MEASURED: ClassVar[str] = "sleb"
-    DEFAULT_SCORE: ClassVar[str] = "block_influence"
+
+    score: str | None = score_option("sleb", "block_influence")
 
     remove: float = option(0.25, "blocks to remove: a count, or a fraction of all blocks rounded to the nearest "
                                  "count", positive=True)

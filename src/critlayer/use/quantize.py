@@ -31,7 +31,7 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
-from .change import ChangeConfig, ChangeResult, open_bench, open_model
+from .change import ChangeConfig, ChangeResult, open_bench, open_model, score_option
 from .evaluation import Method, evaluate, evaluate_methods
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
@@ -53,7 +53,8 @@ class QuantizeConfig(ChangeConfig):
     """
 
     MEASURED: ClassVar[str] = SENSITIVITY
-    DEFAULT_SCORE: ClassVar[str] = SENSITIVITY
+
+    score: str | None = score_option(SENSITIVITY, SENSITIVITY)
 
     calibration: int = override(ChangeConfig, "calibration", 16)
     bits: float = option(4.5, "average bits per block weight, scales and zero-points counted", positive=True,

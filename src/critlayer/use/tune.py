@@ -16,7 +16,7 @@ import numpy as np
 
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_output_folder
-from ..data.text import TextData, load_data
+from ..data.text import TextData, check_source, load_data
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loading import float32_model
@@ -197,6 +197,7 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
         raise CritlayerError(f"--compare needs distinct layer specs, got {','.join(specs or []) or 'none'}")
     if out is not None:
         check_output_folder(out, (TuneResult if specs is None else TuneComparison).FILE, force)
+    check_source(data, config.n_eval + 1)  # a missing or unreadable file ends here, before the model loads
     lm = float32_model(model, device)
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
     scan_result, lens = ranked_by(lm, specs or [layers], scan=scan, validation=validation, score=score,

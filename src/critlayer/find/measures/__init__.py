@@ -10,7 +10,7 @@ from .base import CAPTURE, TEXT, WEIGHTS, Draw, Inputs, Measure
 from .cka import Cka, cka_matrix, delta_scores, linear_cka
 from .clusters import Clusters
 from .gradient import Gradient
-from .sample import RowSample, half_weights, resample_rows
+from .rows import RowSample, half_weights, resample_rows
 from .similarity import BlockSimilarity, Influence, similarity_scores
 from .spectral import KS, Spectral, spectral_scores
 from .weights import Weights

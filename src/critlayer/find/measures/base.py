@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...models import LanguageModel
-from .sample import StoredRows
+from .rows import StoredRows
 
 CAPTURE, TEXT, WEIGHTS = "capture", "text", "weights"
 

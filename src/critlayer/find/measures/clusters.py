@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .base import CAPTURE, Inputs, Measure
-from .sample import StoredRows
+from .rows import StoredRows
 
 CLUSTERS = 16
 

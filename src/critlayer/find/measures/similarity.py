@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
-from .sample import Batch
+from .rows import Batch
 from .base import CAPTURE, Inputs, Measure
-from .sample import StoredRows, pick_rows
+from .rows import StoredRows, pick_rows
 
 
 def block_cosines(states: torch.Tensor | StoredRows, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from .base import CAPTURE, Inputs, Measure
 from .cka import centred
-from .sample import StoredRows, pick_rows
+from .rows import StoredRows, pick_rows
 
 KS = (1, 3, 10)
 # A Ritz pair has converged when ||C v - theta v|| is below this times the top eigenvalue. In float32 the

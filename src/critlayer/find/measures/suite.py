@@ -22,7 +22,7 @@ from ...models import LanguageModel
 from ..capture import Capture
 from ..probes import Probes
 from . import CAPTURE, MEASURES, Draw, Inputs, Measure, half_weights, resample_rows
-from .sample import RowSample
+from .rows import RowSample
 
 # Block outputs whose rows differ by no more than this many units of rounding of the model's dtype are taken
 # as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless). The least varied
