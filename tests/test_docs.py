@@ -67,3 +67,24 @@ def test_the_link_pattern():
     text = INLINE_CODE.sub("", FENCE.sub("", page))
     assert LINK.findall(text) == ["docs/cli.md#scan", "docs/cka.png", "https://example.org"]
     assert [local(t) for t in LINK.findall(text)] == ["docs/cli.md", "docs/cka.png", None]
+
+
+def _sections(text: str) -> dict[str, str]:
+    """A page's text under each ``## heading``."""
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return {title.strip(): body for title, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_the_command_line_page_names_every_flag_of_every_command():
+    import argparse
+
+    from critlayer.cli import build_parser
+
+    sections = _sections((ROOT / "docs" / "cli.md").read_text(encoding="utf-8"))
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        page = sections[name] + sections.get("Training flags", "") * (name in ("tune", "validate", "defend"))
+        flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS
+                 and a.dest != "help"]
+        missing = [flag for flag in flags if f"`{flag}" not in page]
+        assert not missing, f"docs/cli.md says nothing of {name} {missing}"

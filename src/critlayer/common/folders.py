@@ -98,11 +98,17 @@ class SavedResult:
     reloads from it (``load``, through ``from_json``).
 
     ``save`` writes atomically, refuses an earlier result of the same kind without ``force``, and writes
-    from the main process only when several run (``accelerate launch``).
+    from the main process only when several run (``accelerate launch``). A subclass names its file and what it is
+    called in messages as it is declared: ``class ScanResult(SavedResult, file="scan.json", kind="scan")``.
     """
 
     FILE: ClassVar[str]
-    KIND: ClassVar[str]  # what the result is called in messages: "scan", "validation", ...
+    KIND: ClassVar[str]
+
+    def __init_subclass__(cls, *, file: str | None = None, kind: str | None = None, **options):
+        super().__init_subclass__(**options)
+        cls.FILE = file or getattr(cls, "FILE", None)
+        cls.KIND = kind or getattr(cls, "KIND", None)
 
     def to_json(self) -> dict:
         raise NotImplementedError

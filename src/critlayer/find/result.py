@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from .select import Selection, ranking_by
 
 
 @dataclass
-class ScanResult(SavedResult):
+class ScanResult(SavedResult, file="scan.json", kind="scan"):
     """Per-layer scores of one model, the CKA matrix, and the chosen critical layers.
 
     ``scores`` maps a score name to one value per block (block i = index i), ``consensus`` and
@@ -32,9 +31,6 @@ class ScanResult(SavedResult):
     the scores were combined; ``probe_ids`` are the probes read (saved as probes.json, which ``--probes``
     takes back).
     """
-
-    FILE: ClassVar[str] = "scan.json"
-    KIND: ClassVar[str] = "scan"
 
     model: dict
     probes: dict

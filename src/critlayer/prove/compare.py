@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -20,11 +19,8 @@ from ..report.comparison import plot_comparison, two_places
 
 
 @dataclass
-class Comparison(SavedResult):
+class Comparison(SavedResult, file="compare.json", kind="comparison of scans"):
     """Scans side by side: the Spearman correlation of a score's profiles, and the overlap of critical sets."""
-
-    FILE: ClassVar[str] = "compare.json"
-    KIND: ClassVar[str] = "comparison of scans"
 
     labels: list[str]
     score: str

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -49,15 +48,12 @@ ALPHA = 0.05
 
 
 @dataclass
-class Validation(SavedResult):
+class Validation(SavedResult, file=VALIDATION_FILE, kind="validation"):
     """Fine-tuning importance per block (the mean over seeds), and how well every scan score predicts it.
 
     ``correlations`` are on the seed-mean importance and weight change; ``seed_correlations`` hold the same
     table for each seed alone, for the spread.
     """
-
-    FILE: ClassVar[str] = VALIDATION_FILE
-    KIND: ClassVar[str] = "validation"
 
     settings: dict
     loss_pretrained: float

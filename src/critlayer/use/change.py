@@ -10,7 +10,7 @@ every result records, and a result whose rows, table heading, JSON and reload ar
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -126,12 +126,16 @@ class ChangeResult(SavedResult):
     chosen method first), the unchanged model's figures (``reference``, empty where nothing was evaluated) and
     which scan score predicts the damage (``correlations``).
 
-    ``POINT`` is the type of a curve's points (a count of blocks, a budget of bits); ``REFERENCE`` what the
-    unchanged model is called; ``point`` the point asked for.
+    ``REFERENCE`` is what the unchanged model is called (``reference=`` where a subclass is declared); ``point``
+    the point of the curve asked for (a count of blocks, a budget of bits). A subclass's own fields are saved beside these, but for
+    the ones marked ``unsaved`` (the changed model itself, what its files are written from).
     """
 
-    POINT: ClassVar[type]
     REFERENCE: ClassVar[str]
+
+    def __init_subclass__(cls, *, reference: str | None = None, **options):
+        super().__init_subclass__(**options)
+        cls.REFERENCE = reference or getattr(cls, "REFERENCE", None)
 
     settings: dict
     methods: dict[str, Method]
@@ -159,14 +163,26 @@ class ChangeResult(SavedResult):
         return (f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
                 f"{s['context_tokens']} tokens), {self.REFERENCE} {self.reference['perplexity']:.{digits}f}:")
 
-    def base_json(self) -> dict:
+    @classmethod
+    def own_fields(cls) -> list[str]:
+        """The subclass's fields that are saved (and so reloaded), in order."""
+        return [f.name for f in fields(cls) if f.name not in ("settings", "methods", "reference", "correlations")
+                and not f.metadata.get("unsaved")]
+
+    def to_json(self) -> dict:
         return {**self.settings, self.REFERENCE: self.reference,
-                "methods": {k: m.to_json() for k, m in self.methods.items()}, "correlations": self.correlations}
+                "methods": {k: m.to_json() for k, m in self.methods.items()}, "correlations": self.correlations,
+                **{name: getattr(self, name) for name in self.own_fields()}}
 
     @classmethod
-    def base_fields(cls, data: dict, own: tuple[str, ...]) -> dict:
-        """The base fields of a saved result (``own``: the keys of the subclass's fields, not settings)."""
-        taken = {cls.REFERENCE, "methods", "correlations", *own}
-        return {"settings": {k: v for k, v in data.items() if k not in taken}, "reference": data[cls.REFERENCE],
-                "methods": {k: Method.from_json(k, m, cls.POINT) for k, m in data["methods"].items()},
-                "correlations": data["correlations"]}
+    def from_json(cls, data: dict) -> "ChangeResult":
+        """A saved result, without what was never saved (the changed model: its folder holds it as files)."""
+        taken = {cls.REFERENCE, "methods", "correlations", *cls.own_fields()}
+        return cls(settings={k: v for k, v in data.items() if k not in taken}, reference=data[cls.REFERENCE],
+                   methods={k: Method.from_json(k, m) for k, m in data["methods"].items()},
+                   correlations=data["correlations"], **{name: data[name] for name in cls.own_fields()})
+
+
+def unsaved():
+    """A result's field that is not written to its JSON (and so is None once reloaded)."""
+    return field(default=None, metadata={"unsaved": True})

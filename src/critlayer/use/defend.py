@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -92,11 +91,8 @@ class Outcome:
 
 
 @dataclass
-class DefendResult(SavedResult):
+class DefendResult(SavedResult, file="defend.json", kind="defence"):
     """Each freezing policy's fine-tuned model on the held-out prompts, after the pre-trained model's."""
-
-    FILE: ClassVar[str] = "defend.json"
-    KIND: ClassVar[str] = "defence"
 
     settings: dict
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # the pre-trained model first

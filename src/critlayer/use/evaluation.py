@@ -95,9 +95,9 @@ class Method:
         return float(np.median(self.perplexity[point]))
 
     @classmethod
-    def from_json(cls, name: str, data: dict, point: type) -> "Method":
-        """A saved method, its points (JSON keys) read back as ``point`` (int counts, float budgets)."""
-        back = lambda values: {point(float(n)): v for n, v in values.items()}  # noqa: E731
+    def from_json(cls, name: str, data: dict) -> "Method":
+        """A saved method, its points (JSON keys) read back as they were written: counts as int, budgets as float."""
+        back = lambda values: {int(n) if n.isdigit() else float(n): v for n, v in values.items()}  # noqa: E731
         return cls(name, back(data["choices"]), back(data["cost"]), back(data["perplexity"]), back(data["evaluation"]))
 
     def to_json(self) -> dict:

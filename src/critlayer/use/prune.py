@@ -34,7 +34,7 @@ from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
 from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..train.finetune import TrainConfig, finetune
-from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option
+from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
 from .removal import BASELINES, angular_run, greedy, last_blocks, random_blocks, run_distances
 
@@ -91,14 +91,8 @@ class PruneConfig(ChangeConfig):
 
 
 @dataclass
-class PruneResult(ChangeResult):
+class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="unpruned"):
     """The chosen blocks, every method's evaluation, the pruned (and healed) model and how it was made."""
-
-    FILE: ClassVar[str] = "prune.json"
-    KIND: ClassVar[str] = "pruning"
-    POINT: ClassVar[type] = int
-    REFERENCE: ClassVar[str] = "unpruned"
-    OWN: ClassVar[tuple[str, ...]] = ("removed", "kept", "count", "speed", "healing", "gguf")
 
     removed: list[int]
     kept: list[int]
@@ -106,20 +100,13 @@ class PruneResult(ChangeResult):
     speed: dict
     healing: dict | None
     gguf: dict
-    model: object = None  # the pruned model, not read back by ``load``: the folder holds it as a checkpoint
-    tokenizer: object = None
-    gguf_source: Path | None = None
+    model: object = unsaved()  # the pruned model: its folder holds it as a checkpoint
+    tokenizer: object = unsaved()
+    gguf_source: Path | None = unsaved()
 
     @property
     def point(self) -> int:
         return self.count
-
-    def to_json(self) -> dict:
-        return {**self.base_json(), **{name: getattr(self, name) for name in self.OWN}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "PruneResult":
-        return cls(**cls.base_fields(data, cls.OWN), **{name: data[name] for name in cls.OWN})
 
     def rows(self) -> list[tuple[str, list[int] | str, float, str, dict]]:
         """(method, blocks, perplexity, spread, cost) at the count asked for; random as median and range."""

@@ -31,7 +31,7 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
-from .change import ChangeConfig, ChangeResult, open_bench, open_model, score_option
+from .change import ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
@@ -77,34 +77,21 @@ class QuantizeConfig(ChangeConfig):
 
 
 @dataclass
-class QuantizeResult(ChangeResult):
+class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", reference="unquantized"):
     """The chosen plan, every method's evaluation along the curve, the lenses' correlations and the exports."""
-
-    FILE: ClassVar[str] = "quantize.json"
-    KIND: ClassVar[str] = "quantization"
-    POINT: ClassVar[type] = float
-    REFERENCE: ClassVar[str] = "unquantized"
-    OWN: ClassVar[tuple[str, ...]] = ("plan", "bits_per_weight", "sensitivity", "held_fixed", "exports")
 
     plan: dict[str, str]
     bits_per_weight: float
     sensitivity: dict | None
     held_fixed: dict
     exports: dict
-    gguf_source: Path | None = None  # what the exports are written from; not read back by ``load``
-    gguf_types: dict | None = None
-    torchao_config: dict | None = None
+    gguf_source: Path | None = unsaved()  # what the exports are written from
+    gguf_types: dict | None = unsaved()
+    torchao_config: dict | None = unsaved()
 
     @property
     def point(self) -> float:
         return self.settings["bits"]
-
-    def to_json(self) -> dict:
-        return {**self.base_json(), **{name: getattr(self, name) for name in self.OWN}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "QuantizeResult":
-        return cls(**cls.base_fields(data, cls.OWN), **{name: data[name] for name in cls.OWN})
 
     def rows(self) -> list[tuple[str, float, float, str, float]]:
         """(method, bits per weight, perplexity, range, KL) at the budget asked for; random as its median and

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -28,11 +27,8 @@ DEFAULT_COMPARE = "critical:4,noncritical:4,random:4"
 
 
 @dataclass
-class TuneResult(SavedResult):
+class TuneResult(SavedResult, file="tune.json", kind="fine-tune"):
     """One fine-tuning run, with the model it produced (saved as model/ or adapter/, not reloaded from tune.json)."""
-
-    FILE: ClassVar[str] = "tune.json"
-    KIND: ClassVar[str] = "fine-tune"
 
     spec: str
     settings: dict
@@ -75,11 +71,8 @@ class TuneResult(SavedResult):
 
 
 @dataclass
-class TuneComparison(SavedResult):
+class TuneComparison(SavedResult, file="compare.json", kind="fine-tuning comparison"):
     """Layer choices fine-tuned side by side from the same weights, one run per spec and seed."""
-
-    FILE: ClassVar[str] = "compare.json"
-    KIND: ClassVar[str] = "fine-tuning comparison"
 
     specs: list[str]
     seeds: list[int]
