@@ -23,13 +23,9 @@ import numpy as np
 from ..common.errors import CritlayerError
 from .measures import DIRECTION
 
-# Valleys at least this share of the deepest one's prominence are kept. With massive-activation tokens dropped
-# from 3x the median norm (find.capture), smollm2-135m's valley at blocks 6-9 has 0.005-0.007 of prominence
-# against 0.018-0.021 at 21-23 (0.23-0.36 of it; float32 seeds 0-2 and bfloat16, 128-512 probes): a cut at a
-# quarter sat inside that spread, so replicas kept it in some cases and dropped it in others, and which of 6-9
-# came out firm changed from round to round and seed to seed; at a half it is dropped in most replicas (another
-# scan would pick its blocks in at most 0.275 of cases, over ten scans). (A quarter was chosen while that valley
-# was deepened by sink tokens the filter let through, at 0.3-1 of the deepest.)
+# Valleys at least this share of the deepest one's prominence are kept. A lower cut can sit inside the spread of a
+# shallow second valley's depth between probe sets, and the answer then moves with the probes
+# (docs/method/scan.md, the band rule; CHANGELOG.md).
 MIN_RELATIVE_PROMINENCE = 0.5
 
 

@@ -17,8 +17,8 @@ import torch
 from .base import CAPTURE, Inputs, Measure
 from .rows import StoredRows, read_rows
 
-# float32 entries of every layer's rows read at once (8 MB): on a 2,007-row smollm2 sample this peaked at
-# 50-70 MB in 0.7 s; slabs twice as large peaked at 110-135 MB and were no faster, half as large took 1.4 s.
+# float32 entries of every layer's rows read at once (8 MB): larger slabs hold more memory and are no faster, smaller
+# ones are slower (docs/performance.md, tuned constants).
 SLAB_ENTRIES = 1 << 21
 
 

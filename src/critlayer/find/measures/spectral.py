@@ -18,11 +18,10 @@ from .cka import centred
 from .rows import StoredRows, pick_rows
 
 KS = (1, 3, 10)
-# A Ritz pair has converged when ||C v - theta v|| is below this times the top eigenvalue. In float32 the
-# spectral scores of smollm2-135m then differ from a float64 eigendecomposition's by 3e-7 at most.
+# A Ritz pair has converged when ||C v - theta v|| is below this times the top eigenvalue: in float32 the scores
+# then agree with a float64 eigendecomposition's to rounding (docs/performance.md, tuned constants).
 RESIDUAL = {torch.float32: 1e-6, torch.float64: 1e-10}
-# Block Lanczos took 12-15 blocks of K = 10 on smollm2's 576 x 576 covariances (half the time of a full
-# eigendecomposition); below this many blocks' worth of dimension the full one is cheaper.
+# Below this many blocks' worth of dimension a full eigendecomposition is cheaper than block Lanczos.
 LANCZOS_BLOCKS = 32
 
 

@@ -25,9 +25,8 @@ from . import CAPTURE, MEASURES, Draw, Inputs, Measure, half_weights, resample_r
 from .rows import RowSample
 
 # Block outputs whose rows differ by no more than this many units of rounding of the model's dtype are taken
-# as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless). The least varied
-# real output we measured: smollm2-135m's block 0 on wiki prompts in its chat template (every last token the
-# template's own), a spread of 4.9e-4 in float32 and 5.1e-4 in bfloat16, 8 x this limit in bfloat16.
+# as not varying at all (centred, they are rounding noise, and CKA of noise is meaningless); the least varied real
+# output seen lies well above it (docs/performance.md, tuned constants).
 ROUNDING_UNITS = 2
 
 
