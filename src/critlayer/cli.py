@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "peft name it adapter_config.json")
         if "progress" in inspect.signature(command.function).parameters:
             p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
-    sub.add_parser("measures", help="list the measures: what each computes, its cost, whether it needs text")
-    sub.add_parser("models", help="list the built-in models and what is cached")
+    for name, (text, _) in LISTINGS.items():
+        sub.add_parser(name, help=text, description=text)
     return parser
 
 
@@ -274,6 +274,10 @@ def list_models() -> None:
         print(f"  {folder.name:<14} converted from a user's GGUF file, in {folder}")
 
 
+LISTINGS = {"measures": ("list the measures: what each computes, its cost, whether it needs text", list_measures),
+            "models": ("list the built-in models and what is cached", list_models)}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -281,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     _quiet_transformers()
     try:
-        {"measures": list_measures, "models": list_models}.get(args.command, lambda: run(args.command, args))()
+        if args.command in LISTINGS:
+            LISTINGS[args.command][1]()
+        else:
+            run(args.command, args)
     except (CritlayerError, OSError) as exc:  # bad input; an output folder we cannot write, a full disk, ...
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
