@@ -52,6 +52,15 @@ def test_bad_scan_options(tiny_folder, tmp_path, capsys, extra, message):
     err = _error(capsys, ["scan", str(tiny_folder), "--n", "4", "--out", str(tmp_path / "out"), "--quiet",
                           *[str(tmp_path / e) if e.endswith((".txt", ".csv")) else e for e in extra]])
     assert message in err
+    short = tmp_path / "four.txt"
+    short.write_text("one text\nanother text\na third\na fourth\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "p{i}", "reply": "r{i}"}}\n' for i in range(5)))
+    for argv, message in [(["prune", "no-such-model", "--data", str(short), "--n-eval", "4"], "at least 5"),
+                          (["quantize", "no-such-model", "--data", str(short), "--n-eval", "4"], "at least 5"),
+                          (["defend", "no-such-model", "--data", str(pairs), "--n-eval", "5"], "hold out 5")]:
+        assert message in _error(capsys, [*argv, "--out", str(tmp_path / "out")]), argv
+    assert "--seed must be at least 0" in _error(capsys, ["export", str(tmp_path / "nowhere"), "--seed", "-1"])
     assert not (tmp_path / "out").exists()
 
 
@@ -221,3 +230,10 @@ def test_old_flag_spellings_still_work_with_a_warning(tiny_folder, tmp_path, cap
                  "--quiet"]) == 0
     assert "--max-tokens is deprecated" in capsys.readouterr().err
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["probes"]["max_tokens"] == 12
+
+
+def test_old_python_keywords_still_work_with_a_warning():
+    from critlayer import QuantizeConfig
+
+    with pytest.warns(DeprecationWarning, match="family"):
+        assert QuantizeConfig(format="int", bits=3).family == "int"

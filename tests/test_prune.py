@@ -114,6 +114,22 @@ def test_methods_draw_from_the_eligible_blocks():
     assert angular_run(distances, [0, 1, 2, 3, 4], 1) == [1]
 
 
+def test_least_critical_keeps_to_the_eligible_blocks_when_a_firm_block_is_not_one():
+    """A firm block outside the eligible ones (an edge, from a scan made with --edges) ranks first in the scan's
+    order but must not take an eligible block's place among the least critical."""
+    from critlayer.find.consensus import Consensus
+    from critlayer.find.firmness import Firmness
+    from critlayer.find.select import Selection
+
+    delta = np.array([0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.2])  # low delta = critical
+    selection = Selection([0], "band", "delta", "", 2, True, list(range(8)))
+    firmness = Firmness("delta", [1.0] + [0.0] * 7, 200, "", replication=[1.0] + [0.0] * 7)
+    scan = critlayer.ScanResult({}, {}, list(range(8)), None, {"delta": delta}, selection,
+                                Consensus({}, [], [], 0, [], None, {}), firmness)
+    eligible = eligible_blocks(8, 1)
+    assert scan.least_critical("delta", eligible) == [6, 5, 4, 3, 2, 1]
+
+
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_every_architecture_prunes_reloads_and_generates(arch, prompt_file, tmp_path):
     model = tiny_model(arch)

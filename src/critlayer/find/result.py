@@ -125,7 +125,8 @@ class ScanResult(SavedResult, file="scan.json", kind="scan"):
 
     def least_critical(self, score: str, eligible: list[int]) -> list[int]:
         """The ``eligible`` blocks alone, from least to most critical by ``score``."""
-        return self.ranking(score, eligible)[:len(eligible)][::-1]
+        allowed = set(eligible)  # firm blocks may come first whether eligible or not: keep the eligible alone
+        return [block for block in self.ranking(score, eligible) if block in allowed][::-1]
 
     @property
     def cost(self) -> dict:

@@ -1,4 +1,5 @@
-"""The scan: load, probe, measure, combine, select. One function, each phase timed."""
+"""The scan: load, probe, measure, combine, select, each phase timed; and ``scan_of``, the one way every other
+command gets a scan of the model it works on."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .measures import DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
 from .probes import Probes, make_probes, tokenizer_fingerprint
 from .result import ScanResult
-from .select import select_critical
+from .select import select_critical, widest_window
 
 
 def scan(model: LanguageModel | str = DEFAULT_MODEL, config: ScanConfig | None = None, *,
@@ -71,7 +72,7 @@ def scan_of(lm: LanguageModel, scan: ScanResult | str | Path | None = None, *, c
         if progress and is_main():
             print("critlayer: scanning for critical layers first (pass a scan to reuse one)", file=sys.stderr,
                   flush=True)
-        config = config or ScanConfig()
+        config = config or ScanConfig(window=min(ScanConfig.window, max(1, widest_window(lm.num_layers))))
         if dtype is not None and lm.spec is not None and resolve_dtype(dtype, str(lm.device)) != lm.dtype:
             scan = on_main(lambda: _scan_anew(lm, config, dtype, progress))
         else:
@@ -94,9 +95,9 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
         _check_streamable(config)
     if config.k is not None and config.k > lm.num_layers:
         raise CritlayerError(f"--k {config.k} is larger than the {lm.num_layers} layers of {lm.name}")
-    if config.window > (lm.num_layers - 1) // 2:
+    if config.window > widest_window(lm.num_layers):
         raise CritlayerError(f"--window {config.window} does not fit the {lm.num_layers} blocks of {lm.name}: at most "
-                             f"{(lm.num_layers - 1) // 2}, so that a block lies clear of both edges' windows")
+                             f"{widest_window(lm.num_layers)}, where the middle block's window spans the whole model")
     probes = config.probes if isinstance(config.probes, Probes) else None
     if config.needs_probes and probes is None and not _written_as_captured(lm, config):
         with timed(timing, "probes"):

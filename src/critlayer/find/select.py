@@ -88,6 +88,12 @@ def eligible_blocks(num_layers: int, edge: int) -> list[int]:
     return list(range(edge, num_layers - edge))
 
 
+def widest_window(num_layers: int) -> int:
+    """The widest delta window a model of ``num_layers`` blocks holds: the middle block's window then spans the
+    whole model (wider, every block's delta would average the same pairs)."""
+    return (num_layers - 1) // 2
+
+
 def rank_blocks(criticality: np.ndarray, eligible: list[int]) -> list[int]:
     """Eligible blocks from most to least critical, then the others (ties by index)."""
     rest = [i for i in range(len(criticality)) if i not in set(eligible)]

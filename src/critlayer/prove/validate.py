@@ -34,7 +34,7 @@ from ..find.config import ScanConfig
 from ..find.measures import DIRECTION
 from ..find.result import ScanResult
 from ..find.scan import scan_of
-from ..find.select import ranking_by
+from ..find.select import eligible_blocks, ranking_by
 from ..models import DEFAULT_MODEL, LanguageModel, find_blocks, load, surgery
 from ..models.loading import float32_model, resolve_dtype
 from ..models.loss import heldout_loss, sequence_losses
@@ -213,13 +213,14 @@ def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
         check_output_folder(out, Validation.FILE, force)
     if config.lora:
         raise CritlayerError("validate fine-tunes whole blocks: their weight change is what it measures; drop lora")
+    if restore_window < 1:
+        raise CritlayerError(f"--restore-window must be at least 1, got {restore_window}")
     if permutations < 10:
         raise CritlayerError(f"--permutations must be at least 10, got {permutations}")
     check_source(data, config.n_eval + 1)  # a missing or unreadable file ends here, before the model loads
     lm = float32_model(model, device)
-    if not 1 <= restore_window <= lm.num_layers:
-        raise CritlayerError(f"--restore-window must be between 1 and the {lm.num_layers} blocks, "
-                             f"got {restore_window}")
+    if restore_window > lm.num_layers:
+        raise CritlayerError(f"--restore-window {restore_window} is more than the {lm.num_layers} blocks of {lm.name}")
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
     if isinstance(tuned, (str, Path)):
         tuned = load(str(tuned), dtype="float32", device=str(lm.device)).model
@@ -232,8 +233,8 @@ def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
 
 
 def validate_model(lm: LanguageModel, data: TextData, scan_result: ScanResult, config: TrainConfig, *,
-                   tuned: torch.nn.Module | None = None, seeds: int = 1, window: int = 3, edge: int = 2,
-                   permutations: int = 5000, progress: bool = True) -> Validation:
+                   tuned: torch.nn.Module | None = None, seeds: int, window: int, edge: int = 2,
+                   permutations: int, progress: bool = True) -> Validation:
     """Measure fine-tuning importance per block (per seed) and correlate the scan's scores with it."""
     if lm.num_layers < 2 * edge + 2:
         raise CritlayerError(f"validate needs at least {2 * edge + 2} blocks (interior ones to correlate), "
@@ -244,7 +245,7 @@ def validate_model(lm: LanguageModel, data: TextData, scan_result: ScanResult, c
         check_same_architecture(lm, tuned)
     dtype = resolve_dtype(config.dtype, str(lm.device))
     seed_list = [config.seed + i for i in range(seeds)]
-    interior = list(range(edge, lm.num_layers - edge))
+    interior = eligible_blocks(lm.num_layers, edge)
     with computing_in(lm.model, dtype):
         pretrained, counts = sequence_losses(lm.model, data.heldout)
     losses, rises, importances, changes, runs = [], [], [], [], []

@@ -27,7 +27,7 @@ def plot_quantization(result, path: Path) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     save_perplexity_curve(fig, ax, path, result.settings,
-                          f"bits per block weight, {result.settings['family']} widths (scales and zero-points counted)",
+                          f"bits per block weight, {result.settings.get('family', result.settings.get('format'))} widths (scales and zero-points counted)",
                           "upper right")
 
 

@@ -29,7 +29,7 @@ from ..models import LanguageModel
 from ..models.loading import DTYPES, resolve_dtype
 from ..models.running import computing_in
 from ..models.loss import batch_losses, collate, sequence_losses
-from .targets import freeze_except, lora_config
+from .targets import LORA_R, freeze_except, lora_config
 
 DEFAULT_LR = 3e-5
 DEFAULT_LORA_LR = 1e-3
@@ -62,7 +62,7 @@ class TrainConfig:
     eval_every: int = option(20, "steps between held-out evaluations", minimum=1)
     seed: int = option(0, SEED_HELP, minimum=0)
     lora: bool = option(False, "train LoRA adapters (PEFT) on the chosen blocks")
-    lora_r: int = option(8, "LoRA rank", minimum=1)
+    lora_r: int = option(LORA_R, "LoRA rank", minimum=1)
     warmup: float = option(0.1, "share of the steps the rate rises over", minimum=0, below=1)
     schedule: str = option("cosine", "the rate after warm-up: cosine or linear decay to zero, or constant",
                            choices=SCHEDULES)

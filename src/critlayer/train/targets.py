@@ -11,6 +11,8 @@ from torch import nn
 from ..common.errors import CritlayerError
 from ..models import LanguageModel
 
+LORA_R, LORA_ALPHA = 8, 16  # the LoRA rank and scale every command starts from
+
 
 def _describe(lm: LanguageModel | dict) -> dict:
     """A loaded model's description, or one read from a scan (``ScanResult.model``)."""
@@ -41,7 +43,8 @@ def lora_targets(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
     return [prefix + name for prefix in block_prefixes(lm, blocks) for name in linears]
 
 
-def lora_config(lm: LanguageModel | dict, blocks: list[int], *, r: int = 8, alpha: int = 16, dropout: float = 0.0):
+def lora_config(lm: LanguageModel | dict, blocks: list[int], *, r: int = LORA_R, alpha: int = LORA_ALPHA,
+                dropout: float = 0.0):
     """A PEFT ``LoraConfig`` that adapts the linear layers of the given blocks only."""
     from peft import LoraConfig
 

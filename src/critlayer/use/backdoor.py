@@ -105,8 +105,6 @@ def _read_pair_file(path: Path) -> list[Pair]:
     if not path.is_file():
         raise CritlayerError(f"data file not found: {path}")
     pairs = []
-    if not path.is_file():
-        raise CritlayerError(f"file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

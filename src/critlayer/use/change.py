@@ -55,7 +55,7 @@ class ChangeConfig:
             raise CritlayerError(f"unknown score {self.score!r}; choose {self.MEASURED} or a scan score: "
                                  f"{', '.join(sorted(DIRECTION))}")
         check_options(self)
-        check_source(self.data, self.n_eval)
+        check_source(self.data, self.n_eval + 1)
 
 
 def score_option(measured: str, default: str):
@@ -107,16 +107,16 @@ def open_model(model: LanguageModel | str, *, out: str | Path | None, force: boo
 
 def open_bench(lm: LanguageModel, config: ChangeConfig, scan: ScanResult | str | Path | None, *,
                progress: bool) -> Bench:
-    """The scan (given, or run as ``critlayer scan`` would), checked to hold the config's score, and the held-out
-    and calibration text."""
+    """The held-out and calibration text (none for an encoder), then the scan (given, or run as ``critlayer scan``
+    would), checked to hold the config's score: text too short to evaluate ends before the scan runs."""
+    text, calibration = None, []
+    if lm.is_causal:
+        text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
+        calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens,
+                                                   seed=config.seed) if len(ids) >= 2]
     result = scan_of(lm, scan, dtype=config.dtype, progress=progress)
     if config.score != config.MEASURED:
         result.ranking(config.score)  # a score the scan lacks ends here, in one line
-    if not lm.is_causal:
-        return Bench(lm, result, None, [], config)
-    text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
-    calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens,
-                                               seed=config.seed) if len(ids) >= 2]
     return Bench(lm, result, text, calibration, config)
 
 

@@ -152,7 +152,8 @@ def defend(model: LanguageModel | str = DEFAULT_MODEL, data: str = "sharegpt", f
         raise CritlayerError(f"need distinct freezing policies, got {','.join(specs) or 'none'}")
     if out is not None:
         check_output_folder(out, DefendResult.FILE, force)
-    pairs = load_pairs(data)  # a missing or unreadable file ends here, before the model loads
+    pairs = load_pairs(data)  # a missing, unreadable or too short file ends here, before the model loads
+    split_pairs(pairs, config.n_eval)
     lm = float32_model(model, device)
     scan_result, lens = ranked_by(lm, specs, scan=scan, validation=validation, score=score, progress=progress)
     result = _defend(lm, data, pairs, specs, config, scan_result, lens, progress)

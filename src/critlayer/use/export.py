@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 from ..common.errors import CritlayerError
 from ..common.folders import write_atomically
 from ..find.result import ScanResult
-from ..train.targets import lora_config, unfrozen_parameters
+from ..train.targets import LORA_ALPHA, LORA_R, lora_config, unfrozen_parameters
 from .layers import choose_lens, resolve_layers
 
 FORMATS = ("json", "peft", "axolotl")
 
 
 def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: str | None = None,
-           validation=None, format: str = "json", lora_r: int = 8, lora_alpha: int = 16,
-           seed: int = 0, out: str | Path | None = None) -> str:
+           validation=None, format: str = "json", lora_r: int = LORA_R, lora_alpha: int = LORA_ALPHA,
+           seed: int = 0, out: str | Path | None = None, r: int | None = None, alpha: int | None = None) -> str:
     """A scan's critical blocks (its firm ones, where it measured firmness), or those ``layers`` names
     (``critical:K`` ranked by ``score``, firm blocks first, or with ``validation`` by the lens it found best), as
     ``format``: a JSON list, PEFT's ``adapter_config.json`` (LoRA of rank ``lora_r``, ``lora_alpha``) or an axolotl
@@ -33,8 +34,14 @@ def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: s
     >>> critlayer.export(result, layers="1,3")
     '[1, 3]\\n'
     """
+    if r is not None or alpha is not None:
+        warnings.warn("export's r and alpha are now lora_r and lora_alpha; the old names go in the next release",
+                      DeprecationWarning, stacklevel=2)
+        lora_r, lora_alpha = r or lora_r, alpha or lora_alpha
     if min(lora_r, lora_alpha) < 1:
         raise CritlayerError(f"--lora-r and --lora-alpha must be at least 1, got {lora_r} and {lora_alpha}")
+    if seed < 0:
+        raise CritlayerError(f"--seed must be at least 0, got {seed}")
     result = scan if isinstance(scan, ScanResult) else ScanResult.load(scan)
     if layers is None and not result.critical:
         raise CritlayerError("no block of this scan is firm, so it has no critical blocks to export; name them "
@@ -47,7 +54,7 @@ def export(scan: ScanResult | str | Path, *, layers: str | None = None, score: s
     return text
 
 
-def export_text(result: ScanResult, blocks: list[int], fmt: str, *, r: int = 8, alpha: int = 16) -> str:
+def export_text(result: ScanResult, blocks: list[int], fmt: str, *, r: int, alpha: int) -> str:
     """The file content for ``fmt``."""
     if fmt not in FORMATS:
         raise CritlayerError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

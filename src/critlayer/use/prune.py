@@ -46,7 +46,7 @@ class PruneConfig(ChangeConfig):
     """How to prune (each field is the CLI flag of that name), beside what every change shares (``ChangeConfig``).
 
     ``remove``: a number of blocks, or a fraction of all blocks (rounded to the nearest count, halves up).
-    ``score`` ranks the blocks (default ``block_influence``); with ``candidates`` K each removal tries the K least
+    ``score`` ranks the blocks; with ``candidates`` K each removal tries the K least
     critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone).
     ``parts``: what is removed from each chosen block (``block``, or its ``attn`` or ``mlp`` sublayer). ``edges``
     lets the first and last block go. ``heal`` fine-tunes the pruned model that many steps (LoRA with
@@ -108,6 +108,11 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
     def point(self) -> int:
         return self.count
 
+    @property
+    def unpruned(self) -> dict:
+        """Deprecated: ``reference``."""
+        return self.reference
+
     def rows(self) -> list[tuple[str, list[int] | str, float, str, dict]]:
         """(method, blocks, perplexity, spread, cost) at the count asked for; random as median and range."""
         n = self.count
@@ -139,7 +144,7 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
 
         if self.model is not None:
             save_checkpoint(self.model, self.tokenizer, folder)
-        if self.gguf.get("file"):
+        if self.gguf.get("file") and self.gguf_source is not None:
             write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept, self.gguf.get("layer_types"))
         write_prune_report(self, folder)
 

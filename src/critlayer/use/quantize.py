@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import InitVar, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +28,7 @@ from ..common.errors import CritlayerError
 from ..common.options import option, override
 from ..common.stats import lens_correlations
 from ..find.result import ScanResult
+from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file
@@ -48,7 +50,7 @@ class QuantizeConfig(ChangeConfig):
     ``bits``: the average bits per block weight, everything a group is stored with counted (the embedding and head
     are held as loaded and reported apart). ``family``: ``gguf`` (llama.cpp's types), ``int`` (torchao's groups of
     ``group_size``) or ``auto`` (gguf from 4.25 bits up). ``widths``: the candidate widths, a comma list (default
-    the family's). ``score`` makes the plan (default ``sensitivity``). ``curve`` off evaluates at ``bits`` only.
+    the family's). ``score`` makes the plan. ``curve`` off evaluates at ``bits`` only.
     ``per_kind`` gives each block's attention and MLP a width apart.
     """
 
@@ -67,6 +69,14 @@ class QuantizeConfig(ChangeConfig):
     curve: bool = option(True, "evaluate at --bits only, not also at every inner width's uniform point",
                          flag="--no-curve")
     per_kind: bool = option(False, "give each block's attention and MLP a width apart")
+    format: InitVar[str | None] = None  # the old name of ``family``, for one release
+
+    def __post_init__(self, format: str | None = None):
+        if format is not None:
+            warnings.warn("QuantizeConfig's format is now family; the old name goes in the next release",
+                          DeprecationWarning, stacklevel=3)
+            self.family = format
+        super().__post_init__()
 
     @property
     def widths_family(self) -> str:
@@ -92,6 +102,16 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
     @property
     def point(self) -> float:
         return self.settings["bits"]
+
+    @property
+    def bits(self) -> float:
+        """Deprecated: ``bits_per_weight``."""
+        return self.bits_per_weight
+
+    @property
+    def unquantized(self) -> dict:
+        """Deprecated: ``reference``."""
+        return self.reference
 
     def rows(self) -> list[tuple[str, float, float, str, float]]:
         """(method, bits per weight, perplexity, range, KL) at the budget asked for; random as its median and
@@ -125,7 +145,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
 
         if self.gguf_types:
             (folder / self.exports["tensor_types"]["file"]).write_text(tensor_type_lines(self.gguf_types))
-        if self.exports.get("gguf", {}).get("file"):
+        if self.exports.get("gguf", {}).get("file") and self.gguf_source is not None:
             write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"], self.gguf_types)
         if self.torchao_config is not None:
             (folder / self.exports["torchao"]["file"]).write_text(json.dumps(self.torchao_config, indent=1))
@@ -189,7 +209,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
         correlations = lens_correlations(bench.scan.scores, {
             "quantization_damage": weights.per_block(np.array(sensitivity["kl"])[:, down]),
             "loss_rise": weights.per_block(np.array(sensitivity["loss_rise"])[:, down])},
-            list(range(1, lm.num_layers - 1)))
+            eligible_blocks(lm.num_layers, 1))
     settings["baselines"] = list(methods)[1:]
     plan = next(iter(methods.values())).choices[config.bits][0]
     return _finish(lm, weights, plan, settings, reference.summary(), methods, sensitivity, correlations, config, out,
