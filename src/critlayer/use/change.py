@@ -146,6 +146,11 @@ class ChangeResult(SavedResult):
     def point(self) -> float:
         raise NotImplementedError
 
+    def __getattr__(self, name: str):
+        if name == type(self).REFERENCE:  # the old name of ``reference`` (unpruned, unquantized), for one release
+            return self.reference
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def point_rows(self) -> list[tuple[str, Method, float, str]]:
         """(name, method, perplexity, range) of every method evaluated at the point asked for: a method with several
         draws by its median and the range of its draws."""

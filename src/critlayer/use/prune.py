@@ -108,11 +108,6 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
     def point(self) -> int:
         return self.count
 
-    @property
-    def unpruned(self) -> dict:
-        """Deprecated: ``reference``."""
-        return self.reference
-
     def rows(self) -> list[tuple[str, list[int] | str, float, str, dict]]:
         """(method, blocks, perplexity, spread, cost) at the count asked for; random as median and range."""
         n = self.count

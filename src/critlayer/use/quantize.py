@@ -108,11 +108,6 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         """Deprecated: ``bits_per_weight``."""
         return self.bits_per_weight
 
-    @property
-    def unquantized(self) -> dict:
-        """Deprecated: ``reference``."""
-        return self.reference
-
     def rows(self) -> list[tuple[str, float, float, str, float]]:
         """(method, bits per weight, perplexity, range, KL) at the budget asked for; random as its median and
         range."""
