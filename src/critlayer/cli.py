@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import (DefendConfig, PruneConfig, QuantizeConfig, ScanConfig, TrainConfig, compare, defend, export, prune,
                quantize, scan, tune, validate)
-from .common.distributed import is_main
+from .common.distributed import finish, is_main
 from .common.errors import CritlayerError
 from .common.options import DTYPE_HELP, SEED_HELP, flag_of
 from .models.loading import DTYPES
@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             LISTINGS[args.command][1]()
         else:
             run(args.command, args)
+            finish()
     except (CritlayerError, OSError) as exc:  # bad input; an output folder we cannot write, a full disk, ...
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

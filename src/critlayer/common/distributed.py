@@ -83,6 +83,15 @@ def on_main(work: Callable[[], T]) -> T:
     return value
 
 
+def finish() -> None:
+    """End a run on several processes together: every process waits for the others, then closes the process
+    group: a process that exits while its gloo group still runs threads is aborted now and then ("terminate called
+    without an active exception")."""
+    if processes() > 1 and torch.distributed.is_initialized():
+        state().wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def gather(value: T) -> list[T]:
     """``value`` from every process, in process order (one element when there is one process)."""
     if processes() == 1:
