@@ -177,8 +177,8 @@ def test_bad_data(lm, tmp_path):
     empty = tmp_path / "e.txt"
     empty.write_text("\n")
     with pytest.raises(CritlayerError, match="empty"):
-        load_data(lm, str(empty))
+        load_data(lm, str(empty), n_eval=4, max_tokens=16)
     few = tmp_path / "few.txt"
     few.write_text("w1 w2\nw3 w4\nw5\n")
     with pytest.raises(CritlayerError, match="held-out data too small"):
-        load_data(lm, str(few), n_eval=32)
+        load_data(lm, str(few), n_eval=32, max_tokens=16)

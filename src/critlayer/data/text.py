@@ -55,8 +55,7 @@ def check_source(source: str, needed: int = 2) -> None:
         raise CritlayerError(f"{source} holds {len(texts)} distinct text(s); at least {needed} are needed")
 
 
-def load_data(lm: LanguageModel, source: str, *, n_eval: int = 32, n_train: int | None = None,
-              max_tokens: int = 128) -> TextData:
+def load_data(lm: LanguageModel, source: str, *, n_eval: int, max_tokens: int, n_train: int | None = None) -> TextData:
     """Shuffle ``source`` once (fixed seed) and split it: the first ``n_eval`` texts are held out."""
     texts = load_texts(source)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
