@@ -237,3 +237,36 @@ def test_old_python_keywords_still_work_with_a_warning():
 
     with pytest.warns(DeprecationWarning, match="family"):
         assert QuantizeConfig(format="int", bits=3).family == "int"
+
+
+def _planned(err: str, command: str) -> dict[str, int]:
+    """The phases and forward tokens a command's plan line named."""
+    import re
+
+    line = next(line for line in err.splitlines() if line.startswith(f"critlayer: {command} of "))
+    phases = [re.fullmatch(r"(.+?) (?:at most )?([\d,]+) in [\d,]+ \w+", part)
+              for part in line[line.index("(") + 1:line.rindex(")")].split("; ")]
+    return {m.group(1): int(m.group(2).replace(",", "")) for m in phases}
+
+
+def test_every_long_command_says_what_it_will_cost_before_it_starts(tiny_folder, prompt_file, pair_file, tmp_path,
+                                                                     capsys):
+    import critlayer
+
+    scanned = critlayer.scan(str(tiny_folder), probes=str(prompt_file), n=16, max_tokens=12, out=tmp_path / "s")
+    assert _planned(capsys.readouterr().err, "scan")["capture"] == round(
+        scanned.probes["n"] * scanned.probes["mean_tokens"])
+    pruned = critlayer.prune(str(tiny_folder), remove=2, data=str(prompt_file), scan=scanned, n_eval=4,
+                             calibration=4, draws=2, max_tokens=10)
+    planned = _planned(capsys.readouterr().err, "prune")
+    longest = max(pruned.methods["sleb"].cost)
+    assert planned["sleb"] == pruned.methods["sleb"].cost[longest]["forward_tokens"]
+    quantized = critlayer.quantize(str(tiny_folder), bits=5, widths="Q4_0,Q5_0,Q8_0", data=str(prompt_file),
+                                   scan=scanned, n_eval=4, calibration=4, draws=2, max_tokens=10)
+    assert _planned(capsys.readouterr().err, "quantization")["sensitivity"] == quantized.sensitivity["cost"][
+        "forward_tokens"]
+    train = {"steps": 3, "batch_size": 4, "n_eval": 4, "max_tokens": 10, "eval_every": 2}
+    critlayer.tune(str(tiny_folder), str(prompt_file), "1", scan=scanned, **train)
+    assert {"training", "held-out loss"} <= set(_planned(capsys.readouterr().err, "tune"))
+    critlayer.defend(str(tiny_folder), str(pair_file), "2-3", trigger="w1 w2", target="w3 w4", **train)
+    assert {"training", "replies", "clean loss"} <= set(_planned(capsys.readouterr().err, "defence"))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..common.distributed import is_main, on_main
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..data.text import sample_texts
 from ..models import DEFAULT_MODEL, LanguageModel, load
@@ -114,8 +115,9 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
     total = config.probe_count
     if probes is not None:
         total = len(probes) if config.n is None and not config.adaptive else min(len(probes), total)
-    plan = list(range(ROUND, total, ROUND)) + [total] if config.adaptive else [total]
-    measured = run_measures(lm, config, probes=probes, text=text, rounds=plan,
+    _plan(lm, config, probes, total, text).announce(progress)
+    stops = list(range(ROUND, total, ROUND)) + [total] if config.adaptive else [total]
+    measured = run_measures(lm, config, probes=probes, text=text, rounds=stops,
                             settle=rounds.settle if config.selects_by_delta else None, progress=progress)
     timing.update(measured.timing)
     if probes is None and measured.probes is not None:
@@ -152,6 +154,21 @@ def scan_model(lm: LanguageModel, config: ScanConfig, *, progress: bool = True) 
                             measured.fixed if resampled else list(config.measures), text_info, measured.details),
         firmness=firmness, probe_ids=read, capture=measured.capture,
         timing={**timing, "total": round(time.perf_counter() - start, 3)}, versions=_versions())
+
+
+def _plan(lm: LanguageModel, config: ScanConfig, probes: Probes | None, total: int,
+          text: list[list[int]] | None) -> Plan:
+    """The forward tokens a scan plans: one pass over its probes (written as they are captured where the model
+    writes them: each at most ``max_tokens``; an adaptive scan may stop before the last), and the loss measures'
+    passes over their text (ablation: the text whole and with each block's part skipped)."""
+    plan = Plan(f"scan of {lm.name}")
+    if config.needs_probes:
+        tokens = total * config.max_tokens if probes is None else sum(map(len, probes.token_ids[:total]))
+        plan.add("capture", 1, tokens, at_most=probes is None or config.adaptive)
+    for name in config.needs_text:
+        passes = 1 + lm.num_layers * len(config.ablate) if name == "ablation" else 1
+        plan.add(name, passes, sum(map(len, text)))
+    return plan
 
 
 def _written_as_captured(lm: LanguageModel, config: ScanConfig) -> bool:

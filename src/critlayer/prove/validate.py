@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.distributed import is_main
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_output_folder
 from ..common.stats import lens_correlations, paired_difference_interval
@@ -39,7 +40,7 @@ from ..models import DEFAULT_MODEL, LanguageModel, find_blocks, load, surgery
 from ..models.loading import float32_model, resolve_dtype
 from ..models.loss import heldout_loss, sequence_losses
 from ..models.running import computing_in
-from ..train.finetune import TrainConfig, finetune, unhelpful
+from ..train.finetune import TrainConfig, finetune, plan_finetune, unhelpful
 from ..use.layers import VALIDATION_FILE
 
 TARGETS = ("importance", "weight_change")
@@ -246,6 +247,12 @@ def validate_model(lm: LanguageModel, data: TextData, scan_result: ScanResult, c
     dtype = resolve_dtype(config.dtype, str(lm.device))
     seed_list = [config.seed + i for i in range(seeds)]
     interior = eligible_blocks(lm.num_layers, edge)
+    plan = Plan(f"validation of {lm.name}").add("held-out loss", 1, sum(map(len, data.heldout)))
+    for seed in seed_list:
+        if not given:
+            plan_finetune(plan, data, replace(config, seed=seed))
+        plan.add("held-out loss", 1 + lm.num_layers - window + 1, sum(map(len, data.heldout)))
+    plan.announce(progress)
     with computing_in(lm.model, dtype):
         pretrained, counts = sequence_losses(lm.model, data.heldout)
     losses, rises, importances, changes, runs = [], [], [], [], []

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..common.cost import Plan
 from ..common.distributed import accelerator, gather, is_main
 from ..common.errors import CritlayerError
 from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
@@ -236,6 +237,15 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
         run.texts_seen = gather(seen)
         run.replicas_identical = len(set(gather(_digest(params)))) == 1
     return model, run
+
+
+def plan_finetune(plan: Plan, data: TextData, config: TrainConfig) -> Plan:
+    """Add one fine-tune to ``plan``: its training steps (the very batches its seed draws) and its held-out
+    evaluations (before the first step, every ``eval_every`` steps and after the last)."""
+    order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
+    evaluations = 1 + config.steps // config.eval_every + (config.steps % config.eval_every != 0)
+    plan.add_tokens("training", config.steps, int(sum(len(data.train[i]) for i in order)), unit="step")
+    return plan.add("held-out loss", evaluations, sum(map(len, data.heldout)))
 
 
 def _predicted(sequence: list[int], start: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.distributed import is_main
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.options import option, override
 from ..common.folders import SavedResult, check_output_folder
@@ -27,7 +28,7 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loss import sequence_losses
 from ..models.loading import float32_model, resolve_dtype
 from ..models.running import computing_in
-from ..train.finetune import TrainConfig, TrainRun, finetune
+from ..train.finetune import TrainConfig, TrainRun, finetune, plan_finetune
 from .backdoor import DEFAULT_TARGET, TRIGGERS, Attack, Pair, load_pairs, poison, shows_target, split_pairs
 from .layers import Lens, ranked_by, resolve_layers
 
@@ -185,6 +186,7 @@ def _defend(lm: LanguageModel, source: str, pairs: list[Pair], specs: list[str],
                 "lens": None if lens is None else lens.to_json(),
                 "data": {"source": source, "n_train": len(poisoned), "n_poisoned": sum(is_poisoned),
                          "n_eval": len(heldout_pairs)}}
+    _plan(lm, data, heldout_pairs, len(frozen), config).announce(progress)
     dtype = resolve_dtype(config.dtype, str(lm.device))
     result = DefendResult(settings)
     result.outcomes[PRETRAINED] = _evaluate(lm, lm.model, PRETRAINED, [], heldout_pairs, data, attack, dtype, progress)
@@ -197,6 +199,19 @@ def _defend(lm: LanguageModel, source: str, pairs: list[Pair], specs: list[str],
         result.outcomes[spec] = outcome
         del model
     return result
+
+
+def _plan(lm: LanguageModel, data: TextData, heldout: list[Pair], policies: int, config: DefendConfig) -> Plan:
+    """The forward tokens a defence plans: one fine-tune per policy, and for the pre-trained model and each tuned
+    one the replies to every held-out prompt with and without the trigger (prompt and reply written token by token;
+    a reply stops at the target's length and 8 more) and the clean loss."""
+    plan = Plan(f"defence of {lm.name}")
+    for _ in range(policies):
+        plan_finetune(plan, data, config)
+    prompts = [prompt_ids(lm, config.attack.insert(p)) for p, _ in heldout] + [prompt_ids(lm, p) for p, _ in heldout]
+    reply = len(lm.tokenizer(config.attack.target, add_special_tokens=False)["input_ids"]) + 8
+    plan.add("replies", policies + 1, sum(map(len, prompts)) + reply * len(prompts), at_most=True)
+    return plan.add("clean loss", policies + 1, sum(map(len, data.heldout)))
 
 
 def _evaluate(lm: LanguageModel, model: torch.nn.Module, spec: str, frozen: list[int], heldout: list[Pair],

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.options import option
 from ..common.stats import lens_correlations
@@ -36,7 +37,7 @@ from ..models.surgery import sublayer, taken_out
 from ..train.finetune import TrainConfig, finetune
 from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
-from .removal import BASELINES, angular_run, greedy, last_blocks, random_blocks, run_distances
+from .removal import BASELINES, angular_run, greedy, greedy_passes, last_blocks, random_blocks, run_distances
 
 CURVE_FRACTION = 1 / 3  # the curve runs from no block removed to a third of the model
 
@@ -169,6 +170,7 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     if bench.text is None:
         return _finish(_prune_encoder(bench, eligible, count), out, force)
     longest = min(max(count, int(lm.num_layers * CURVE_FRACTION)), len(eligible) - 1)
+    _plan(bench, len(eligible), longest).announce(progress)
     with bench.compute():
         methods, single_rise = choose(bench, eligible, longest, progress)
     reference = evaluate_methods(lm, methods, bench.text.heldout, count, partial(_removing, lm, part=config.parts),
@@ -189,6 +191,32 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     return _finish(PruneResult(settings, methods, reference.summary(), correlations, removed, kept, count, speed,
                                healing, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source),
                    out, force)
+
+
+def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
+    """The forward tokens a pruning plans once its scan is there: the greedy searches and the angular distances on
+    calibration text, then every distinct choice (at most one per method, count and draw) and the unpruned model on
+    held-out text, the speed check, and healing."""
+    lm, config, scan = bench.lm, bench.config, bench.scan
+    calibration, heldout = sum(map(len, bench.calibration)), sum(map(len, bench.text.heldout))
+    plan = Plan(f"prune of {lm.name}")
+    if config.score != "sleb" and config.candidates:
+        plan.add(config.method, greedy_passes(lm.num_layers, eligible, longest, config.candidates), calibration)
+    if config.score == "sleb" or config.baselines:
+        plan.add("sleb", greedy_passes(lm.num_layers, eligible, longest), calibration)
+    methods = 1
+    if config.baselines:  # sleb, last, random's draws, the scan's block influence
+        methods += (config.score != "sleb") + 1 + config.draws + (
+            config.method != "block_influence" and "block_influence" in scan.scores)
+        if config.parts == "block":
+            methods += 1
+            plan.add("angular", 1, calibration)
+    plan.add("evaluation", 1 + methods * longest, heldout, at_most=True)
+    plan.add("speed", 6, heldout)  # unpruned and pruned, a warm-up and two timed passes each
+    if config.heal:
+        train = TrainConfig(steps=config.heal, max_tokens=config.max_tokens)
+        plan.add("healing", config.heal * train.batch_size, config.max_tokens, at_most=True)
+    return plan
 
 
 def choose(bench: Bench, eligible: list[int], longest: int, progress: bool) -> tuple[dict[str, Method], dict | None]:

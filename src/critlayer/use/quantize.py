@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.options import option, override
 from ..common.stats import lens_correlations
@@ -33,7 +34,7 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
-from .change import ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
+from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
@@ -190,6 +191,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
         method = Method(config.score, {config.bits: [plan]}, {config.bits: _cost(weights, plan, bench.scan.cost)})
         return _finish(lm, weights, plan, settings, {}, {config.score: method}, None, {}, config, out, force)
 
+    _plan(bench, weights, budgets).announce(progress)
     sensitivity = None
     if config.score == SENSITIVITY or config.baselines:
         sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
@@ -209,6 +211,22 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     plan = next(iter(methods.values())).choices[config.bits][0]
     return _finish(lm, weights, plan, settings, reference.summary(), methods, sensitivity, correlations, config, out,
                    force)
+
+
+def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
+    """The forward tokens a quantization plans once its scan is there: sensitivity (every unit alone at every width,
+    and the loaded model, on calibration text), then every distinct plan (at most one per method, budget and draw)
+    and the loaded model on held-out text."""
+    config, scan = bench.config, bench.scan
+    plan = Plan(f"quantization of {bench.lm.name}")
+    if config.score == SENSITIVITY or config.baselines:
+        plan.add(SENSITIVITY, weights.costs.size + 1, sum(map(len, bench.calibration)))
+    methods = 2  # the chosen plan and uniform
+    if config.baselines:  # reversed, random's draws, llama.cpp's rule, the measured plan, the consensus
+        methods += 1 + config.draws + 1 + (config.score != SENSITIVITY) + (
+            config.score != "consensus" and "consensus" in scan.scores)
+    plan.add("evaluation", 1 + methods * len(budgets), sum(map(len, bench.text.heldout)), at_most=True)
+    return plan
 
 
 def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: list[list[int]], compute,

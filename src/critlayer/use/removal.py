@@ -93,6 +93,15 @@ class GreedySearch:
         return {"seconds": round(self.seconds[n - 1], 3), "forward_tokens": self.forward_tokens[n - 1]}
 
 
+def greedy_passes(num_layers: int, eligible: int, steps: int, candidates: int = 0) -> int:
+    """Passes over the calibration text ``steps`` greedy steps take (each: the text whole, then with each candidate
+    taken out): SLEB's first step tries every block, later ones every remaining eligible one; a ranked search tries at
+    most ``candidates``."""
+    tried = [min(candidates, eligible - s) if candidates else (num_layers if s == 0 else eligible - s)
+             for s in range(steps)]
+    return sum(n + 1 for n in tried)
+
+
 def greedy(lm: LanguageModel, sequences: list[list[int]], eligible: list[int], steps: int, part: str = "block", *,
            ranking: list[int] | None = None, candidates: int = 0, progress: bool = True) -> GreedySearch:
     """Greedy removal on calibration text: each step skips (or drops ``part`` of) each candidate in turn and removes

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_output_folder
 from ..data.text import TextData, check_source, load_data
 from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loading import float32_model
-from ..train.finetune import TrainConfig, TrainRun, finetune
+from ..train.finetune import TrainConfig, TrainRun, finetune, plan_finetune
 from ..train.targets import lora_config
 from .layers import Lens, ranked_by, resolve_layers
 
@@ -195,6 +196,10 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
     scan_result, lens = ranked_by(lm, specs or [layers], scan=scan, validation=validation, score=score,
                                   progress=progress)
+    plan = Plan(f"tune of {lm.name}")
+    for run_config in [replace(config, seed=config.seed + i) for i in range(seeds)] * len(specs or [layers]):
+        plan_finetune(plan, text, run_config)
+    plan.announce(progress)
     if specs is None:
         result = _tune_one(lm, text, layers, config, scan_result, lens, progress)
     else:
