@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned torch takes the local CPU wheel on our machines; elsewhere override TORCH= to keep your own build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup bench bench-firm clean
+.PHONY: demo test setup bench bench-firm bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench: $(BENCH_VENV)/.installed
 # Minutes, not hours: the default scan's time to a firm answer against sampling alone and the fixed two-pass scan.
 bench-firm: setup
 	$(BIN)/python bench/firm.py $(FIRM_ARGS)
+
+# Peak memory, time and planned forward tokens of scan, prune and quantize on random models of real families' shapes.
+bench-scale: setup
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) critlayer-demo bench-results

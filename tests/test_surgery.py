@@ -106,3 +106,25 @@ def test_deleting_nothing_everything_or_unknown_blocks_is_refused():
         with pytest.raises(CritlayerError, match=message):
             surgery.delete_blocks(model, indices)
     assert len(find_blocks(model)[1]) == 6
+
+
+def test_swapped_weights_are_what_a_model_computes_with_inside_one_autocast():
+    """Autocast caches a lower-precision copy of each weight the first time it is used; a swap copies other weights
+    into the same tensors, so without clearing that cache the swapped blocks would compute with the old weights
+    (validate sets windows of tuned blocks back this way, all inside one autocast)."""
+    base, tuned = tiny_model("llama"), tiny_model("llama")
+    torch.manual_seed(0)
+    for parameter in tuned.parameters():
+        parameter.data += 0.5 * torch.randn_like(parameter)  # trainable leaves, as after fine-tuning
+    ids = torch.randint(3, 50, (2, 12))
+    blocks, source = find_blocks(tuned)[1], find_blocks(base)[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tuned(input_ids=ids)  # fills the cache with the tuned weights' casts
+        with surgery.swapped(blocks, source, range(len(blocks))):
+            inside = tuned(input_ids=ids).logits.float()
+        after = tuned(input_ids=ids).logits.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with surgery.swapped(blocks, source, range(len(blocks))):
+            fresh = tuned(input_ids=ids).logits.float()
+        own = tuned(input_ids=ids).logits.float()
+    assert torch.equal(inside, fresh) and torch.equal(after, own)

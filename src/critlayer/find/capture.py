@@ -298,7 +298,7 @@ class _States:
         live = live.to(self.values.device)[:, None]
         for layer, hidden in enumerate(states):
             latest = self.values[layer, :, 0]
-            latest.copy_(torch.where(live, hidden.to(latest.dtype), latest))
+            latest.copy_(torch.where(live, hidden.to(latest.device, latest.dtype), latest))
 
     def hidden(self, width: int) -> Iterator[torch.Tensor]:
         """Each layer's ``(rows, width, hidden)`` states (width 1 with ``latest_only``)."""

@@ -97,16 +97,21 @@ def taken_out(blocks: nn.ModuleList, indices: Iterable[int], part: str = "block"
 
 @contextmanager
 def swapped(blocks: nn.ModuleList, source: nn.ModuleList, indices: Iterable[int]) -> Iterator[None]:
-    """The given blocks hold ``source``'s weights (another checkpoint of the same model), then their own again."""
+    """The given blocks hold ``source``'s weights (another checkpoint of the same model), then their own again.
+
+    The weights are copied into the same tensors, so autocast's cache of their lower-precision casts is cleared on
+    the way in and out: inside one autocast it would keep computing with the weights that were there before."""
     indices = list(indices)
     own = {i: copy.deepcopy(blocks[i].state_dict()) for i in indices}
     try:
         for i in indices:
             blocks[i].load_state_dict(source[i].state_dict())
+        torch.clear_autocast_cache()
         yield
     finally:
         for i in indices:
             blocks[i].load_state_dict(own[i])
+        torch.clear_autocast_cache()
 
 
 def delete_blocks(model: nn.Module, indices: Iterable[int]) -> list[int]:

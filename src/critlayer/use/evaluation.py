@@ -173,6 +173,8 @@ def tokens_per_second(model: torch.nn.Module, sequences: list[list[int]], *, bat
     with torch.inference_mode(), compute():
         model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"], use_cache=False)
         for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the warm-up, or the last pass, has finished
             start = time.perf_counter()
             for batch in batches:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -56,7 +56,7 @@ def run_distances(lm: LanguageModel, sequences: list[list[int]], longest: int,
             with running.watching(lm, states.append):
                 running.forward_blocks(lm, batch["input_ids"], batch["attention_mask"])
             real = batch["attention_mask"].bool()
-            unit = torch.nn.functional.normalize(torch.stack([s[real].float() for s in states]), dim=-1)
+            unit = torch.nn.functional.normalize(torch.stack([s.to(real.device)[real].float() for s in states]), dim=-1)
             for n in range(1, longest + 1):
                 cos = (unit[:-n] * unit[n:]).sum(-1).clamp(-1.0, 1.0)
                 sums[n - 1, :layers + 1 - n] += (torch.arccos(cos) / torch.pi).sum(-1).double().cpu().numpy()

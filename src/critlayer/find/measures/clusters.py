@@ -20,8 +20,9 @@ CLUSTERS = 16
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> torch.Tensor:
-    """Cluster labels of the rows of ``x`` by Lloyd's k-means from a seeded k-means++ start."""
-    x = x.double()
+    """Cluster labels of the rows of ``x`` by Lloyd's k-means from a seeded k-means++ start, on the CPU whatever
+    device the rows come from: its seeded generator is the CPU's, and the labels are then the same on any device."""
+    x = x.double().cpu()
     g = torch.Generator().manual_seed(seed)
     centres = x[torch.randint(len(x), (1,), generator=g)]
     for _ in range(1, k):
