@@ -90,7 +90,6 @@ class ScanResult(SavedResult, file="scan.json", kind="scan"):
             for i in self.layers:
                 writer.writerow([i, int(i in self.critical), *(f"{v[i]:.6f}" for v in self.scores.values())])
 
-
     def require_layers(self, num_layers: int) -> None:
         """Refuse to apply this scan to a model with another number of blocks."""
         if self.model.get("num_layers") != num_layers:
