@@ -166,8 +166,8 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
          force: bool = False, progress: bool = True, device: str | None = None,
          **options) -> TuneResult | TuneComparison:
     """Fine-tune only the blocks ``layers`` names, or with ``compare`` (specs, a comma list, or True for
-    ``DEFAULT_COMPARE``) each choice from
-    the same pre-trained weights on the same data order, over ``seeds`` seeds.
+    ``DEFAULT_COMPARE``) each choice from the same pre-trained weights on the same data order, over ``seeds``
+    seeds.
 
     ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
     spec (``critical:K``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``), ranked by ``score`` of
