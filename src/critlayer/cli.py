@@ -94,10 +94,10 @@ class Command:
     skips: tuple[str, ...] = ()
     helps: dict = field(default_factory=dict)
     out: str | None = None
-    show: Callable = lambda result, args: result.table()
+    show: Callable = lambda result: result.table()
 
 
-def _show_scan(result, args) -> str:
+def _show_scan(result) -> str:
     return f"{result.table()}\n\n{result.answer()}; {result.timing['total']:.1f} s"
 
 
@@ -216,8 +216,8 @@ def _add_config(p: argparse.ArgumentParser, config: type, skips: tuple[str, ...]
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         kind = kind if kind in (int, float) else str
         options = {"dest": f.name, "type": kind, "default": argparse.SUPPRESS, "choices": meta["choices"]}
-        p.add_argument(flag, help=meta["help"] + _default(default, meta["none"]), metavar=_metavar(flag, meta["choices"]),
-                       **options)
+        p.add_argument(flag, help=meta["help"] + _default(default, meta["none"]),
+                       metavar=_metavar(flag, meta["choices"]), **options)
         if meta["old_flag"]:
             p.add_argument(meta["old_flag"], action=_Deprecated, new=flag, help=argparse.SUPPRESS, **options)
 
@@ -244,11 +244,13 @@ def run(name: str, args: argparse.Namespace) -> None:
                                                if f.name in given})
     keywords |= {key: given[key] for key in ("out", "force", "progress") if key in given}
     result = command.function(**keywords)
-    if name == "export":
-        print(result, end="") if args.out is None else print(f"wrote {args.format} to {args.out}")
+    if name == "export" and args.out is None:
+        print(result, end="")
+    elif name == "export":
+        print(f"wrote {args.format} to {args.out}")
     elif is_main():
         written = " ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in args.out.iterdir()))
-        print(f"{command.show(result, args)}\n\nwrote {args.out}/: {written}")
+        print(f"{command.show(result)}\n\nwrote {args.out}/: {written}")
 
 
 def list_measures() -> None:
