@@ -78,8 +78,8 @@ def run(argv: list[str], log: Path) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
     seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
     planned = [int(m.group(1).replace(",", "")) for m in re.finditer(r"plans (?:at most )?([\d,]+) forward", done.stderr)]
-    return {"exit": done.returncode, "peak_gb": round(peak / 1e6, 2), "seconds": round(seconds, 1),
-            "planned_forward_tokens": planned[-1] if planned else None}
+    return {"exit": done.returncode, "peak_gb": round(peak * 1024 / 1e9, 2),  # /usr/bin/time reports KiB
+            "seconds": round(seconds, 1), "planned_forward_tokens": planned[-1] if planned else None}
 
 
 def main() -> None:

@@ -291,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
             LISTINGS[args.command][1]()
         else:
             run(args.command, args)
-            finish()
     except (CritlayerError, OSError) as exc:  # bad input; an output folder we cannot write, a full disk, ...
         print(f"critlayer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("critlayer: interrupted", file=sys.stderr)
         return 130
+    finally:
+        finish()  # every process, whether its command ended well or in one line
     return 0
 
 

@@ -56,7 +56,7 @@ class Plan:
         return f"critlayer: {self.command} plans {bound}{self.forward_tokens:,} forward tokens ({parts})"
 
     def announce(self, progress: bool = True) -> "Plan":
-        """Print the plan (main process; not with progress off)."""
-        if progress and is_main():
+        """Print the plan (main process; not with progress off, nor when nothing runs forward)."""
+        if progress and is_main() and self.phases:
             print(self.line(), file=sys.stderr, flush=True)
         return self

@@ -88,8 +88,10 @@ def finish() -> None:
     group: a process that exits while its gloo group still runs threads is aborted now and then ("terminate called
     without an active exception")."""
     if processes() > 1 and torch.distributed.is_initialized():
-        state().wait_for_everyone()
-        torch.distributed.destroy_process_group()
+        try:
+            state().wait_for_everyone()
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def gather(value: T) -> list[T]:

@@ -21,7 +21,7 @@ from ..models.loading import resolve_dtype
 from .config import ScanConfig
 from .consensus import Consensus, agreement, bootstrap_critical, consensus
 from .firmness import REPLICATES, ROUND, SETTLED_ROUNDS, Firmness, Round, Rounds, probabilities, should_stop
-from .measures import DIRECTION, MEASURES, TEXT
+from .measures import CAPTURE, DIRECTION, MEASURES, TEXT
 from .measures.suite import run_measures, timed
 from .probes import Probes, make_probes, tokenizer_fingerprint
 from .result import ScanResult
@@ -162,7 +162,7 @@ def _plan(lm: LanguageModel, config: ScanConfig, probes: Probes | None, total: i
     writes them: each at most ``max_tokens``; an adaptive scan may stop before the last), and the loss measures'
     passes over their text (ablation: the text whole and with each block's part skipped)."""
     plan = Plan(f"scan of {lm.name}")
-    if config.needs_probes:
+    if any(MEASURES[m].reads == CAPTURE for m in config.measures):
         tokens = total * config.max_tokens if probes is None else sum(map(len, probes.token_ids[:total]))
         plan.add("capture", 1, tokens, at_most=probes is None or config.adaptive)
     for name in config.needs_text:

@@ -36,7 +36,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def computes_bfloat16(device: str) -> bool:
     """Whether ``device`` has bfloat16 arithmetic: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX."""
     if device.startswith("cuda"):  # natively from compute capability 8 (Ampere) on; older GPUs emulate it
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+        index = torch.device(device).index or 0
+        return index < torch.cuda.device_count() and torch.cuda.get_device_capability(index)[0] >= 8
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return device.startswith("cpu") and any(check() for check in checks if check is not None)
 

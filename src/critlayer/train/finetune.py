@@ -198,8 +198,10 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     optimizer = make_optimizer(model, config.learning_rate)
     schedule = get_scheduler(_SCHEDULE_NAMES[config.schedule], optimizer,
                              num_warmup_steps=round(config.warmup * config.steps), num_training_steps=config.steps)
-    # the model stays where it was loaded (--device; under accelerate launch each process's own device already)
-    trained, optimizer = acc.prepare(model, optimizer, device_placement=[False, False])
+    # on one process the model stays where it was loaded (--device); on several, accelerate puts each process's
+    # copy on that process's device, as its DDP wrapper needs
+    placement = [False, False] if processes == 1 else None
+    trained, optimizer = acc.prepare(model, optimizer, device_placement=placement)
     order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
     starts = data.train_starts or [0] * len(data.train)
     seen: list[int] = []

@@ -34,7 +34,8 @@ from ..models.checkpoint import save_checkpoint, without_blocks, without_sublaye
 from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
 from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
-from ..train.finetune import TrainConfig, finetune
+from ..models.loss import BATCH
+from ..train.finetune import TrainConfig, finetune, plan_finetune
 from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
 from .removal import BASELINES, angular_run, greedy, greedy_passes, last_blocks, random_blocks, run_distances
@@ -212,10 +213,11 @@ def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
             methods += 1
             plan.add("angular", 1, calibration)
     plan.add("evaluation", 1 + methods * longest, heldout, at_most=True)
-    plan.add("speed", 6, heldout)  # unpruned and pruned, a warm-up and two timed passes each
+    warm_up = sum(sorted(map(len, bench.text.heldout), reverse=True)[:BATCH])  # tokens_per_second's first batch
+    plan.add_tokens("speed", 4, 2 * (2 * heldout + warm_up))  # unpruned and pruned: a warm-up, two timed passes
     if config.heal:
-        train = TrainConfig(steps=config.heal, max_tokens=config.max_tokens)
-        plan.add("healing", config.heal * train.batch_size, config.max_tokens, at_most=True)
+        plan_finetune(plan, bench.text, _healing_config(config))
+        plan.add("held-out loss", 2, heldout)  # the unpruned model and the healed one, after
     return plan
 
 
@@ -322,9 +324,8 @@ def _heal(bench: Bench, pruned, before: dict, progress: bool):
     pruned model's evaluation)."""
     lm, config, text = bench.lm, bench.config, bench.text
     pruned_lm = LanguageModel.wrap(pruned, lm.tokenizer, lm.name)
-    train = TrainConfig(steps=config.heal, lora=config.heal_lora, seed=config.seed, dtype=config.dtype,
-                        max_tokens=config.max_tokens, n_eval=config.n_eval, eval_every=max(1, config.heal // 5))
-    healed, run = finetune(pruned_lm, pruned, list(range(pruned_lm.num_layers)), text, train, progress=progress,
+    healed, run = finetune(pruned_lm, pruned, list(range(pruned_lm.num_layers)), text, _healing_config(config),
+                           progress=progress,
                            label="healing")
     if config.heal_lora:
         healed = healed.merge_and_unload()
@@ -332,6 +333,12 @@ def _heal(bench: Bench, pruned, before: dict, progress: bool):
                      progress=False)[1]["healed"].summary()
     return healed, {"steps": config.heal, "lora": config.heal_lora, "before": before, "after": after,
                     "run": run.as_dict()}
+
+
+def _healing_config(config: PruneConfig) -> TrainConfig:
+    """How healing fine-tunes: ``heal`` steps (LoRA with ``heal_lora``), the held-out loss five times along."""
+    return TrainConfig(steps=config.heal, lora=config.heal_lora, seed=config.seed, dtype=config.dtype,
+                       max_tokens=config.max_tokens, n_eval=config.n_eval, eval_every=max(1, config.heal // 5))
 
 
 def _gguf_plan(lm: LanguageModel, source: Path | None, kept: list[int], config: PruneConfig) -> dict:
