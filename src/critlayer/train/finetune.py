@@ -22,14 +22,14 @@ from transformers import get_scheduler
 from ..common.cost import Plan
 from ..common.distributed import accelerator, gather, is_main
 from ..common.errors import CritlayerError
-from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
 from ..common.memory import PeakMemory
+from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
 from ..common.stats import paired_difference_interval
 from ..data.text import TextData
 from ..models import LanguageModel
 from ..models.loading import DTYPES, resolve_dtype
-from ..models.running import computing_in
 from ..models.loss import batch_losses, collate, sequence_losses
+from ..models.running import computing_in
 from .targets import LORA_R, freeze_except, lora_config
 
 DEFAULT_LR = 3e-5

@@ -198,27 +198,36 @@ def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
     """The forward tokens a pruning plans once its scan is there: the greedy searches and the angular distances on
     calibration text, then every distinct choice (at most one per method, count and draw) and the unpruned model on
     held-out text, the speed check, and healing."""
-    lm, config, scan = bench.lm, bench.config, bench.scan
+    lm, config = bench.lm, bench.config
     calibration, heldout = sum(map(len, bench.calibration)), sum(map(len, bench.text.heldout))
     plan = Plan(f"prune of {lm.name}")
     if config.score != "sleb" and config.candidates:
         plan.add(config.method, greedy_passes(lm.num_layers, eligible, longest, config.candidates), calibration)
-    if config.score == "sleb" or config.baselines:
+    runs = methods_run(config, bench.scan)
+    if "sleb" in runs:
         plan.add("sleb", greedy_passes(lm.num_layers, eligible, longest), calibration)
-    methods = 1
-    if config.baselines:  # sleb, last, random's draws, the scan's block influence
-        methods += (config.score != "sleb") + 1 + config.draws + (
-            config.method != "block_influence" and "block_influence" in scan.scores)
-        if config.parts == "block":
-            methods += 1
-            plan.add("angular", 1, calibration)
-    plan.add("evaluation", 1 + methods * longest, heldout, at_most=True)
+    if "angular" in runs:
+        plan.add("angular", 1, calibration)
+    plan.add("evaluation", 1 + sum(runs.values()) * longest, heldout, at_most=True)
     warm_up = sum(sorted(map(len, bench.text.heldout), reverse=True)[:BATCH])  # tokens_per_second's first batch
     plan.add_tokens("speed", 4, 2 * (2 * heldout + warm_up))  # unpruned and pruned: a warm-up, two timed passes
     if config.heal:
         plan_finetune(plan, bench.text, _healing_config(config))
         plan.add("held-out loss", 2, heldout)  # the unpruned model and the healed one, after
     return plan
+
+
+def methods_run(config: PruneConfig, scan: ScanResult) -> dict[str, int]:
+    """The methods a pruning runs, the chosen one first, and how many choices each makes per count: with
+    ``baselines``, also sleb, last, random's draws, the scan's block influence and angular runs (whole blocks)."""
+    runs = {config.method: 1}
+    if config.baselines:
+        runs |= {"sleb": 1, "last": 1, "random": config.draws}
+        if config.method != "block_influence" and "block_influence" in scan.scores:
+            runs["block_influence"] = 1
+        if config.parts == "block":
+            runs["angular"] = 1
+    return runs
 
 
 def choose(bench: Bench, eligible: list[int], longest: int, progress: bool) -> tuple[dict[str, Method], dict | None]:
@@ -238,7 +247,7 @@ def choose(bench: Bench, eligible: list[int], longest: int, progress: bool) -> t
             methods[config.method] = Method(config.method, {n: [sorted(order[:n])] for n in counts},
                                             {n: scan_cost for n in counts})
     single_rise = None
-    if config.score == "sleb" or config.baselines:
+    if "sleb" in methods_run(config, bench.scan):
         search = greedy(lm, calibration, eligible, longest, config.parts, progress=progress)
         methods["sleb"] = Method("sleb", {n: [search.removed(n)] for n in counts}, {n: search.cost(n) for n in counts})
         single_rise = {"values": [round(float(v), 6) for v in search.first_rise], "cost": search.cost(1),
@@ -277,16 +286,16 @@ def _finish(result: PruneResult, out, force: bool) -> PruneResult:
 def baseline_methods(bench: Bench, eligible: list[int], longest: int) -> dict[str, Method]:
     """last, random, Block Influence (the scan's) and angular runs (on calibration text; whole blocks only)."""
     lm, config, scan, calibration = bench.lm, bench.config, bench.scan, bench.calibration
-    counts = range(1, longest + 1)
+    runs, counts = methods_run(config, scan), range(1, longest + 1)
     free = {n: {"seconds": 0.0, "forward_tokens": 0} for n in counts}
     methods = {"last": Method("last", {n: [last_blocks(eligible, n)] for n in counts}, free),
                "random": Method("random", {n: [random_blocks(eligible, n, d, config.seed) for d in range(config.draws)]
                                            for n in counts}, free)}
-    if config.method != "block_influence" and "block_influence" in scan.scores:
+    if "block_influence" in runs:
         order = scan.least_critical("block_influence", eligible)
         methods["block_influence"] = Method("block_influence", {n: [sorted(order[:n])] for n in counts},
                                             {n: scan.cost for n in counts})
-    if config.parts == "block":
+    if "angular" in runs:
         start = time.perf_counter()
         distances = run_distances(lm, calibration, longest)
         cost = {"seconds": round(time.perf_counter() - start, 3), "forward_tokens": sum(map(len, calibration))}

@@ -40,6 +40,7 @@ from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
 
 SENSITIVITY = "sensitivity"
+MEASURED_PLAN = f"{SENSITIVITY} (measured)"  # the plan sensitivity makes, as results name it
 SMALLEST_GGUF_BITS = 4.25  # MXFP4: below it, ``auto`` takes torchao's integer widths
 FAMILY_CHOICES = ("auto", *FAMILIES)
 
@@ -193,7 +194,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
 
     _plan(bench, weights, budgets).announce(progress)
     sensitivity = None
-    if config.score == SENSITIVITY or config.baselines:
+    if MEASURED_PLAN in methods_run(config, bench.scan):
         sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
     methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
     weights.prepare([c for m in methods.values() for choices in m.choices.values() for c in choices])
@@ -217,16 +218,24 @@ def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
     """The forward tokens a quantization plans once its scan is there: sensitivity (every unit alone at every width,
     and the loaded model, on calibration text), then every distinct plan (at most one per method, budget and draw)
     and the loaded model on held-out text."""
-    config, scan = bench.config, bench.scan
+    runs = methods_run(bench.config, bench.scan)
     plan = Plan(f"quantization of {bench.lm.name}")
-    if config.score == SENSITIVITY or config.baselines:
+    if MEASURED_PLAN in runs:
         plan.add(SENSITIVITY, weights.costs.size + 1, sum(map(len, bench.calibration)))
-    methods = 2  # the chosen plan and uniform
-    if config.baselines:  # reversed, random's draws, llama.cpp's rule, the measured plan, the consensus
-        methods += 1 + config.draws + 1 + (config.score != SENSITIVITY) + (
-            config.score != "consensus" and "consensus" in scan.scores)
-    plan.add("evaluation", 1 + methods * len(budgets), sum(map(len, bench.text.heldout)), at_most=True)
+    plan.add("evaluation", 1 + sum(runs.values()) * len(budgets), sum(map(len, bench.text.heldout)), at_most=True)
     return plan
+
+
+def methods_run(config: QuantizeConfig, scan: ScanResult) -> dict[str, int]:
+    """The methods a quantization runs, the chosen one first, and how many plans each makes per budget: uniform,
+    and with ``baselines`` the reversed order, random's draws, llama.cpp's rule, the measured plan and the
+    consensus."""
+    runs = {MEASURED_PLAN if config.score == SENSITIVITY else config.score: 1, "uniform": 1}
+    if config.baselines:
+        runs |= {"reversed": 1, "random": config.draws, "llama.cpp rule": 1, MEASURED_PLAN: 1}
+        if "consensus" in scan.scores:
+            runs["consensus"] = 1
+    return runs
 
 
 def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: list[list[int]], compute,
@@ -263,11 +272,12 @@ def plan_methods(weights: BlockWeights, scan: ScanResult, sensitivity: dict | No
 
     measured = lambda budget, _: cheapest_plan(damage, weights.costs, budget)  # noqa: E731
     if config.score == SENSITIVITY:
-        chosen = method(f"{SENSITIVITY} (measured)", measured, sensitivity["cost"])
+        chosen = method(MEASURED_PLAN, measured, sensitivity["cost"])
         order = _sensitivity_order(damage, weights.costs, weights.budget(config.bits))
     else:
         order = _order(scan, config.score, weights)
         chosen = method(config.score, ranked(order), scan_cost)
+    runs = methods_run(config, scan)
     methods = {chosen.name: chosen,
                "uniform": method("uniform", lambda budget, _: [uniform_width(weights.costs, budget)] * n, free)}
     if not config.baselines:
@@ -280,9 +290,9 @@ def plan_methods(weights: BlockWeights, scan: ScanResult, sensitivity: dict | No
     llama_order = weights.units_of(llama_blocks)
     methods["llama.cpp rule"] = method("llama.cpp rule", lambda budget, _: ranked_plan(
         llama_order, weights.costs, weights.sizes, budget, share), free)
-    if config.score != SENSITIVITY:
-        methods[f"{SENSITIVITY} (measured)"] = method(f"{SENSITIVITY} (measured)", measured, sensitivity["cost"])
-    if config.score != "consensus" and "consensus" in scan.scores:
+    if MEASURED_PLAN not in methods:
+        methods[MEASURED_PLAN] = method(MEASURED_PLAN, measured, sensitivity["cost"])
+    if "consensus" in runs and "consensus" not in methods:
         methods["consensus"] = method("consensus", ranked(_order(scan, "consensus", weights)), scan_cost)
     return methods
 
