@@ -110,7 +110,7 @@ def test_quantized_default_model_gguf_reloads_with_the_plans_values(smollm2, tmp
     tensors = load_file(reloaded)
     widths = parse_widths(None, "gguf")
     index = {w.name: k for k, w in enumerate(widths)}
-    weights = BlockWeights(smollm2, widths, progress=False)
+    weights = BlockWeights(smollm2, widths)
     for i, kind in result.plan.items():
         names = [f"model.layers.{i}.{n}.weight" for n, _ in weights.linears[int(i)]]
         assert all(torch.equal(tensors[n], q) for n, q in zip(names, weights.quantized(int(i), index[kind])))

@@ -151,7 +151,7 @@ def test_torchao_configuration_quantizes_a_fresh_model_to_the_evaluated_weights(
     quantize_(model, config, filter_fn=None)
     lm = critlayer.load(str(tiny_folder), dtype="float32")
     widths = parse_widths(None, "int", 32)
-    weights = BlockWeights(lm, widths, progress=False)
+    weights = BlockWeights(lm, widths)
     index = {w.name: k for k, w in enumerate(widths)}
     for i, block in enumerate(model.model.layers):
         expected = weights.quantized(i, index[result.plan[str(i)]])
@@ -215,11 +215,11 @@ def test_uniform_width_is_the_widest_that_fits():
 
 
 def test_quantized_weights_take_effect_under_autocast_and_leave_after(tiny_lm):
-    weights = BlockWeights(tiny_lm, parse_widths("Q4_0,Q8_0", "gguf"), progress=False)
+    weights = BlockWeights(tiny_lm, parse_widths("Q4_0,Q8_0", "gguf"))
     ids = torch.tensor([[1] + list(range(4, 30))])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast caches cast weights
         before = tiny_lm.model(input_ids=ids).logits
-        with weights.applied([0] * 6):
+        with weights.at(dict.fromkeys(range(6), 0)):
             during = tiny_lm.model(input_ids=ids).logits
         after = tiny_lm.model(input_ids=ids).logits
     assert not torch.equal(before, during) and torch.equal(before, after)

@@ -70,12 +70,12 @@ def evaluate(lm: LanguageModel, sequences: list[list[int]], variants: dict[str, 
     bar = tqdm(total=n * (len(variants) + 1), desc="evaluating", unit="text", disable=not progress)
     with torch.inference_mode(), running.evaluating(lm), compute(), bar:
         for chosen, batch in text_batches(sequences, batch_size, lm.device):
-            base = _Reference(_log_probs(lm.model, batch), batch)
+            base = Reference(next_token_log_probs(lm.model, batch), batch)
             base.record(reference, chosen, base.log_probs)
             bar.update(len(chosen))
             for name, variant in variants.items():
                 with variant() as model:
-                    base.record(scores[name], chosen, _log_probs(model or lm.model, batch))
+                    base.record(scores[name], chosen, next_token_log_probs(model or lm.model, batch))
                 bar.update(len(chosen))
     return reference, scores
 
@@ -107,20 +107,19 @@ class Method:
                 "evaluation": {str(n): s for n, s in self.summary.items()}}
 
 
-def evaluate_methods(lm: LanguageModel, methods: dict[str, Method], heldout: list[list[int]], point: float,
-                     variant: Callable[[Choice], Variant], compute, progress: bool) -> TextScores:
-    """Evaluate every distinct choice once (methods often agree) as the context ``variant(choice)`` and fill in each
-    method's figures; at ``point``, each single choice gets a paired 95% interval of its perplexity over the first
-    (chosen) method's. Returns the unchanged model's scores."""
+Run = Callable[[dict[str, Choice]], tuple[TextScores, dict[str, TextScores]]]
+
+
+def evaluate_methods(methods: dict[str, Method], point: float, run: Run) -> TextScores:
+    """Evaluate every distinct choice once (methods often agree) with ``run`` (named choices to the unchanged
+    model's scores and each choice's) and fill in each method's figures; at ``point``, each single choice gets a
+    paired 95% interval of its perplexity over the first (chosen) method's. Returns the unchanged model's scores."""
     keys: dict[tuple, str] = {}
-    variants = {}
     for m in methods.values():
         for choices in m.choices.values():
             for choice in choices:
-                if tuple(choice) not in keys:
-                    keys[tuple(choice)] = name = f"choice {len(keys)}"
-                    variants[name] = variant(choice)
-    reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
+                keys.setdefault(tuple(choice), f"choice {len(keys)}")
+    reference, scores = run({name: list(choice) for choice, name in keys.items()})
     of = lambda choice: scores[keys[tuple(choice)]]  # noqa: E731
     for m in methods.values():
         for n, choices in m.choices.items():
@@ -134,20 +133,21 @@ def evaluate_methods(lm: LanguageModel, methods: dict[str, Method], heldout: lis
     return reference
 
 
-def logits_batch(lm: LanguageModel, sequences: list[list[int]], budget: int = 1 << 28) -> int:
-    """Texts per forward that keep one batch's float32 logits within ``budget`` bytes (256 MB; the evaluation holds
-    a few such tensors at once), at most ``BATCH``."""
+def logits_batch(lm: LanguageModel, sequences: list[list[int]], budget: int = 1 << 27) -> int:
+    """Texts per forward that keep one batch's float32 logits within ``budget`` bytes (128 MB; the evaluation holds
+    a few such tensors at once: over a vocabulary of 128k words, two texts of 128 tokens), at most ``BATCH``."""
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     return max(1, min(BATCH, budget // (4 * vocab * max(map(len, sequences)))))
 
 
-def _log_probs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def next_token_log_probs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """A batch's next-token log-probabilities in float32, every position but the last."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
-class _Reference:
-    """The unchanged model's next-token distribution on one batch, and what every variant is scored against."""
+class Reference:
+    """The unchanged model's next-token distribution on one batch: what every variant is scored against."""
 
     def __init__(self, log_probs: torch.Tensor, batch: dict):
         self.log_probs, self.probs, self.top = log_probs, log_probs.exp(), log_probs.argmax(-1)

@@ -13,12 +13,12 @@ mixed GGUF where the source is one) or to torchao (a per-module configuration).
 from __future__ import annotations
 
 import json
+import math
 import re
-import warnings
 import time
+import warnings
 from collections import Counter
 from dataclasses import InitVar, dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,8 +34,9 @@ from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, write_requantized_gguf
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
+from .blockwise import evaluate_plans, schedule
 from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
-from .evaluation import Method, evaluate, evaluate_methods
+from .evaluation import Method, evaluate_methods
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
 
@@ -175,11 +176,11 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     if not widths[0].bits <= config.bits <= widths[-1].bits:
         raise CritlayerError(f"--bits {config.bits:g} lies outside the widths' {float(widths[0].bits):g} "
                              f"({widths[0].name}) to {float(widths[-1].bits):g} ({widths[-1].name}) bits per weight")
-    lm = open_model(model, out=out, force=force, device=device)
+    lm = open_model(model, config, out=out, force=force, device=device)
     if not lm.is_causal and config.score == SENSITIVITY:
         raise CritlayerError(f"{lm.architecture} has no LM head: sensitivity needs a next-token loss; plan by a "
                              "scan score")
-    weights = BlockWeights(lm, widths, per_kind=config.per_kind, progress=progress)
+    weights = BlockWeights(lm, widths, per_kind=config.per_kind)
     bench = open_bench(lm, config, scan, progress=progress)
     budgets = _budgets(config, weights)
     settings = {**bench.settings(), "bits": config.bits, "family": config.widths_family,
@@ -197,9 +198,8 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     if MEASURED_PLAN in methods_run(config, bench.scan):
         sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
     methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
-    weights.prepare([c for m in methods.values() for choices in m.choices.values() for c in choices])
-    reference = evaluate_methods(lm, methods, bench.text.heldout, config.bits,
-                                 lambda plan: partial(weights.applied, plan), bench.compute, progress)
+    reference = evaluate_methods(methods, config.bits, lambda plans: evaluate_plans(
+        lm, bench.text.heldout, plans, weights, compute=bench.compute, progress=progress)[:2])
     correlations = {}
     if sensitivity is not None:
         down = max(uniform_width(weights.costs, weights.budget(config.bits)) - 1, 0)
@@ -215,13 +215,14 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
 
 
 def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
-    """The forward tokens a quantization plans once its scan is there: sensitivity (every unit alone at every width,
-    and the loaded model, on calibration text), then every distinct plan (at most one per method, budget and draw)
-    and the loaded model on held-out text."""
+    """The forward tokens a quantization plans once its scan is there: sensitivity (every unit alone at every width
+    from its block on, and the loaded model, on calibration text), then every distinct plan (at most one per method,
+    budget and draw) and the loaded model on held-out text."""
     runs = methods_run(bench.config, bench.scan)
     plan = Plan(f"quantization of {bench.lm.name}")
     if MEASURED_PLAN in runs:
-        plan.add(SENSITIVITY, weights.costs.size + 1, sum(map(len, bench.calibration)))
+        passes = schedule(list(map(tuple, alone_plans(weights).values())), weights.blocks, bench.lm.num_layers).passes()
+        plan.add_tokens(SENSITIVITY, math.ceil(passes), round(passes * sum(map(len, bench.calibration))))
     plan.add("evaluation", 1 + sum(runs.values()) * len(budgets), sum(map(len, bench.text.heldout)), at_most=True)
     return plan
 
@@ -238,6 +239,12 @@ def methods_run(config: QuantizeConfig, scan: ScanResult) -> dict[str, int]:
     return runs
 
 
+def alone_plans(weights: BlockWeights) -> dict[str, list[int | None]]:
+    """Every unit alone at every candidate width, every other unit as loaded: what sensitivity measures."""
+    n, k = weights.costs.shape
+    return {f"{i},{w}": [w if j == i else None for j in range(n)] for i in range(n) for w in range(k)}
+
+
 def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: list[list[int]], compute,
                         progress: bool) -> dict:
     """What one unit alone at each candidate width (every other unit as loaded) does on calibration text: the
@@ -245,15 +252,13 @@ def measure_sensitivity(lm: LanguageModel, weights: BlockWeights, calibration: l
     zero, and far less noisy than the loss rise beside it), and what measuring it cost."""
     start = time.perf_counter()
     n, k = weights.costs.shape
-    alone = {f"{i},{w}": [w if j == i else None for j in range(n)] for i in range(n) for w in range(k)}
-    weights.prepare(list(alone.values()))
-    reference, scores = evaluate(lm, calibration, {name: partial(weights.applied, plan) for name, plan in alone.items()},
-                                 compute=compute, progress=progress)
+    reference, scores, passes = evaluate_plans(lm, calibration, alone_plans(weights), weights, compute=compute,
+                                               progress=progress, desc="measuring sensitivity")
     kl = [[float(scores[f"{i},{w}"].kl.sum() / scores[f"{i},{w}"].tokens.sum()) for w in range(k)] for i in range(n)]
     rise = [[round(scores[f"{i},{w}"].mean_loss - reference.mean_loss, 6) for w in range(k)] for i in range(n)]
     return {"kl": kl, "loss_rise": rise, "widths": [w.name for w in weights.widths], "text": "calibration",
             "cost": {"seconds": round(time.perf_counter() - start, 3),
-                     "forward_tokens": sum(map(len, calibration)) * (len(alone) + 1)}}
+                     "forward_tokens": round(sum(map(len, calibration)) * passes)}}
 
 
 def plan_methods(weights: BlockWeights, scan: ScanResult, sensitivity: dict | None, budgets: list[float],

@@ -1,5 +1,6 @@
-"""A model's block weights under a bit plan: their sizes at every candidate width, and a context in which every unit
-computes with its weights quantized and dequantized to the plan's width (cached: plans share most of them).
+"""A model's block weights under a bit plan: their sizes at every candidate width, and a context in which some units
+compute with their weights quantized and dequantized to a width (made on entry, dropped on exit: a plan is applied
+one block at a time, ``blockwise``).
 
 A unit is what a plan gives one width: a whole block, or with ``per_kind`` its attention and its MLP apart."""
 
@@ -10,7 +11,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..models import LanguageModel
 from ..models.language_model import linear_types
@@ -23,8 +23,8 @@ class BlockWeights:
     ``labels[u]`` names unit ``u`` (``3``, or ``3.attn`` and ``3.mlp``), ``blocks[u]`` is its block, ``linears[u]``
     its (name in the block, module) pairs."""
 
-    def __init__(self, lm: LanguageModel, widths: list[Width], *, per_kind: bool = False, progress: bool = True):
-        self.lm, self.widths, self.progress = lm, widths, progress
+    def __init__(self, lm: LanguageModel, widths: list[Width], *, per_kind: bool = False):
+        self.lm, self.widths = lm, widths
         self.labels, self.blocks, self.linears = [], [], []
         for i, block in enumerate(lm.blocks):
             layers = [(name, module) for name, module in block.named_modules() if isinstance(module, linear_types())]
@@ -44,7 +44,6 @@ class BlockWeights:
         self.sizes = np.array([sum(m.weight.numel() for _, m in layers) for layers in self.linears], dtype=np.int64)
         self.costs = np.array([[sum(_groups(m, w) * w.group_bits for _, m in layers) for w in widths]
                                for layers in self.linears], dtype=np.int64)
-        self._cache: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     @property
     def weights(self) -> int:
@@ -67,33 +66,23 @@ class BlockWeights:
 
     def quantized(self, unit: int, k: int) -> list[torch.Tensor]:
         """Unit ``unit``'s linear weights at width ``k``, as the model holds them (dtype, device, layout)."""
-        key = (unit, k)
-        if key not in self._cache:
-            self._cache[key] = [self._back(m, self.widths[k].roundtrip(self._rows(m))) for _, m in self.linears[unit]]
-        return self._cache[key]
-
-    def prepare(self, plans: list[list[int]]) -> None:
-        """Quantize every (unit, width) the plans use, with a progress bar."""
-        needed = sorted({(i, k) for plan in plans for i, k in enumerate(plan) if k is not None} - set(self._cache))
-        for i, k in tqdm(needed, desc="quantizing", unit="unit", disable=not self.progress or not needed):
-            self.quantized(i, k)
+        return [self._back(m, self.widths[k].roundtrip(self._rows(m))) for _, m in self.linears[unit]]
 
     @contextmanager
-    def applied(self, plan: list[int | None]) -> Iterator[None]:
-        """Every unit computes with its weights at the plan's width (None: as loaded); the loaded weights come back
-        after. Autocast's cache of cast weights is cleared on the way in and out: it would keep the old ones."""
-        own = [[m.weight.data for _, m in layers] for layers in self.linears]
+    def at(self, widths: dict[int, int]) -> Iterator[None]:
+        """Units ``widths`` names compute with their weights quantized (now) to their width; every weight as loaded
+        comes back after. Autocast's cache of cast weights is cleared on the way in and out: it would keep the old
+        ones."""
+        own = {u: [m.weight.data for _, m in self.linears[u]] for u in widths}
         torch.clear_autocast_cache()
         try:
-            for i, k in enumerate(plan):
-                if k is None:
-                    continue
-                for (_, module), weight in zip(self.linears[i], self.quantized(i, k)):
+            for u, k in widths.items():
+                for (_, module), weight in zip(self.linears[u], self.quantized(u, k)):
                     module.weight.data = weight
             yield
         finally:
-            for layers, weights in zip(self.linears, own):
-                for (_, module), weight in zip(layers, weights):
+            for u, weights in own.items():
+                for (_, module), weight in zip(self.linears[u], weights):
                     module.weight.data = weight
             torch.clear_autocast_cache()
 
