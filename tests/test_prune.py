@@ -296,3 +296,30 @@ def test_loss_checked_removal_takes_the_cheapest_of_the_least_critical(tiny_lm, 
     sleb = greedy(tiny_lm, texts, [1, 2, 3, 4], 1, progress=False)
     assert checked.order[0] == min([4, 2], key=lambda b: (sleb.first_rise[b], b))
     assert checked.forward_tokens[0] == 3 * sum(map(len, texts))  # the unablated pass and two candidates
+
+
+def test_a_pruned_model_shares_the_kept_weights_and_leaves_the_loaded_one_whole(tiny_lm):
+    from critlayer.models.checkpoint import output_projection, without_blocks, without_sublayers
+
+    loaded = {p.data_ptr() for p in tiny_lm.model.parameters()}
+    pruned, kept = without_blocks(tiny_lm.model, [2, 3])
+    assert kept == [0, 1, 4, 5] and len(find_blocks(pruned)[1]) == 4 and len(tiny_lm.blocks) == 6
+    assert {p.data_ptr() for p in pruned.parameters()} <= loaded  # no second copy of any weight
+    zeroed = without_sublayers(tiny_lm, [1], "mlp", list(range(1, 12)))
+    own = output_projection(find_blocks(zeroed)[1][1], "mlp").weight
+    assert own.data_ptr() not in loaded and not own.any()
+    assert output_projection(tiny_lm.blocks[1], "mlp").weight.any()  # the loaded model's is untouched
+    assert len({p.data_ptr() for p in zeroed.parameters()} - loaded) == 1
+
+
+def test_a_change_holds_a_bfloat16_checkpoint_in_bfloat16_only_where_it_computes_in_it(tmp_path, monkeypatch):
+    from critlayer.models.loading import change_model
+
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_model("llama").save_pretrained(tmp_path / "fp32")
+    for folder in ("bf16", "fp32"):
+        tiny_tokenizer().save_pretrained(tmp_path / folder)
+    monkeypatch.setattr("critlayer.models.loading.computes_bfloat16", lambda device: True)
+    assert change_model(str(tmp_path / "bf16"), "auto").dtype == torch.bfloat16
+    assert change_model(str(tmp_path / "bf16"), "float32").dtype == torch.float32
+    assert change_model(str(tmp_path / "fp32"), "auto").dtype == torch.float32

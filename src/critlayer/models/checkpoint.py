@@ -11,6 +11,7 @@ Either way a zeroed sublayer still computes: it saves no time.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -21,9 +22,18 @@ from .language_model import LanguageModel, linear_types
 from .surgery import delete_blocks, dropped, sublayer
 
 
+def sharing_copy(model: nn.Module, own: Iterable[torch.Tensor] = ()) -> nn.Module:
+    """A copy of ``model``'s modules and config that shares every parameter and buffer with it but ``own`` (copied):
+    a pruned model costs no second copy of the weights. Change a shared tensor in place and both models change."""
+    copied = {id(t) for t in own}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in copied}
+    return copy.deepcopy(model, memo)
+
+
 def without_blocks(model: nn.Module, removed: list[int]) -> tuple[nn.Module, list[int]]:
-    """A copy of ``model`` with the given blocks deleted, and the original indices of the blocks kept."""
-    pruned = copy.deepcopy(model)
+    """A copy of ``model`` with the given blocks deleted (the kept ones sharing its tensors), and the original
+    indices of the blocks kept."""
+    pruned = sharing_copy(model)
     return pruned, delete_blocks(pruned, removed)
 
 
@@ -36,9 +46,10 @@ def output_projection(block: nn.Module, part: str) -> nn.Module:
 
 
 def without_sublayers(lm: LanguageModel, removed: list[int], part: str, probe: list[int]) -> nn.Module:
-    """A copy of ``lm.model`` whose blocks ``removed`` have ``part``'s output projection (and bias) zeroed, checked on
-    the token ids ``probe`` to compute what dropping the sublayer computes; refused where it does not."""
-    zeroed = copy.deepcopy(lm.model)
+    """A copy of ``lm.model`` whose blocks ``removed`` have ``part``'s output projection (and bias) zeroed (every other
+    tensor shared), checked on the token ids ``probe`` to compute what dropping the sublayer computes; refused where it
+    does not."""
+    zeroed = sharing_copy(lm.model, [p for i in removed for p in output_projection(lm.blocks[i], part).parameters()])
     blocks = find_blocks(zeroed)[1]
     with torch.no_grad():
         for i in removed:

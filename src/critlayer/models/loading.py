@@ -128,6 +128,32 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None =
 
 
 def float32_model(model: LanguageModel | str, device: str | None = None) -> LanguageModel:
-    """The model given, or loaded with float32 weights: what fine-tuning trains and what pruning and quantization
-    change (each command's ``dtype`` says what it computes in)."""
+    """The model given, or loaded with float32 weights: what fine-tuning trains (its ``dtype`` says what it computes
+    in)."""
     return model if isinstance(model, LanguageModel) else load(model, dtype="float32", device=device)
+
+
+def change_model(model: LanguageModel | str, dtype: str, device: str | None = None) -> LanguageModel:
+    """The model given, or loaded with the weights pruning and quantization change: as the checkpoint stores them
+    where it stores bfloat16 and the change computes in ``dtype`` bfloat16 (a float32 copy would double the memory
+    and add nothing), else float32 (all a float32 checkpoint holds, and what computing in float32 needs)."""
+    if isinstance(model, LanguageModel):
+        return model
+    device = device or default_device()
+    narrow = resolve_dtype(dtype, device) == torch.bfloat16 and stored_dtype(model) == torch.bfloat16
+    return load(model, dtype="bfloat16" if narrow else "float32", device=device)
+
+
+def stored_dtype(spec: str) -> torch.dtype | None:
+    """The dtype a model's config says its weights are stored in (None where it says none or cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(spec)[1])
+    except CritlayerError:
+        raise
+    except Exception:  # load() says what is wrong with the source, in one line
+        return None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, stored) if isinstance(stored, str) else stored
+

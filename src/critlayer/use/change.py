@@ -2,9 +2,10 @@
 options they share, their setup, and the result base they save and reload.
 
 A command states what it changes (its own config fields, its methods and their choices); the frame gives it the
-model with float32 weights, the scan that supplies scores (given, or run as ``critlayer scan`` would), held-out and
-calibration text drawn from one source and never overlapping, the context the evaluation computes in, the settings
-every result records, and a result whose rows, table heading, JSON and reload are the same for all.
+model (its weights as a bfloat16 checkpoint stores them, or float32), the scan that supplies scores (given, or run
+as ``critlayer scan`` would), held-out and calibration text drawn from one source and never overlapping, the
+context the evaluation computes in, the settings every result records, and a result whose rows, table heading,
+JSON and reload are the same for all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..find.measures import DIRECTION
 from ..find.result import ScanResult
 from ..find.scan import scan_of
 from ..models import LanguageModel
-from ..models.loading import DTYPES, float32_model, resolve_dtype
+from ..models.loading import DTYPES, change_model, resolve_dtype
 from ..models.running import computing_in
 from .evaluation import Method
 
@@ -67,7 +68,7 @@ def score_option(measured: str, default: str):
 
 @dataclass
 class Bench:
-    """What a change is measured on: the model (float32 weights), the scan that supplies scores and what it cost,
+    """What a change is measured on: the model (``open_model``'s weights), the scan that supplies scores and what it cost,
     the held-out and calibration text (none for an encoder: it has no next-token loss), and the config."""
 
     lm: LanguageModel
@@ -81,7 +82,7 @@ class Bench:
         return resolve_dtype(self.config.dtype, str(self.lm.device))
 
     def compute(self) -> AbstractContextManager:
-        """The context every forward of the evaluation runs in (autocast to ``dtype`` over float32 weights)."""
+        """The context every forward of the evaluation runs in (autocast to ``dtype`` over wider weights)."""
         return computing_in(self.lm.model, self.dtype)
 
     def settings(self) -> dict:
@@ -96,13 +97,14 @@ class Bench:
                 "dtype": str(self.dtype).removeprefix("torch.")}
 
 
-def open_model(model: LanguageModel | str, *, out: str | Path | None, force: bool,
+def open_model(model: LanguageModel | str, config: ChangeConfig, *, out: str | Path | None, force: bool,
                device: str | None) -> LanguageModel:
-    """Refuse an output folder in the way, then load the model with float32 weights. A command checks what it asks
-    of the model next, before ``open_bench`` runs the scan."""
+    """Refuse an output folder in the way, then load the model (``loading.change_model``: weights as stored in
+    bfloat16 where the change computes in it, else float32). A command checks what it asks of the model next, before
+    ``open_bench`` runs the scan."""
     if out is not None:
         check_model_folder(Path(out), force)
-    return float32_model(model, device)
+    return change_model(model, config.dtype, device)
 
 
 def open_bench(lm: LanguageModel, config: ChangeConfig, scan: ScanResult | str | Path | None, *,

@@ -13,6 +13,7 @@ Sleb and the angular baseline read calibration text; the evaluation reads held-o
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -162,7 +163,7 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     (2, 4)
     """
     config = replace(config, **options) if config is not None else PruneConfig(**options)
-    lm = open_model(model, out=out, force=force, device=device)
+    lm = open_model(model, config, out=out, force=force, device=device)
     eligible = eligible_blocks(lm.num_layers, 0 if config.edges else 1)
     count = config.count(lm.num_layers, len(eligible))
     if config.parts != "block":
@@ -174,8 +175,9 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     _plan(bench, len(eligible), longest).announce(progress)
     with bench.compute():
         methods, single_rise = choose(bench, eligible, longest, progress)
-    reference = evaluate_methods(lm, methods, bench.text.heldout, count, partial(_removing, lm, part=config.parts),
-                                 bench.compute, progress)
+    reference = evaluate_methods(methods, count, lambda choices: evaluate(
+        lm, bench.text.heldout, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
+        compute=bench.compute, progress=progress))
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]
     pruned, kept, speed = _pruned_model(lm, removed, config.parts, bench.text.heldout, bench.compute)
@@ -330,14 +332,13 @@ def _pruned_model(lm: LanguageModel, removed: list[int], part: str, heldout: lis
 
 def _heal(bench: Bench, pruned, before: dict, progress: bool):
     """Fine-tune every kept block (or LoRA on them, merged) on the training texts; evaluate after (``before`` is the
-    pruned model's evaluation)."""
+    pruned model's evaluation). Training changes weights in place, so it works on a copy of its own, in float32 (the
+    weights trained stay float32): the unpruned model stays what the evaluation compares with."""
     lm, config, text = bench.lm, bench.config, bench.text
-    pruned_lm = LanguageModel.wrap(pruned, lm.tokenizer, lm.name)
-    healed, run = finetune(pruned_lm, pruned, list(range(pruned_lm.num_layers)), text, _healing_config(config),
-                           progress=progress,
-                           label="healing")
-    if config.heal_lora:
-        healed = healed.merge_and_unload()
+    pruned_lm = LanguageModel.wrap(copy.deepcopy(pruned).float(), lm.tokenizer, lm.name)
+    healed, run = finetune(pruned_lm, pruned_lm.model, list(range(pruned_lm.num_layers)), text,
+                           _healing_config(config), progress=progress, label="healing")
+    healed = (healed.merge_and_unload() if config.heal_lora else healed).to(lm.dtype)
     after = evaluate(lm, text.heldout, {"healed": lambda: nullcontext(healed)}, compute=bench.compute,
                      progress=False)[1]["healed"].summary()
     return healed, {"steps": config.heal, "lora": config.heal_lora, "before": before, "after": after,
