@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned torch takes the local CPU wheel on our machines; elsewhere override TORCH= to keep your own build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup bench bench-firm bench-scale clean
+.PHONY: demo test setup bench bench-firm bench-scale bench-probes clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-firm: setup
 # Peak memory, time and planned forward tokens of scan, prune and quantize on random models of real families' shapes.
 bench-scale: setup
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+
+# Whether a built-in's critical blocks hold over probes written by another model (what a streamed scan needs).
+bench-probes: setup
+	cd bench && ../$(BIN)/python borrowed_probes.py --out ../bench-results/borrowed-probes
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) critlayer-demo bench-results

@@ -21,11 +21,12 @@ def test_plans_sharing_blocks_share_their_passes_and_one_change_finishes_at_once
     order = schedule([(0, 0), (0, 1)], [0, 1], 2)
     assert [[(s.widths, s.moves, s.finished) for s in steps] for steps in order.blocks] == [
         [({0: 0}, [(0, 1)], [])], [({1: 0}, [(1, 2)], [2]), ({1: 1}, [(1, 3)], [3])]]
-    assert order.passes() == 1 + (1 + 2) / 2
+    assert order.passes() == 1 + (1 + 2) / 2 and order.peak() == 2
     alone = schedule([(1, None, None), (None, 0, None)], [0, 1, 2], 3)
     first = alone.blocks[0]
     assert [s.widths for s in first] == [{}, {0: 1}] and first[1].finished == [2]  # runs on to the end at once
     assert alone.members[2] == [(1, None, None)] and alone.passes() == 1 + (2 + 2 + 1 + 1) / 3
+    assert alone.peak() == 3  # the unchanged trunk, its next step, and one branch running on: not every plan
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -54,7 +55,7 @@ def test_blockwise_scores_match_the_whole_model_with_each_plan_swapped_in(arch, 
     monkeypatch.setattr(weights, "at", watched)
     monkeypatch.setattr("critlayer.use.blockwise.HIDDEN_BUDGET", 1)  # a chunk of one text: chunks join up
     reference, scores, passes = evaluate_plans(lm, texts, plans, weights, compute=torch.no_grad, progress=False)
-    assert texts_per_chunk(lm, texts, len(plans)) == 1
+    assert texts_per_chunk(lm, texts, 1) == 1
 
     assert all(d == 1 and len(blocks) <= 1 for d, blocks in entered)  # one block's weights swapped at a time
     for got, want in [(reference, expected_reference), *((scores[n], expected[n]) for n in plans)]:

@@ -56,6 +56,13 @@ class Schedule:
         runs = sum(len(s.moves) + len(s.finished) * (layers - 1 - s.block) for steps in self.blocks for s in steps)
         return 1 + runs / layers
 
+    def peak(self) -> int:
+        """The most groups whose hidden states are held at once: a block's parents, the children that go on, and
+        one step's finished children."""
+        return max(len({parent for s in steps for parent, _ in s.moves})
+                   + sum(len(s.moves) - len(s.finished) for s in steps)
+                   + max((len(s.finished) for s in steps), default=0) for steps in self.blocks)
+
 
 def schedule(plans: list[Plan], unit_blocks: list[int], num_layers: int) -> Schedule:
     """Group ``plans`` (distinct) block by block: ``unit_blocks[u]`` is the block unit ``u`` belongs to."""
@@ -95,7 +102,7 @@ def evaluate_plans(lm: LanguageModel, sequences: list[list[int]], plans: dict[st
     order = schedule(list(names), weights.blocks, lm.num_layers)
     n = len(sequences)
     reference, scores = TextScores.empty(n), {name: TextScores.empty(n) for name in plans}
-    per_chunk = texts_per_chunk(lm, sequences, len(names))
+    per_chunk = texts_per_chunk(lm, sequences, order.peak())
     chunks = [list(range(first, min(n, first + per_chunk))) for first in range(0, n, per_chunk)]
     bar = tqdm(total=len(chunks) * lm.num_layers, desc=desc, unit="block", disable=not progress)
     with torch.inference_mode(), running.evaluating(lm), compute(), bar:
@@ -116,10 +123,10 @@ def evaluate_plans(lm: LanguageModel, sequences: list[list[int]], plans: dict[st
     return reference, scores, order.passes()
 
 
-def texts_per_chunk(lm: LanguageModel, sequences: list[list[int]], plans: int) -> int:
-    """Texts whose hidden states, for every group at once (at most the plans, and their parents, and the unchanged
-    model's), stay within ``HIDDEN_BUDGET`` bytes in float32."""
-    per_text = (2 * plans + 2) * max(map(len, sequences)) * lm.config.get_text_config().hidden_size * 4
+def texts_per_chunk(lm: LanguageModel, sequences: list[list[int]], groups: int) -> int:
+    """Texts whose hidden states, for ``groups`` at once and the unchanged model's inputs and outputs, stay within
+    ``HIDDEN_BUDGET`` bytes in float32."""
+    per_text = (groups + 2) * max(map(len, sequences)) * lm.config.get_text_config().hidden_size * 4
     return max(1, HIDDEN_BUDGET // per_text)
 
 
