@@ -5,6 +5,7 @@ import ast
 import doctest
 import inspect
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -187,8 +188,12 @@ def _launch_two(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     """``arguments`` (a script, or ``-m critlayer ...``) on two processes. accelerate's ``--cpu`` launches one process unless mpirun is there;
     ``--multi_gpu`` starts two through torchrun, which critlayer runs over gloo on a machine without GPUs."""
     launcher = Path(sys.executable).parent / "accelerate"
+    with socket.socket() as free:  # a port of its own: the default one may still be held by the last launch
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
     return subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", *arguments],
+                           "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+                           *arguments],
                           capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
