@@ -139,18 +139,21 @@ def test_tensor_types_file_names_every_block_tensor_once_at_the_plans_bits(tiny_
     assert (out / "quantize.png").is_file() and (out / "quantize.html").is_file()
 
 
-def test_torchao_configuration_quantizes_a_fresh_model_to_the_evaluated_weights(tiny_folder, prompt_file, tmp_path):
+@pytest.mark.parametrize("names", [None, "int2-hqq,int3-hqq,int4,int6"])
+def test_torchao_configuration_quantizes_a_fresh_model_to_the_evaluated_weights(names, tiny_folder, prompt_file,
+                                                                                 tmp_path):
     from torchao.core.config import config_from_dict
     from torchao.quantization import quantize_
 
     out = tmp_path / "q"
-    result = critlayer.quantize(str(tiny_folder), bits=3.5, family="int", group_size=32, data=str(prompt_file),
-                                out=out, curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    result = critlayer.quantize(str(tiny_folder), bits=3.5, family="int", widths=names, group_size=32,
+                                data=str(prompt_file), out=out, curve=False, scan=_scan(str(tiny_folder), prompt_file),
+                                **SMALL)
     config = config_from_dict(json.loads((out / "torchao_config.json").read_text()))
     model = critlayer.load(str(tiny_folder), dtype="float32").model
     quantize_(model, config, filter_fn=None)
     lm = critlayer.load(str(tiny_folder), dtype="float32")
-    widths = parse_widths(None, "int", 32)
+    widths = parse_widths(names, "int", 32)
     weights = BlockWeights(lm, widths)
     index = {w.name: k for k, w in enumerate(widths)}
     for i, block in enumerate(model.model.layers):
@@ -235,3 +238,15 @@ def test_per_kind_plans_give_attention_and_mlp_their_own_widths(tiny_folder, pro
         block, tensor = re.match(r"\^blk\\\.(\d+)\\\.(\w+)\\\.weight\$", pattern).groups()
         assert kind == result.plan[f"{block}.{'attn' if tensor.startswith('attn') else 'mlp'}"].lower()
     assert set(result.correlations["quantization_damage"]["block_influence"]) >= {"all", "partial"}
+
+
+def test_hqq_scales_are_an_int_width_of_the_same_size_with_less_error_at_two_bits():
+    plain, hqq = width("int2"), width("int2-hqq")
+    assert (hqq.family, hqq.group, hqq.group_bits, hqq.qparams) == ("int", 64, plain.group_bits, "hqq_scale_only")
+    assert width("int3g32-hqq").group == 32 and width("int3g32-hqq").bits == width("int3g32").bits
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    error = {w.name: float((w.roundtrip(weight) - weight).norm() / weight.norm()) for w in (plain, hqq)}
+    assert error["int2-hqq"] < 0.9 * error["int2"]
+    with pytest.raises(CritlayerError, match="unknown width"):
+        width("Q4_0-hqq")

@@ -67,7 +67,8 @@ class QuantizeConfig(ChangeConfig):
     family: str = option("auto", "the widths' family: gguf (llama.cpp's types), int (torchao's integer groups), "
                                  "auto: gguf from 4.25 bits", choices=FAMILY_CHOICES, old_flag="--format")
     widths: str | None = option(None, f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)} or "
-                                      f"{', '.join(INT_WIDTHS)} (default: the family's)")
+                                      f"{', '.join(INT_WIDTHS)}, int ones in groups of G as int3g32 and with HQQ "
+                                      "scales as int2-hqq (default: the family's)")
     group_size: int = option(64, "weights per group of an int width", minimum=1)
     curve: bool = option(True, "evaluate at --bits only, not also at every inner width's uniform point",
                          flag="--no-curve")

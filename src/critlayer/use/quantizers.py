@@ -1,6 +1,8 @@
 """The widths a block's weights can take, and the quantizers that make them: llama.cpp's formats through ``gguf``
 (bit-exact with llama.cpp, and exportable as a GGUF file) and 2-8-bit integer groups through torchao (PyTorch's own
-quantization library; a plan of them exports as a torchao per-module configuration).
+quantization library; a plan of them exports as a torchao per-module configuration), their scales chosen by
+round-to-nearest over each group's range or, with the ``-hqq`` suffix, by HQQ's optimiser (torchao's scale-only
+HQQ: the same storage, less error at 2 and 3 bits).
 
 A width's size counts everything a group of weights is stored with: the values, the scale and the zero-point (gguf's
 own block sizes; torchao's groups keep a bfloat16 scale and a zero-point of the width's bits). Quantizing and
@@ -22,6 +24,7 @@ GGUF_WIDTHS = ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 INT_WIDTHS = ("int2", "int3", "int4", "int5", "int6", "int8")
 DEFAULT_WIDTHS = {"gguf": ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q8_0"), "int": ("int2", "int3", "int4", "int6")}
 SCALE_BITS = 16  # torchao's scale, kept in bfloat16
+HQQ = "-hqq"  # the suffix of an int width whose scales HQQ chooses
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Width:
     family: str
     group: int
     group_bits: int
+    qparams: str = "affine"  # how an int width chooses its scales: affine (round-to-nearest) or hqq_scale_only
 
     @property
     def bits(self) -> Fraction:
@@ -62,8 +66,13 @@ class Width:
         ao = torchao()
         from torchao.quantization.granularity import PerGroup
 
-        return ao.IntxWeightOnlyConfig(weight_dtype=getattr(torch, self.name.partition("g")[0]), granularity=PerGroup(self.group),
-                                       mapping_type=ao.MappingType.ASYMMETRIC, scale_dtype=torch.bfloat16)
+        from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+            IntxChooseQParamsAlgorithm)
+
+        bits = self.name.partition("g")[0].removesuffix(HQQ)
+        return ao.IntxWeightOnlyConfig(weight_dtype=getattr(torch, bits), granularity=PerGroup(self.group),
+                                       mapping_type=ao.MappingType.ASYMMETRIC, scale_dtype=torch.bfloat16,
+                                       intx_choose_qparams_algorithm=IntxChooseQParamsAlgorithm(self.qparams))
 
 
 def torchao():
@@ -77,18 +86,20 @@ def torchao():
 
 def width(name: str, group: int = 64) -> Width:
     """The width called ``name``: a llama.cpp type (``Q4_0``, ``MXFP4``...), ``intB`` in groups of ``group``, or
-    ``intBgG`` in groups of G (widths between the whole bits: int3g128 is 3.15 bits, int3g32 3.59)."""
+    ``intBgG`` in groups of G (widths between the whole bits: int3g128 is 3.15 bits, int3g32 3.59); an int width
+    ending in ``-hqq`` chooses its scales by HQQ (``int2-hqq``, ``int3g32-hqq``)."""
     if name in GGUF_WIDTHS:
         import gguf
 
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         return Width(name, "gguf", block, 8 * type_size)
-    bits, _, own_group = name.partition("g")
+    stem = name.removesuffix(HQQ)
+    bits, _, own_group = stem.partition("g")
     if bits in INT_WIDTHS and (not own_group or own_group.isdigit() and int(own_group) > 0):
         b, group = int(bits[3:]), int(own_group or group)
-        return Width(name, "int", group, b * group + SCALE_BITS + b)
+        return Width(name, "int", group, b * group + SCALE_BITS + b, "hqq_scale_only" if stem != name else "affine")
     raise CritlayerError(f"unknown width {name!r}; choose llama.cpp types {', '.join(GGUF_WIDTHS)} or torchao's "
-                         f"{', '.join(INT_WIDTHS)} (optionally in groups of G: int3g128)")
+                         f"{', '.join(INT_WIDTHS)} (optionally in groups of G: int3g128; scales by HQQ: int2-hqq)")
 
 
 def parse_widths(names: str | None, family: str, group: int = 64) -> list[Width]:
