@@ -98,6 +98,8 @@ def test_quantized_default_model_gguf_reloads_with_the_plans_values(smollm2, tmp
                                 curve=False, n_eval=4, calibration=4, max_tokens=32, dtype="float32", out=out,
                                 progress=False)
     assert result.bits_per_weight == 4.5 and len(set(result.plan.values())) > 1
+    held = json.loads((out / "quantize.json").read_text())["exports"]["gguf"]
+    assert held["block_bits_per_weight"] == 4.5 and held["bytes"] == (out / "model.gguf").stat().st_size
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
     types = dict(line.split("=") for line in (out / "llama-quantize-tensor-types.txt").read_text().split())
     assert len(types) == 210

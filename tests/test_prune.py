@@ -181,7 +181,8 @@ def test_pruned_gguf_reads_back_with_transformers(tmp_path):
     _tiny_llama_gguf(gguf, source)
     from critlayer.models.gguf import write_pruned_gguf
 
-    write_pruned_gguf(source, tmp_path / "pruned.gguf", [0, 2, 3])
+    held = write_pruned_gguf(source, tmp_path / "pruned.gguf", [0, 2, 3])
+    assert held["block_bits_per_weight"] == 32.0 and held["read_back"].endswith("hold their planned types")
     reader = gguf.GGUFReader(tmp_path / "pruned.gguf")
     assert int(reader.get_field("llama.block_count").contents()) == 3
     names = {t.name for t in reader.tensors}

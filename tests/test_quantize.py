@@ -14,7 +14,7 @@ import torch
 import critlayer
 from critlayer import CritlayerError, LanguageModel
 from critlayer.cli import main
-from critlayer.models.gguf import gguf_tensor_name, write_requantized_gguf
+from critlayer.models.gguf import gguf_tensor_name, read_back, write_requantized_gguf
 from critlayer.use.bitplan import cheapest_plan, llama_cpp_order, plan_bits, ranked_plan, uniform_width
 from critlayer.use.quantizers import parse_widths, width
 from critlayer.use.weights import BlockWeights
@@ -176,7 +176,11 @@ def test_requantised_gguf_holds_the_plans_types_and_values(tmp_path):
         writer.add_tensor(name, t.numpy())
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
-    write_requantized_gguf(source, out, {"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "MXFP4"})
+    held = write_requantized_gguf(source, out, {"blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "MXFP4"})
+    assert held["block_bits_per_weight"] == (4.5 + 4.25) / 2  # and the float32 embedding: 1,024 of 5,120 weights
+    assert held["bits_per_weight"] == (1024 * 32 + 2048 * (4.5 + 4.25)) / 5120
+    with pytest.raises(CritlayerError, match="holds Q4_0 as blk.0.attn_q.weight, not the planned Q8_0"):
+        read_back(out, {"token_embd.weight": "F32", "blk.0.attn_q.weight": "Q8_0", "blk.1.attn_q.weight": "MXFP4"})
     reader = gguf.GGUFReader(out)
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds == {"token_embd.weight": "F32", "blk.0.attn_q.weight": "Q4_0", "blk.1.attn_q.weight": "MXFP4"}

@@ -137,6 +137,6 @@ class SavedResult:
         if not is_main():
             return folder
         with staged_folder(folder) as tmp:
+            self.write_files(tmp)  # first: what writing files finds (a GGUF file read back) goes into the JSON
             (tmp / self.FILE).write_text(json.dumps(self.to_json(), indent=1))
-            self.write_files(tmp)
         return folder

@@ -66,13 +66,14 @@ def keeps_layer_pattern(layer_types: list[str] | None, kept: list[int]) -> bool:
     return not layer_types or len(set(layer_types)) == 1 or [layer_types[i] for i in kept] == layer_types[:len(kept)]
 
 
-def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: list[str] | None = None) -> Path:
+def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: list[str] | None = None) -> dict:
     """Copy the GGUF file ``source`` keeping only the blocks ``kept`` (original indices, in order), atomically.
 
     Tensors keep their bytes (their quantisation too) and take their new block numbers; the block count and
     every per-layer metadata array are shortened. GGUF has no per-layer attention type: loaders derive it from a
     fixed pattern, so where ``layer_types`` (the model config's, before pruning) mix kinds, the kept blocks must
-    follow the same pattern from the start, or the file is refused rather than silently changed.
+    follow the same pattern from the start, or the file is refused rather than silently changed. Returns what the
+    file was read back to hold (``read_back``).
     """
     import gguf
 
@@ -96,10 +97,11 @@ def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: lis
     return _rewrite(reader, out, value, [t for t in tensors if t[0] is not None])
 
 
-def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> Path:
+def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> dict:
     """Copy the GGUF file ``source`` with each tensor named in ``types`` dequantised and quantised again to its type
     (a llama.cpp type gguf can write: Q4_0 ... Q8_0, MXFP4, F16), atomically; the file type becomes that of the type
-    holding the most of those weights (MXFP4 has none for dense models)."""
+    holding the most of those weights (MXFP4 has none for dense models). Returns what the file was read back to hold
+    (``read_back``)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -127,9 +129,9 @@ def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> Pa
     return _rewrite(reader, out, value, tensors)
 
 
-def _rewrite(reader, out: Path, value, tensors: list[tuple[str, object, object]]) -> Path:
+def _rewrite(reader, out: Path, value, tensors: list[tuple[str, object, object]]) -> dict:
     """Write the reader's metadata (each field's value as ``value(field)`` gives it) and ``tensors`` (name, data as
-    gguf holds it, type) to ``out``, atomically."""
+    gguf holds it, type) to ``out``, atomically, and read it back (``read_back``) before it takes its name."""
     import gguf
 
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
@@ -152,13 +154,42 @@ def _rewrite(reader, out: Path, value, tensors: list[tuple[str, object, object]]
         for _, data, _ in tensors:
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
+        held = read_back(Path(tmp), {name: kind.name for name, _, kind in tensors})
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out
+    return held
 
+
+def read_back(path: Path, planned: dict[str, str]) -> dict:
+    """What a written GGUF file holds, read with gguf's own reader: refused where a tensor is missing or holds
+    another type than ``planned`` (name: type); else the tensors' real bits per weight: all of them, and the blocks'
+    matrices alone (what a bit plan counts: not their norms)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    wrong = [(name, kind, tensors[name].tensor_type.name if name in tensors else "nothing")
+             for name, kind in planned.items() if name not in tensors or tensors[name].tensor_type.name != kind]
+    if wrong or len(tensors) != len(planned):
+        name, kind, held = wrong[0] if wrong else (sorted(set(tensors) - set(planned))[0], "nothing", "a tensor")
+        raise CritlayerError(f"the GGUF file written holds {held} as {name}, not the planned {kind}: not written")
+
+    def bits(names: list[str]) -> float:
+        return round(8 * sum(int(tensors[n].n_bytes) for n in names) / sum(int(tensors[n].n_elements) for n in names), 4)
+
+    blocks = [n for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) > 1]
+    return {"read_back": f"all {len(tensors)} tensors hold their planned types", "bits_per_weight": bits(list(tensors)),
+            "block_bits_per_weight": bits(blocks) if blocks else None, "bytes": path.stat().st_size}
+
+
+def read_back_text(written: dict) -> str:
+    """What a result says of a GGUF file it wrote and read back (nothing before it is written)."""
+    if "read_back" not in written:
+        return ""
+    return (f" (read back: {written['read_back']}; {written['block_bits_per_weight']} bits per block weight, "
+            f"{written['bits_per_weight']} over every tensor)")
 
 def gguf_tensor_name(architecture: str, num_layers: int, module: str) -> str | None:
     """The GGUF name of a Hugging Face module's weight (``model.layers.3.self_attn.q_proj`` ->
@@ -180,3 +211,4 @@ def _renamed(name: str, renumber: dict[int, int]) -> str | None:
         return name
     new = renumber.get(int(parts[1]))
     return None if new is None else ".".join(["blk", str(new), *parts[2:]])
+

@@ -32,7 +32,7 @@ from ..find.result import ScanResult
 from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.checkpoint import save_checkpoint, without_blocks, without_sublayers
-from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, write_pruned_gguf
+from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, read_back_text, write_pruned_gguf
 from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..models.loss import BATCH
@@ -134,7 +134,7 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
         if self.healing:
             lines.append(f"healed {self.healing['steps']} steps: perplexity {self.healing['before']['perplexity']:.2f}"
                          f" -> {self.healing['after']['perplexity']:.2f}")
-        lines.append(f"GGUF: {self.gguf.get('file') or self.gguf.get('why')}")
+        lines.append(f"GGUF: {self.gguf.get('file') or self.gguf.get('why')}{read_back_text(self.gguf)}")
         return "\n".join(lines)
 
     def write_files(self, folder: Path) -> None:
@@ -143,7 +143,8 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
         if self.model is not None:
             save_checkpoint(self.model, self.tokenizer, folder)
         if self.gguf.get("file") and self.gguf_source is not None:
-            write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept, self.gguf.get("layer_types"))
+            self.gguf |= write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept,
+                                           self.gguf.get("layer_types"))
         write_prune_report(self, folder)
 
 

@@ -31,7 +31,7 @@ from ..common.stats import lens_correlations
 from ..find.result import ScanResult
 from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
-from ..models.gguf import gguf_tensor_name, write_requantized_gguf
+from ..models.gguf import gguf_tensor_name, read_back_text, write_requantized_gguf
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
 from .blockwise import evaluate_plans, schedule
@@ -136,7 +136,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         if self.sensitivity:
             cost = self.sensitivity["cost"]
             lines.append(f"measured sensitivity cost {cost['seconds']:.1f} s, {cost['forward_tokens']:,} forward tokens")
-        lines += [f"{kind}: {e.get('file') or e.get('why')}" for kind, e in self.exports.items()]
+        lines += [f"{kind}: {e.get('file') or e.get('why')}{read_back_text(e)}" for kind, e in self.exports.items()]
         return "\n".join(lines)
 
     def write_files(self, folder: Path) -> None:
@@ -145,7 +145,8 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         if self.gguf_types:
             (folder / self.exports["tensor_types"]["file"]).write_text(tensor_type_lines(self.gguf_types))
         if self.exports.get("gguf", {}).get("file") and self.gguf_source is not None:
-            write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"], self.gguf_types)
+            self.exports["gguf"] |= write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"],
+                                                           self.gguf_types)
         if self.torchao_config is not None:
             (folder / self.exports["torchao"]["file"]).write_text(json.dumps(self.torchao_config, indent=1))
         write_quantize_report(self, folder)
