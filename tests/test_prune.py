@@ -306,6 +306,8 @@ def test_a_pruned_model_shares_the_kept_weights_and_leaves_the_loaded_one_whole(
     pruned, kept = without_blocks(tiny_lm.model, [2, 3])
     assert kept == [0, 1, 4, 5] and len(find_blocks(pruned)[1]) == 4 and len(tiny_lm.blocks) == 6
     assert {p.data_ptr() for p in pruned.parameters()} <= loaded  # no second copy of any weight
+    pruned.to(torch.bfloat16)  # casting or moving the pruned model leaves the loaded one as it was
+    assert {p.dtype for p in tiny_lm.model.parameters()} == {torch.float32}
     zeroed = without_sublayers(tiny_lm, [1], "mlp", list(range(1, 12)))
     own = output_projection(find_blocks(zeroed)[1][1], "mlp").weight
     assert own.data_ptr() not in loaded and not own.any()

@@ -23,10 +23,12 @@ from .surgery import delete_blocks, dropped, sublayer
 
 
 def sharing_copy(model: nn.Module, own: Iterable[torch.Tensor] = ()) -> nn.Module:
-    """A copy of ``model``'s modules and config that shares every parameter and buffer with it but ``own`` (copied):
-    a pruned model costs no second copy of the weights. Change a shared tensor in place and both models change."""
+    """A copy of ``model``'s modules and config that shares the storage of every parameter and buffer with it but
+    ``own`` (copied): a pruned model costs no second copy of the weights. Its parameters are objects of its own, so
+    moving or casting one model leaves the other as it was; a shared tensor changed in place changes in both."""
     copied = {id(t) for t in own}
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in copied}
+    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters() if id(p) not in copied}
+    memo |= {id(b): b for b in model.buffers() if id(b) not in copied}  # a module's .to() rebinds its buffers
     return copy.deepcopy(model, memo)
 
 

@@ -154,6 +154,6 @@ def stored_dtype(spec: str) -> torch.dtype | None:
         raise
     except Exception:  # load() says what is wrong with the source, in one line
         return None
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)  # older releases
     return getattr(torch, stored) if isinstance(stored, str) else stored
 

@@ -1,14 +1,14 @@
 """Weight plans evaluated one block at a time: memory holds the model, one block's quantized weights and the texts'
-hidden states, however many plans and candidate widths there are, and each block is quantized at a width once per
-chunk of texts.
+hidden states, however many candidate widths there are, and each block is quantized at a width once per chunk of
+texts (a chunk's hidden states, every plan's, stay within a quarter of the weights' bytes).
 
 A chunk's texts go through the blocks in order, every plan's hidden states beside the others'. Plans that agree on
 every block so far share one hidden state (a group); at each block a group splits by the widths its plans give the
 block, and each width's quantized weights are made once and swapped in while every group that takes them passes. A
 group whose plans change nothing after a block (a sensitivity measurement: one block quantized) runs on to the end
-at once and is scored, so it never waits in memory. The model's own final norm and head turn a group's last hidden
-states into next-token log-probabilities, scored text by text against the unchanged model's as
-``evaluation.evaluate`` scores a variant.
+at once and is scored with the block's others, so it never waits for the later blocks. The model's own final norm
+and head turn a group's last hidden states into next-token log-probabilities, scored text by text against the
+unchanged model's as ``evaluation.evaluate`` scores a variant.
 """
 
 from __future__ import annotations
@@ -28,18 +28,20 @@ from .evaluation import Reference, TextScores, logits_batch, next_token_log_prob
 from .weights import BlockWeights
 
 Plan = tuple[int | None, ...]  # a width index per unit; None: the unit as loaded
-HIDDEN_BUDGET = 1 << 29  # bytes of hidden states a chunk of texts may hold for all its groups (512 MB)
+HIDDEN_BUDGET = 1 << 29  # bytes of hidden states a chunk of texts may hold for all its groups at least (512 MB)
 
 
 @dataclass
 class Step:
     """At ``block``: with ``widths`` (unit: width index) swapped in, each (parent, child) group passes the block;
-    the ``finished`` children change nothing after it and run on to the end."""
+    the ``finished`` children change nothing after it and run on to the end; the ``released`` parents pass no
+    later step and are dropped."""
 
     block: int
     widths: dict[int, int]
     moves: list[tuple[int, int]] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,11 +59,16 @@ class Schedule:
         return 1 + runs / layers
 
     def peak(self) -> int:
-        """The most groups whose hidden states are held at once: a block's parents, the children that go on, and
-        one step's finished children."""
-        return max(len({parent for s in steps for parent, _ in s.moves})
-                   + sum(len(s.moves) - len(s.finished) for s in steps)
-                   + max((len(s.finished) for s in steps), default=0) for steps in self.blocks)
+        """The most groups whose hidden states are held at once, as ``evaluate_plans`` holds them: a block's parents
+        until their last step, its children, and its finished children until they are scored at the block's end."""
+        held = peak = 1
+        for steps in self.blocks:
+            for step in steps:
+                held += len(step.moves)
+                peak = max(peak, held)
+                held -= len(step.released)
+            held -= sum(len(step.finished) for step in steps)
+        return peak
 
 
 def schedule(plans: list[Plan], unit_blocks: list[int], num_layers: int) -> Schedule:
@@ -86,6 +93,9 @@ def schedule(plans: list[Plan], unit_blocks: list[int], num_layers: int) -> Sche
                 step.moves.append((parent, child))
                 (step.finished if all(last_change[p] <= block for p in part) else live).append(child)
             steps.append(step)
+        last_step = {parent: step for step in steps for parent, _ in step.moves}
+        for parent, step in last_step.items():
+            step.released.append(parent)
         blocks.append(steps)
     return Schedule(blocks, {g: members[g] for steps in blocks for s in steps for g in s.finished})
 
@@ -111,23 +121,25 @@ def evaluate_plans(lm: LanguageModel, sequences: list[list[int]], plans: dict[st
             chunk.score_reference(reference)
             hidden = {0: chunk.inputs}
             for steps in order.blocks:
+                done = {}
                 for step in steps:
                     with weights.at(step.widths):
                         for parent, child in step.moves:
                             hidden[child] = chunk.through(step.block, step.block + 1, hidden[parent])
-                    done = {g: chunk.through(step.block + 1, lm.num_layers, hidden.pop(g)) for g in step.finished}
-                    chunk.score(done, lambda g: [scores[name] for plan in order.members[g] for name in names[plan]])
-                for parent in {parent for step in steps for parent, _ in step.moves}:
-                    hidden.pop(parent, None)
+                    done |= {g: chunk.through(step.block + 1, lm.num_layers, hidden.pop(g)) for g in step.finished}
+                    for parent in step.released:
+                        del hidden[parent]
+                chunk.score(done, lambda g: [scores[name] for plan in order.members[g] for name in names[plan]])
                 bar.update()
     return reference, scores, order.passes()
 
 
 def texts_per_chunk(lm: LanguageModel, sequences: list[list[int]], groups: int) -> int:
-    """Texts whose hidden states, for ``groups`` at once and the unchanged model's inputs and outputs, stay within
-    ``HIDDEN_BUDGET`` bytes in float32."""
+    """Texts whose hidden states, for ``groups`` at once and the unchanged model's inputs and outputs, stay within a
+    quarter of the weights' bytes (at least ``HIDDEN_BUDGET``) in float32: at least one text, whatever it holds."""
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     per_text = (groups + 2) * max(map(len, sequences)) * lm.config.get_text_config().hidden_size * 4
-    return max(1, HIDDEN_BUDGET // per_text)
+    return max(1, max(HIDDEN_BUDGET, weights // 4) // per_text)
 
 
 class _Chunk:

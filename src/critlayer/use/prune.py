@@ -333,8 +333,8 @@ def _pruned_model(lm: LanguageModel, removed: list[int], part: str, heldout: lis
 
 def _heal(bench: Bench, pruned, before: dict, progress: bool):
     """Fine-tune every kept block (or LoRA on them, merged) on the training texts; evaluate after (``before`` is the
-    pruned model's evaluation). Training changes weights in place, so it works on a copy of its own, in float32 (the
-    weights trained stay float32): the unpruned model stays what the evaluation compares with."""
+    pruned model's evaluation). Training changes weights in place, so it trains a copy of its own in float32 (the
+    unpruned model stays what the evaluation compares with), returned in the loaded model's dtype."""
     lm, config, text = bench.lm, bench.config, bench.text
     pruned_lm = LanguageModel.wrap(copy.deepcopy(pruned).float(), lm.tokenizer, lm.name)
     healed, run = finetune(pruned_lm, pruned_lm.model, list(range(pruned_lm.num_layers)), text,
