@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import critlayer
+from critlayer.common.stats import spearman
 from critlayer.find.config import ScanConfig
 from critlayer.find.probes import make_probes
 from critlayer.models.surgery import delete_blocks
@@ -50,11 +51,6 @@ def smaller(name: str) -> critlayer.LanguageModel:
     return critlayer.LanguageModel.wrap(lm.model, lm.tokenizer, f"{name}-without-{count}-blocks")
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    ranks = [np.argsort(np.argsort(x)) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results/borrowed-probes"))
@@ -64,19 +60,20 @@ def main() -> None:
     for name in BUILTINS:
         other = next(b for b in BUILTINS if b != name)
         own = critlayer.scan(name, n=N, progress=False)
-        sources = {"itself (default)": None, "itself, a third of its blocks removed": written_by(smaller(name), args.out),
+        sources = {"itself (default)": None,
+                   "itself, a third of its blocks removed": written_by(smaller(name), args.out),
                    f"{other} (as text)": written_by(critlayer.load(other), args.out), "wiki text": "wiki"}
         for writer, probes in sources.items():
             start = time.perf_counter()
             result = own if probes is None else critlayer.scan(name, probes=str(probes), n=N, progress=False)
             rows.append({"model": name, "probes written by": writer, "critical": result.critical,
                          "same as the default": result.critical == own.critical,
-                         "delta spearman with the default": round(spearman(result.scores["delta"],
-                                                                           own.scores["delta"]), 3),
+                         "delta spearman with the default": round(spearman(np.array(result.scores["delta"]),
+                                                                           np.array(own.scores["delta"])), 3),
                          "seconds": round(time.perf_counter() - start, 1) if probes is not None else None})
             print(json.dumps(rows[-1]), flush=True)
-    table = ["| model | probes written by | critical blocks | same as the default | delta's Spearman with the default |",
-             "|---|---|---|---|---|"]
+    table = ["| model | probes written by | critical blocks | same as the default | "
+             "delta's Spearman with the default |", "|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['probes written by']} | {', '.join(map(str, r['critical']))} | "
               f"{'yes' if r['same as the default'] else 'no'} | {r['delta spearman with the default']:.3f} |"
               for r in rows]

@@ -100,7 +100,8 @@ def run(argv: list[str], log: Path) -> dict:
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
     seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
-    planned = [int(m.group(1).replace(",", "")) for m in re.finditer(r"plans (?:at most )?([\d,]+) forward", done.stderr)]
+    planned = [int(m.group(1).replace(",", ""))
+               for m in re.finditer(r"plans (?:at most )?([\d,]+) forward", done.stderr)]
     return {"exit": done.returncode, "peak_gb": round(peak * 1024 / 1e9, 2),  # /usr/bin/time reports KiB
             "seconds": round(seconds, 1), "planned_forward_tokens": planned[-1] if planned else None}
 
@@ -126,7 +127,8 @@ def main() -> None:
                    "command": name, **run(argv, folder / f"{re.sub(r'[^a-z0-9]+', '-', name)}.log")}
             rows[shape, name] = row
             print(json.dumps(row), flush=True)
-    rows = dict(sorted(rows.items(), key=lambda item: (list(SHAPES).index(item[0][0]), list(COMMANDS).index(item[0][1]))))
+    order = lambda item: (list(SHAPES).index(item[0][0]), list(COMMANDS).index(item[0][1]))  # noqa: E731
+    rows = dict(sorted(rows.items(), key=order))
     table = ["| model | parameters | weights (bfloat16) | command | peak resident | peak / weights | wall | "
              "planned forward tokens | exit |", "|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['shape']} | {r['parameters'] / 1e9:.2f} B | {r['weights_gb_bfloat16']} GB | {r['command']} | "

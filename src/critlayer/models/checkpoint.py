@@ -27,7 +27,8 @@ def sharing_copy(model: nn.Module, own: Iterable[torch.Tensor] = ()) -> nn.Modul
     ``own`` (copied): a pruned model costs no second copy of the weights. Its parameters are objects of its own, so
     moving or casting one model leaves the other as it was; a shared tensor changed in place changes in both."""
     copied = {id(t) for t in own}
-    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters() if id(p) not in copied}
+    memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
+            for p in model.parameters() if id(p) not in copied}
     memo |= {id(b): b for b in model.buffers() if id(b) not in copied}  # a module's .to() rebinds its buffers
     return copy.deepcopy(model, memo)
 

@@ -177,7 +177,8 @@ def read_back(path: Path, planned: dict[str, str]) -> dict:
         raise CritlayerError(f"the GGUF file written holds {held} as {name}, not the planned {kind}: not written")
 
     def bits(names: list[str]) -> float:
-        return round(8 * sum(int(tensors[n].n_bytes) for n in names) / sum(int(tensors[n].n_elements) for n in names), 4)
+        stored = sum(int(tensors[n].n_bytes) for n in names)
+        return round(8 * stored / sum(int(tensors[n].n_elements) for n in names), 4)
 
     blocks = [n for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) > 1]
     return {"read_back": f"all {len(tensors)} tensors hold their planned types", "bits_per_weight": bits(list(tensors)),
@@ -190,6 +191,7 @@ def read_back_text(written: dict) -> str:
         return ""
     return (f" (read back: {written['read_back']}; {written['block_bits_per_weight']} bits per block weight, "
             f"{written['bits_per_weight']} over every tensor)")
+
 
 def gguf_tensor_name(architecture: str, num_layers: int, module: str) -> str | None:
     """The GGUF name of a Hugging Face module's weight (``model.layers.3.self_attn.q_proj`` ->
@@ -211,4 +213,3 @@ def _renamed(name: str, renumber: dict[int, int]) -> str | None:
         return name
     new = renumber.get(int(parts[1]))
     return None if new is None else ".".join(["blk", str(new), *parts[2:]])
-

@@ -156,4 +156,3 @@ def stored_dtype(spec: str) -> torch.dtype | None:
         return None
     stored = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)  # older releases
     return getattr(torch, stored) if isinstance(stored, str) else stored
-

@@ -68,8 +68,8 @@ def score_option(measured: str, default: str):
 
 @dataclass
 class Bench:
-    """What a change is measured on: the model (``open_model``'s weights), the scan that supplies scores and what it cost,
-    the held-out and calibration text (none for an encoder: it has no next-token loss), and the config."""
+    """What a change is measured on: the model (``open_model``'s weights), the scan that supplies scores and what it
+    cost, the held-out and calibration text (none for an encoder: it has no next-token loss), and the config."""
 
     lm: LanguageModel
     scan: ScanResult
