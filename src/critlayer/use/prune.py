@@ -49,8 +49,9 @@ class PruneConfig(ChangeConfig):
     """How to prune (each field is the CLI flag of that name), beside what every change shares (``ChangeConfig``).
 
     ``remove``: a number of blocks, or a fraction of all blocks (rounded to the nearest count, halves up).
-    ``score`` ranks the blocks; with ``candidates`` K each removal tries the K least
-    critical remaining blocks on the calibration loss and takes the cheapest (0: the score's order alone).
+    ``score`` ranks the blocks; with ``candidates`` (K blocks, or that fraction of the eligible ones) each removal
+    tries K blocks on the calibration loss and takes the cheapest: the score's least critical remaining blocks and,
+    with ``neighbours``, taking turns with them, the blocks next to one already removed (0: the score's order alone).
     ``parts``: what is removed from each chosen block (``block``, or its ``attn`` or ``mlp`` sublayer). ``edges``
     lets the first and last block go. ``heal`` fine-tunes the pruned model that many steps (LoRA with
     ``heal_lora``, merged before saving).
@@ -62,8 +63,11 @@ class PruneConfig(ChangeConfig):
 
     remove: float = option(0.25, "blocks to remove: a count, or a fraction of all blocks rounded to the nearest "
                                  "count", positive=True)
-    candidates: int = option(3, "check each removal on the calibration loss among the K least critical remaining "
-                                "blocks by the score (0: the score's order alone)", minimum=0)
+    candidates: float = option(0.25, "check each removal on the calibration loss among K candidates: a count, or a "
+                                    "fraction of the eligible blocks rounded half up (0: the score's order alone)",
+                               minimum=0)
+    neighbours: bool = option(True, "draw candidates only from the score's order, not also from the blocks next to "
+                                    "removed ones", flag="--no-neighbours")
     parts: str = option("block", "remove whole blocks, or the attention or MLP sublayer of each",
                         choices=("block", "attn", "mlp"))
     edges: bool = option(False, "let the first and last block be removed")
@@ -72,15 +76,23 @@ class PruneConfig(ChangeConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.candidates >= 1 and self.candidates != int(self.candidates):
+            raise CritlayerError(f"--candidates takes a whole number or a fraction below 1, got {self.candidates:g}")
         if self.heal and self.parts != "block":
             raise CritlayerError("--heal trains whole blocks; a dropped sublayer's zeroed projection would be "
                                  "trained back")
 
-    @property
-    def method(self) -> str:
+    def checked(self, eligible: int) -> int:
+        """Candidates per loss-checked step: ``candidates`` itself, or that fraction of the eligible blocks rounded
+        half up (at least one)."""
+        return int(self.candidates) if self.candidates >= 1 or not self.candidates else \
+            max(1, math.floor(self.candidates * eligible + 0.5))
+
+    def method(self, eligible: int) -> str:
         """The chosen method's name in results: the score, and how many candidates the loss checked."""
-        return self.score if self.score == "sleb" or not self.candidates else \
-            f"{self.score}, loss-checked among {self.candidates}"
+        if self.score == "sleb" or not self.candidates:
+            return self.score
+        return f"{self.score}, loss-checked among {self.checked(eligible)}{' with neighbours' * self.neighbours}"
 
     def count(self, num_layers: int, eligible: int) -> int:
         """Blocks to remove: ``remove`` itself, or that fraction of all blocks rounded half up."""
@@ -185,7 +197,8 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     healing = None
     if config.heal:
         pruned, healing = _heal(bench, pruned, chosen.summary[count][0], progress)
-    settings = {**bench.settings(), "method": config.method, "parts": config.parts, "remove": config.remove,
+    settings = {**bench.settings(), "method": config.method(len(eligible)), "parts": config.parts,
+                "remove": config.remove,
                 "count_rule": "a whole number is a count; a fraction of all blocks is rounded to the nearest count, "
                               "halves up", "eligible": eligible,
                 "single_block_rise": single_rise, "baselines": list(BASELINES) if config.baselines else []}
@@ -205,8 +218,9 @@ def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
     calibration, heldout = sum(map(len, bench.calibration)), sum(map(len, bench.text.heldout))
     plan = Plan(f"prune of {lm.name}")
     if config.score != "sleb" and config.candidates:
-        plan.add(config.method, greedy_passes(lm.num_layers, eligible, longest, config.candidates), calibration)
-    runs = methods_run(config, bench.scan)
+        plan.add(config.method(eligible), greedy_passes(lm.num_layers, eligible, longest, config.checked(eligible)),
+                 calibration)
+    runs = methods_run(config, bench.scan, eligible)
     if "sleb" in runs:
         plan.add("sleb", greedy_passes(lm.num_layers, eligible, longest), calibration)
     if "angular" in runs:
@@ -220,13 +234,13 @@ def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
     return plan
 
 
-def methods_run(config: PruneConfig, scan: ScanResult) -> dict[str, int]:
+def methods_run(config: PruneConfig, scan: ScanResult, eligible: int) -> dict[str, int]:
     """The methods a pruning runs, the chosen one first, and how many choices each makes per count: with
     ``baselines``, also sleb, last, random's draws, the scan's block influence and angular runs (whole blocks)."""
-    runs = {config.method: 1}
+    runs = {config.method(eligible): 1}
     if config.baselines:
         runs |= {"sleb": 1, "last": 1, "random": config.draws}
-        if config.method != "block_influence" and "block_influence" in scan.scores:
+        if runs.keys() != {"block_influence"} and "block_influence" in scan.scores:
             runs["block_influence"] = 1
         if config.parts == "block":
             runs["angular"] = 1
@@ -240,17 +254,17 @@ def choose(bench: Bench, eligible: list[int], longest: int, progress: bool) -> t
     counts = range(1, longest + 1)
     methods: dict[str, Method] = {}
     if config.score != "sleb":
-        order = bench.scan.least_critical(config.score, eligible)
+        order, name = bench.scan.least_critical(config.score, eligible), config.method(len(eligible))
         if config.candidates:
             checked = greedy(lm, calibration, eligible, longest, config.parts, ranking=order,
-                             candidates=config.candidates, progress=progress)
-            methods[config.method] = Method(config.method, {n: [checked.removed(n)] for n in counts},
-                                            {n: _plus(scan_cost, checked.cost(n)) for n in counts})
+                             candidates=config.checked(len(eligible)), neighbours=config.neighbours,
+                             progress=progress)
+            methods[name] = Method(name, {n: [checked.removed(n)] for n in counts},
+                                   {n: _plus(scan_cost, checked.cost(n)) for n in counts})
         else:
-            methods[config.method] = Method(config.method, {n: [sorted(order[:n])] for n in counts},
-                                            {n: scan_cost for n in counts})
+            methods[name] = Method(name, {n: [sorted(order[:n])] for n in counts}, {n: scan_cost for n in counts})
     single_rise = None
-    if "sleb" in methods_run(config, bench.scan):
+    if "sleb" in methods_run(config, bench.scan, len(eligible)):
         search = greedy(lm, calibration, eligible, longest, config.parts, progress=progress)
         methods["sleb"] = Method("sleb", {n: [search.removed(n)] for n in counts}, {n: search.cost(n) for n in counts})
         single_rise = {"values": [round(float(v), 6) for v in search.first_rise], "cost": search.cost(1),
@@ -289,7 +303,7 @@ def _finish(result: PruneResult, out, force: bool) -> PruneResult:
 def baseline_methods(bench: Bench, eligible: list[int], longest: int) -> dict[str, Method]:
     """last, random, Block Influence (the scan's) and angular runs (on calibration text; whole blocks only)."""
     lm, config, scan, calibration = bench.lm, bench.config, bench.scan, bench.calibration
-    runs, counts = methods_run(config, scan), range(1, longest + 1)
+    runs, counts = methods_run(config, scan, len(eligible)), range(1, longest + 1)
     free = {n: {"seconds": 0.0, "forward_tokens": 0} for n in counts}
     methods = {"last": Method("last", {n: [last_blocks(eligible, n)] for n in counts}, free),
                "random": Method("random", {n: [random_blocks(eligible, n, d, config.seed) for d in range(config.draws)]

@@ -11,8 +11,10 @@ the head. Methods:
   least, arccos of the cosine between the run's input and its output over pi, averaged over tokens;
 - ``sleb`` (Song et al.): greedy; each step removes the block whose removal raises the calibration
   text's loss least, given the blocks already removed;
-- a score checked by the loss (critlayer's default): the same greedy steps, each trying only the few
-  least critical remaining blocks by the score.
+- a score checked by the loss (critlayer's default): the same greedy steps, each trying only a few
+  candidates: the least critical remaining blocks by the score and, taking turns with them, the blocks next to one
+  already removed (a removed block's neighbours are often the next to lose their use, and a score of each block in
+  the whole model cannot see that).
 
 Only the greedy searches and ``angular`` read text (calibration text, never the held-out text); a
 greedy search costs a pass over it per candidate block and step, which it records.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import chain, zip_longest
 
 import numpy as np
 import torch
@@ -102,19 +105,31 @@ def greedy_passes(num_layers: int, eligible: int, steps: int, candidates: int = 
     return sum(n + 1 for n in tried)
 
 
+def checked_candidates(ranking: list[int], removed: list[int], count: int, neighbours: bool = False) -> list[int]:
+    """The ``count`` blocks a loss-checked step tries: the least critical remaining blocks of ``ranking`` (least
+    critical first) and, with ``neighbours``, taking turns with them, the remaining blocks next to a removed one (in
+    ``ranking``'s order)."""
+    remaining = [b for b in ranking if b not in removed]
+    near = [b for b in remaining if b - 1 in removed or b + 1 in removed] if neighbours else []
+    turns = chain.from_iterable(zip_longest(remaining, near))
+    return list(dict.fromkeys(b for b in turns if b is not None))[:count]
+
+
 def greedy(lm: LanguageModel, sequences: list[list[int]], eligible: list[int], steps: int, part: str = "block", *,
-           ranking: list[int] | None = None, candidates: int = 0, progress: bool = True) -> GreedySearch:
+           ranking: list[int] | None = None, candidates: int = 0, neighbours: bool = False,
+           progress: bool = True) -> GreedySearch:
     """Greedy removal on calibration text: each step skips (or drops ``part`` of) each candidate in turn and removes
     the one whose absence raises the loss least. Without ``ranking`` every remaining eligible block is a candidate
-    (SLEB), and the first step measures every block, edges too, as ``first_rise``; with it, the ``candidates`` least
-    critical remaining blocks of ``ranking`` (least critical first) are."""
+    (SLEB), and the first step measures every block, edges too, as ``first_rise``; with it, the ``candidates`` that
+    ``checked_candidates`` gives (``neighbours`` too) are."""
     search = GreedySearch()
     start, tokens = time.perf_counter(), 0
     per_pass = sum(len(s) for s in sequences)
     for step in range(steps):
-        remaining = [b for b in (eligible if ranking is None else ranking) if b not in search.order]
-        if ranking is not None:
-            remaining = remaining[:candidates]
+        if ranking is None:
+            remaining = [b for b in eligible if b not in search.order]
+        else:
+            remaining = checked_candidates(ranking, search.order, candidates, neighbours)
         tried = range(lm.num_layers) if step == 0 and ranking is None else remaining
         with surgery.taken_out(lm.blocks, search.order, part):
             losses = SkipLosses(lm, sequences, (part,), progress=progress, blocks=list(tried))
