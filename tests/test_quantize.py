@@ -254,3 +254,50 @@ def test_hqq_scales_are_an_int_width_of_the_same_size_with_less_error_at_two_bit
     assert error["int2-hqq"] < 0.9 * error["int2"]
     with pytest.raises(CritlayerError, match="unknown width"):
         width("Q4_0-hqq")
+
+
+def test_importance_weighted_groups_are_torchaos_storage_with_less_weighted_error():
+    from critlayer.use.imatrix import weighted_groups
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 256) * 0.02
+    weight[:, ::37] *= 6  # outlier inputs, as real layers have
+    importance = torch.rand(256) ** 4 * 10 + 0.01
+    imatrix = width("int2-imatrix")
+    assert (imatrix.group_bits, imatrix.qparams, imatrix.integer_bits) == (width("int2").group_bits, "importance", 2)
+    values = imatrix.roundtrip(weight, importance)
+    for group in values.reshape(-1, 64):  # at most four levels on one grid of a bfloat16 step
+        levels = group.unique()
+        step = (levels[1:] - levels[:-1]).min()
+        assert len(levels) <= 4 and torch.allclose((levels - levels[0]) / step, ((levels - levels[0]) / step).round(),
+                                                   atol=1e-3)
+    weighted = lambda v: float(((v - weight) ** 2 * importance).sum())  # noqa: E731
+    assert weighted(values) < 0.8 * weighted(width("int2").roundtrip(weight))
+    assert weighted(values) < weighted(weighted_groups(weight, torch.ones(256), 2, 64))
+    with pytest.raises(CritlayerError, match="importance matrix"):
+        imatrix.roundtrip(weight)
+
+
+def test_importance_is_each_inputs_mean_square_over_real_tokens(tiny_lm):
+    from critlayer.use.imatrix import input_importance
+
+    sequences = [[5, 6, 7, 8, 9], [10, 11]]
+    layer = tiny_lm.blocks[1].mlp.down_proj
+    importance = input_importance(tiny_lm, sequences, [layer])[layer]
+    inputs = []
+    handle = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0].detach().float()))
+    with torch.no_grad():
+        for s in sequences:  # one text at a time: no padding to leave out
+            tiny_lm.model(torch.tensor([s]))
+    handle.remove()
+    assert torch.allclose(importance, torch.cat(inputs).square().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_an_importance_weighted_plan_is_evaluated_and_not_exported_to_torchao(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "q"
+    result = critlayer.quantize(str(tiny_folder), bits=3.5, family="int", widths="int2-imatrix,int4", group_size=32,
+                                data=str(prompt_file), out=out, curve=False, baselines=False,
+                                scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    assert result.settings["importance"]["text"] == "calibration"
+    assert set(result.plan.values()) == {"int2-imatrix", "int4"}
+    assert "calibration data" in result.exports["torchao"]["why"] and not (out / "torchao_config.json").exists()

@@ -67,8 +67,8 @@ class QuantizeConfig(ChangeConfig):
     family: str = option("auto", "the widths' family: gguf (llama.cpp's types), int (torchao's integer groups), "
                                  "auto: gguf from 4.25 bits", choices=FAMILY_CHOICES, old_flag="--format")
     widths: str | None = option(None, f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)} or "
-                                      f"{', '.join(INT_WIDTHS)}, int ones in groups of G as int3g32 and with HQQ "
-                                      "scales as int2-hqq (default: the family's)")
+                                      f"{', '.join(INT_WIDTHS)}, int ones in groups of G as int3g32, with HQQ "
+                                      "scales as int2-hqq, importance-weighted as int2-imatrix (default: the family's)")
     group_size: int = option(64, "weights per group of an int width", minimum=1)
     curve: bool = option(True, "evaluate at --bits only, not also at every inner width's uniform point",
                          flag="--no-curve")
@@ -196,6 +196,10 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
         return _finish(lm, weights, plan, settings, {}, {config.score: method}, None, {}, config, out, force)
 
     _plan(bench, weights, budgets).announce(progress)
+    if weights.needs_importance:
+        with bench.compute():
+            weights.measure_importance(bench.calibration)
+        settings["importance"] = {"text": "calibration", "tokens": sum(map(len, bench.calibration))}
     sensitivity = None
     if MEASURED_PLAN in methods_run(config, bench.scan):
         sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
@@ -222,6 +226,8 @@ def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
     budget and draw) and the loaded model on held-out text."""
     runs = methods_run(bench.config, bench.scan)
     plan = Plan(f"quantization of {bench.lm.name}")
+    if weights.needs_importance:
+        plan.add("importance matrix", 1, sum(map(len, bench.calibration)))
     if MEASURED_PLAN in runs:
         passes = schedule(list(map(tuple, alone_plans(weights).values())), weights.blocks, bench.lm.num_layers).passes()
         plan.add_tokens(SENSITIVITY, math.ceil(passes), round(passes * sum(map(len, bench.calibration))))
@@ -367,11 +373,16 @@ def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: 
 
         from .quantizers import torchao
 
-        config = config_to_dict(torchao().FqnToConfig({m: w.torchao_config() for m, w in modules.items()}))
         why = "a llama.cpp file holds none of torchao's integer widths: use the gguf format for one"
+        exports = {"tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}
+        if any(w.needs_importance for w in modules.values()):
+            why = ("scales chosen by an importance matrix are calibration data, which a torchao configuration "
+                   "cannot carry")
+            return {"torchao": {"file": None, "why": why}} | exports, None, None
+        config = config_to_dict(torchao().FqnToConfig({m: w.torchao_config() for m, w in modules.items()}))
         return ({"torchao": {"file": "torchao_config.json",
-                             "use": "transformers.TorchAoConfig(quant_type=torchao.core.config.config_from_dict(...))"},
-                 "tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, config)
+                             "use": "transformers.TorchAoConfig(quant_type=torchao.core.config.config_from_dict(...))"}}
+                | exports, None, config)
     types = {gguf_tensor_name(architecture, lm.num_layers, m): w.name for m, w in modules.items()}
     if None in types:
         why = f"gguf has no tensor names for {lm.architecture}"

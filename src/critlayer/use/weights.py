@@ -21,10 +21,12 @@ from .quantizers import Width
 class BlockWeights:
     """The linear layers of every block of ``lm`` in units (norms, biases, the embedding and the head stay as loaded):
     ``labels[u]`` names unit ``u`` (``3``, or ``3.attn`` and ``3.mlp``), ``blocks[u]`` is its block, ``linears[u]``
-    its (name in the block, module) pairs."""
+    its (name in the block, module) pairs. ``importance`` (per linear layer, its inputs' mean squares) is what
+    importance-weighted widths quantize by: ``measure_importance`` fills it where a width needs it."""
 
     def __init__(self, lm: LanguageModel, widths: list[Width], *, per_kind: bool = False):
         self.lm, self.widths = lm, widths
+        self.importance: dict[torch.nn.Module, torch.Tensor] = {}
         self.labels, self.blocks, self.linears = [], [], []
         for i, block in enumerate(lm.blocks):
             layers = [(name, module) for name, module in block.named_modules() if isinstance(module, linear_types())]
@@ -44,6 +46,16 @@ class BlockWeights:
         self.sizes = np.array([sum(m.weight.numel() for _, m in layers) for layers in self.linears], dtype=np.int64)
         self.costs = np.array([[sum(_groups(m, w) * w.group_bits for _, m in layers) for w in widths]
                                for layers in self.linears], dtype=np.int64)
+
+    @property
+    def needs_importance(self) -> bool:
+        return any(w.needs_importance for w in self.widths)
+
+    def measure_importance(self, sequences: list[list[int]]) -> None:
+        """Every linear layer's importance on ``sequences`` (calibration text), one pass of the loaded model."""
+        from .imatrix import input_importance
+
+        self.importance = input_importance(self.lm, sequences, [m for layers in self.linears for _, m in layers])
 
     @property
     def weights(self) -> int:
@@ -66,7 +78,8 @@ class BlockWeights:
 
     def quantized(self, unit: int, k: int) -> list[torch.Tensor]:
         """Unit ``unit``'s linear weights at width ``k``, as the model holds them (dtype, device, layout)."""
-        return [self._back(m, self.widths[k].roundtrip(self._rows(m))) for _, m in self.linears[unit]]
+        return [self._back(m, self.widths[k].roundtrip(self._rows(m), self.importance.get(m)))
+                for _, m in self.linears[unit]]
 
     @contextmanager
     def at(self, widths: dict[int, int]) -> Iterator[None]:
