@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The pinned torch takes the local CPU wheel on our machines; elsewhere override TORCH= to keep your own build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test setup bench bench-firm bench-scale bench-probes clean
+.PHONY: demo test test-llamacpp setup bench bench-firm bench-scale bench-probes clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# llama.cpp's own engine (the llamacpp extra, built from source: 3-15 minutes on 2 cores) and the tests that run it.
+# Built for AVX2, which every x86 CPU here runs: a native build's AMX kernels fault where the kernel grants no AMX
+# state (they did on our AMX machines). `make test-llamacpp LLAMACPP_CMAKE=` builds for the local CPU instead.
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+test-llamacpp: setup
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/pip install --quiet --no-cache-dir -e ".[test,llamacpp]"
+	$(BIN)/python -m pytest -q -m llamacpp
 
 # The benchmark's own environment: the peers it compares against never enter the project's.
 BENCH_VENV := .bench-venv

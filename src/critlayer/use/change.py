@@ -10,9 +10,11 @@ JSON and reload are the same for all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -25,9 +27,10 @@ from ..find.measures import DIRECTION
 from ..find.result import ScanResult
 from ..find.scan import scan_of
 from ..models import LanguageModel
-from ..models.loading import DTYPES, change_model, resolve_dtype
+from ..models.llamacpp import require as require_llamacpp
+from ..models.loading import DTYPES, change_model, gguf_file, resolve_dtype
 from ..models.running import computing_in
-from .evaluation import Method
+from .evaluation import Method, Variant
 
 
 @dataclass
@@ -35,8 +38,8 @@ class ChangeConfig:
     """What every change-and-compare command shares (each field is the CLI flag of that name): the ``score`` that
     ranks the blocks (``MEASURED``, the command's own measurement, or any scan score), the ``data`` that gives
     ``n_eval`` held-out texts of at most ``max_tokens`` tokens (the context) and ``calibration`` texts never held out,
-    ``draws`` of each random baseline, whether the ``baselines`` run, the ``seed`` and the ``dtype`` the evaluation
-    computes in."""
+    ``draws`` of each random baseline, whether the ``baselines`` run, the ``seed``, the ``dtype`` the evaluation
+    computes in, and whether the written GGUF is checked in ``llamacpp``."""
 
     MEASURED: ClassVar[str]
 
@@ -49,6 +52,8 @@ class ChangeConfig:
     baselines: bool = option(True, "evaluate the chosen blocks only, without the baselines", flag="--no-baselines")
     seed: int = option(0, SEED_HELP, minimum=0)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    llamacpp: bool = option(False, "also run the written model.gguf in llama.cpp on the held-out texts, beside "
+                                   "transformers on the same weights (the llamacpp extra)")
 
     def __post_init__(self):
         self.score = self.score or next(f for f in fields(self) if f.name == "score").metadata["none"]
@@ -104,7 +109,24 @@ def open_model(model: LanguageModel | str, config: ChangeConfig, *, out: str | P
     ``open_bench`` runs the scan."""
     if out is not None:
         check_model_folder(Path(out), force)
-    return change_model(model, config.dtype, device)
+    if config.llamacpp:
+        require_llamacpp()
+    lm = change_model(model, config.dtype, device)
+    if config.llamacpp and (gguf_file(lm.spec) is None or not lm.is_causal):
+        raise CritlayerError(f"--llamacpp checks the model.gguf written from a GGUF source on next-token loss; "
+                             f"{lm.name} is not a language model loaded from a GGUF file")
+    return lm
+
+
+def gguf_check(bench: Bench, same_weights: Variant) -> Callable[[Path], dict] | None:
+    """With ``--llamacpp``, what runs a written GGUF in llama.cpp against transformers on ``same_weights`` (an
+    evaluation variant) on the held-out texts; else None."""
+    if not bench.config.llamacpp:
+        return None
+    from .llamacpp_check import check_in_llamacpp
+
+    return partial(check_in_llamacpp, bench.lm, bench.text.heldout, same_weights=same_weights,
+                   compute=bench.compute)
 
 
 def open_bench(lm: LanguageModel, config: ChangeConfig, scan: ScanResult | str | Path | None, *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -37,8 +38,9 @@ from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..models.loss import BATCH
 from ..train.finetune import TrainConfig, finetune, plan_finetune
-from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
+from .change import Bench, ChangeConfig, ChangeResult, gguf_check, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
+from .llamacpp_check import llamacpp_text
 from .removal import BASELINES, angular_run, greedy, greedy_passes, last_blocks, random_blocks, run_distances
 
 CURVE_FRACTION = 1 / 3  # the curve runs from no block removed to a third of the model
@@ -81,6 +83,9 @@ class PruneConfig(ChangeConfig):
         if self.heal and self.parts != "block":
             raise CritlayerError("--heal trains whole blocks; a dropped sublayer's zeroed projection would be "
                                  "trained back")
+        if self.llamacpp and (self.heal or self.parts != "block"):
+            raise CritlayerError("--llamacpp runs the pruned model.gguf, written only where whole blocks go without "
+                                 "healing")
 
     def checked(self, eligible: int) -> int:
         """Candidates per loss-checked step: ``candidates`` itself, or that fraction of the eligible blocks rounded
@@ -118,6 +123,7 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
     model: object = unsaved()  # the pruned model: its folder holds it as a checkpoint
     tokenizer: object = unsaved()
     gguf_source: Path | None = unsaved()
+    gguf_check: Callable[[Path], dict] | None = unsaved()  # with --llamacpp: runs the written GGUF in llama.cpp
 
     @property
     def point(self) -> int:
@@ -147,6 +153,8 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
             lines.append(f"healed {self.healing['steps']} steps: perplexity {self.healing['before']['perplexity']:.2f}"
                          f" -> {self.healing['after']['perplexity']:.2f}")
         lines.append(f"GGUF: {self.gguf.get('file') or self.gguf.get('why')}{read_back_text(self.gguf)}")
+        if "llamacpp" in self.gguf:
+            lines.append(llamacpp_text(self.gguf["llamacpp"]))
         return "\n".join(lines)
 
     def write_files(self, folder: Path) -> None:
@@ -157,6 +165,8 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
         if self.gguf.get("file") and self.gguf_source is not None:
             self.gguf |= write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept,
                                            self.gguf.get("layer_types"))
+            if self.gguf_check is not None:
+                self.gguf["llamacpp"] = self.gguf_check(folder / self.gguf["file"])
         write_prune_report(self, folder)
 
 
@@ -206,8 +216,8 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
         bench.scan.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
     source = gguf_file(lm.spec) if config.parts == "block" and not config.heal else None
     return _finish(PruneResult(settings, methods, reference.summary(), correlations, removed, kept, count, speed,
-                               healing, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source),
-                   out, force)
+                               healing, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source,
+                               gguf_check(bench, _removing(lm, removed, config.parts))), out, force)
 
 
 def _plan(bench: Bench, eligible: int, longest: int) -> Plan:

@@ -18,7 +18,9 @@ import re
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,8 +37,9 @@ from ..models.gguf import gguf_tensor_name, read_back_text, write_requantized_gg
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
 from .blockwise import evaluate_plans, schedule
-from .change import Bench, ChangeConfig, ChangeResult, open_bench, open_model, score_option, unsaved
+from .change import Bench, ChangeConfig, ChangeResult, gguf_check, open_bench, open_model, score_option, unsaved
 from .evaluation import Method, evaluate_methods
+from .llamacpp_check import llamacpp_text
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
 
@@ -102,6 +105,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
     gguf_source: Path | None = unsaved()  # what the exports are written from
     gguf_types: dict | None = unsaved()
     torchao_config: dict | None = unsaved()
+    gguf_check: Callable[[Path], dict] | None = unsaved()  # with --llamacpp: runs the written GGUF in llama.cpp
 
     @property
     def point(self) -> float:
@@ -137,6 +141,8 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
             cost = self.sensitivity["cost"]
             lines.append(f"measured sensitivity cost {cost['seconds']:.1f} s, {cost['forward_tokens']:,} forward tokens")
         lines += [f"{kind}: {e.get('file') or e.get('why')}{read_back_text(e)}" for kind, e in self.exports.items()]
+        if "llamacpp" in self.exports.get("gguf", {}):
+            lines.append(llamacpp_text(self.exports["gguf"]["llamacpp"]))
         return "\n".join(lines)
 
     def write_files(self, folder: Path) -> None:
@@ -147,6 +153,8 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         if self.exports.get("gguf", {}).get("file") and self.gguf_source is not None:
             self.exports["gguf"] |= write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"],
                                                            self.gguf_types)
+            if self.gguf_check is not None:
+                self.exports["gguf"]["llamacpp"] = self.gguf_check(folder / self.exports["gguf"]["file"])
         if self.torchao_config is not None:
             (folder / self.exports["torchao"]["file"]).write_text(json.dumps(self.torchao_config, indent=1))
         write_quantize_report(self, folder)
@@ -178,6 +186,9 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     if not widths[0].bits <= config.bits <= widths[-1].bits:
         raise CritlayerError(f"--bits {config.bits:g} lies outside the widths' {float(widths[0].bits):g} "
                              f"({widths[0].name}) to {float(widths[-1].bits):g} ({widths[-1].name}) bits per weight")
+    if config.llamacpp and config.widths_family != "gguf":
+        raise CritlayerError("--llamacpp runs the written model.gguf, which holds llama.cpp's widths only: choose "
+                             "--family gguf")
     lm = open_model(model, config, out=out, force=force, device=device)
     if not lm.is_causal and config.score == SENSITIVITY:
         raise CritlayerError(f"{lm.architecture} has no LM head: sensitivity needs a next-token loss; plan by a "
@@ -217,7 +228,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     settings["baselines"] = list(methods)[1:]
     plan = next(iter(methods.values())).choices[config.bits][0]
     return _finish(lm, weights, plan, settings, reference.summary(), methods, sensitivity, correlations, config, out,
-                   force)
+                   force, gguf_check(bench, partial(weights.at, dict(enumerate(plan)))))
 
 
 def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
@@ -335,14 +346,14 @@ def _cost(weights: BlockWeights, plan: list[int], cost: dict) -> dict:
 
 
 def _finish(lm: LanguageModel, weights: BlockWeights, plan: list[int], settings: dict, unquantized: dict, methods: dict[str, Method], sensitivity, correlations: dict, config: QuantizeConfig,
-            out, force: bool) -> QuantizeResult:
+            out, force: bool, check: Callable[[Path], dict] | None = None) -> QuantizeResult:
     named = {weights.labels[u]: weights.widths[k].name for u, k in enumerate(plan)}
     source, architecture, held = _source(lm)
     exports, types, torchao_config = _exports(lm, weights, plan, source, architecture, config.widths_family)
     if types and source is not None:
         settings["degenerate"] = _degenerate({held.get(name) for name in types}, weights, settings["budgets"])
     result = QuantizeResult(settings, methods, unquantized, correlations, named, weights.bits_per_weight(plan),
-                            sensitivity, _held_fixed(lm, held), exports, source, types, torchao_config)
+                            sensitivity, _held_fixed(lm, held), exports, source, types, torchao_config, check)
     if out is not None:
         result.save(out, force=force)
     return result
