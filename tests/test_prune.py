@@ -20,7 +20,7 @@ from critlayer.models import find_blocks, surgery
 from critlayer.find.select import eligible_blocks
 from critlayer.use.removal import angular_run, random_blocks
 
-from conftest import TINY, tiny_model, tiny_tokenizer
+from conftest import TINY, prompt_lines, tiny_model, tiny_tokenizer
 
 SMALL = {"n_eval": 4, "calibration": 4, "draws": 2, "max_tokens": 12, "progress": False}
 IDS = torch.tensor([[1] + list(range(4, 19))])  # 16 tokens: past the tiny gemma3's sliding window of 8
@@ -340,3 +340,14 @@ def test_a_change_holds_a_bfloat16_checkpoint_in_bfloat16_only_where_it_computes
     assert change_model(str(tmp_path / "bf16"), "auto").dtype == torch.bfloat16
     assert change_model(str(tmp_path / "bf16"), "float32").dtype == torch.float32
     assert change_model(str(tmp_path / "fp32"), "auto").dtype == torch.float32
+
+
+def test_a_second_held_out_source_evaluates_every_methods_blocks_again(tiny_folder, prompt_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(" ".join(reversed(line.split())) for line in prompt_lines(30)))
+    result = critlayer.prune(str(tiny_folder), remove=2, data=str(prompt_file), also_data=str(other),
+                             scan=_scan(tiny_folder, prompt_file, tmp_path / "scan"), **SMALL)
+    also = result.settings["also_heldout"]
+    assert also["source"] == str(other) and list(also["methods"]) == list(result.methods)
+    assert "perplexity_ratio_to_chosen_95" in also["methods"]["last"][0]
+    assert f"held-out perplexity on {other}" in result.table()

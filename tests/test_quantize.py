@@ -16,10 +16,11 @@ from critlayer import CritlayerError, LanguageModel
 from critlayer.cli import main
 from critlayer.models.gguf import gguf_tensor_name, read_back, write_requantized_gguf
 from critlayer.use.bitplan import cheapest_plan, llama_cpp_order, plan_bits, ranked_plan, uniform_width
+from critlayer.use.quantize import QuantizeResult
 from critlayer.use.quantizers import parse_widths, width
 from critlayer.use.weights import BlockWeights
 
-from conftest import TINY, tiny_model, tiny_tokenizer
+from conftest import TINY, prompt_lines, tiny_model, tiny_tokenizer
 
 SMALL = {"n_eval": 4, "calibration": 4, "draws": 2, "max_tokens": 12, "progress": False}
 
@@ -301,3 +302,19 @@ def test_an_importance_weighted_plan_is_evaluated_and_not_exported_to_torchao(ti
     assert result.settings["importance"]["text"] == "calibration"
     assert set(result.plan.values()) == {"int2-imatrix", "int4"}
     assert "calibration data" in result.exports["torchao"]["why"] and not (out / "torchao_config.json").exists()
+
+
+def test_a_second_held_out_source_evaluates_every_methods_plan_again(tiny_folder, prompt_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(" ".join(reversed(line.split())) for line in prompt_lines(30)))
+    out = tmp_path / "q"
+    result = critlayer.quantize(str(tiny_folder), bits=4.5, data=str(prompt_file), also_data=str(other), out=out,
+                                curve=False, scan=_scan(str(tiny_folder), prompt_file), **SMALL)
+    also = QuantizeResult.load(out).settings["also_heldout"]
+    assert also["source"] == str(other) and also["n_heldout"] == 4
+    assert also["reference"]["perplexity"] != result.reference["perplexity"]
+    assert list(also["methods"]) == list(result.methods) and len(also["methods"]["random"]) == 2
+    assert "perplexity_ratio_to_chosen_95" in also["methods"]["uniform"][0]
+    assert f"held-out perplexity on {other}" in result.table()
+    with pytest.raises(CritlayerError, match="is --data itself"):
+        critlayer.quantize(str(tiny_folder), data=str(prompt_file), also_data=str(prompt_file))

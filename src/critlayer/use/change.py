@@ -3,7 +3,8 @@ options they share, their setup, and the result base they save and reload.
 
 A command states what it changes (its own config fields, its methods and their choices); the frame gives it the
 model (its weights as a bfloat16 checkpoint stores them, or float32), the scan that supplies scores (given, or run
-as ``critlayer scan`` would), held-out and calibration text drawn from one source and never overlapping, the
+as ``critlayer scan`` would), held-out and calibration text drawn from one source and never overlapping (and, asked
+for, a second held-out source every choice is evaluated on again), a written GGUF checked in llama.cpp, the
 context the evaluation computes in, the settings every result records, and a result whose rows, table heading,
 JSON and reload are the same for all.
 """
@@ -17,8 +18,10 @@ from pathlib import Path
 from functools import partial
 from typing import ClassVar
 
+import numpy as np
 import torch
 
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_model_folder
 from ..common.options import DTYPE_HELP, SEED_HELP, check_options, option
@@ -30,7 +33,7 @@ from ..models import LanguageModel
 from ..models.llamacpp import require as require_llamacpp
 from ..models.loading import DTYPES, change_model, gguf_file, resolve_dtype
 from ..models.running import computing_in
-from .evaluation import Method, Variant
+from .evaluation import Method, Run, Variant, evaluate_methods
 
 
 @dataclass
@@ -39,7 +42,7 @@ class ChangeConfig:
     ranks the blocks (``MEASURED``, the command's own measurement, or any scan score), the ``data`` that gives
     ``n_eval`` held-out texts of at most ``max_tokens`` tokens (the context) and ``calibration`` texts never held out,
     ``draws`` of each random baseline, whether the ``baselines`` run, the ``seed``, the ``dtype`` the evaluation
-    computes in, and whether the written GGUF is checked in ``llamacpp``."""
+    computes in, ``also_data`` (a second held-out source) and whether the written GGUF is checked in ``llamacpp``."""
 
     MEASURED: ClassVar[str]
 
@@ -52,6 +55,8 @@ class ChangeConfig:
     baselines: bool = option(True, "evaluate the chosen blocks only, without the baselines", flag="--no-baselines")
     seed: int = option(0, SEED_HELP, minimum=0)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    also_data: str | None = option(None, "a second source of held-out text (wiki, bbc, sharegpt or a file) that every "
+                                         "method's choice at the point asked for is also evaluated on", none="none")
     llamacpp: bool = option(False, "also run the written model.gguf in llama.cpp on the held-out texts, beside "
                                    "transformers on the same weights (the llamacpp extra)")
 
@@ -62,6 +67,10 @@ class ChangeConfig:
                                  f"{', '.join(sorted(DIRECTION))}")
         check_options(self)
         check_source(self.data, self.n_eval + 1)
+        if self.also_data is not None:
+            if self.also_data == self.data:
+                raise CritlayerError(f"--also-data {self.also_data} is --data itself: name another source")
+            check_source(self.also_data, self.n_eval + 1)
 
 
 def score_option(measured: str, default: str):
@@ -81,6 +90,7 @@ class Bench:
     text: TextData | None
     calibration: list[list[int]]
     config: ChangeConfig
+    also: TextData | None = None  # ``--also-data``'s held-out texts
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,15 +143,37 @@ def open_bench(lm: LanguageModel, config: ChangeConfig, scan: ScanResult | str |
                progress: bool) -> Bench:
     """The held-out and calibration text (none for an encoder), then the scan (given, or run as ``critlayer scan``
     would), checked to hold the config's score: text too short to evaluate ends before the scan runs."""
-    text, calibration = None, []
+    text, calibration, also = None, [], None
     if lm.is_causal:
         text = load_data(lm, config.data, n_eval=config.n_eval, max_tokens=config.max_tokens)
         calibration = [ids for ids in sample_texts(lm, config.data, config.calibration, config.max_tokens,
                                                    seed=config.seed) if len(ids) >= 2]
+        if config.also_data is not None:
+            also = load_data(lm, config.also_data, n_eval=config.n_eval, max_tokens=config.max_tokens)
     result = scan_of(lm, scan, dtype=config.dtype, progress=progress)
     if config.score != config.MEASURED:
         result.ranking(config.score)  # a score the scan lacks ends here, in one line
-    return Bench(lm, result, text, calibration, config)
+    return Bench(lm, result, text, calibration, config, also)
+
+
+def plan_elsewhere(plan: Plan, bench: Bench, choices: int) -> None:
+    """``--also-data``'s evaluation in a command's plan: the unchanged model and at most ``choices`` choices."""
+    if bench.also is not None:
+        plan.add(f"evaluation on {bench.also.source}", 1 + choices, sum(map(len, bench.also.heldout)), at_most=True)
+
+
+def evaluate_elsewhere(bench: Bench, methods: dict[str, Method], point: float,
+                       run_on: Callable[[list[list[int]]], Run]) -> dict | None:
+    """With ``--also-data``: every method's choices at ``point`` evaluated again on that source's held-out texts
+    (``run_on(texts)`` evaluates named choices there), each single choice with its paired interval against the
+    chosen method's, as on the first source; else None."""
+    if bench.also is None:
+        return None
+    at_point = {name: Method(name, {point: m.choices[point]}) for name, m in methods.items() if point in m.choices}
+    reference = evaluate_methods(at_point, point, run_on(bench.also.heldout))
+    return {"source": bench.also.source, "n_heldout": len(bench.also.heldout),
+            "heldout_tokens": sum(map(len, bench.also.heldout)), "reference": reference.summary(),
+            "methods": {name: m.summary[point] for name, m in at_point.items()}}
 
 
 @dataclass
@@ -191,6 +223,23 @@ class ChangeResult(SavedResult):
         s = self.settings
         return (f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
                 f"{s['context_tokens']} tokens), {self.REFERENCE} {self.reference['perplexity']:.{digits}f}:")
+
+    def elsewhere_lines(self, digits: int) -> list[str]:
+        """The table's lines for ``--also-data``: every method at the point asked for on the second source (random
+        by its median and range; single choices with their paired interval against the chosen one's)."""
+        also = self.settings.get("also_heldout")
+        if not also:
+            return []
+        lines = [f"held-out perplexity on {also['source']} ({also['n_heldout']} texts), {self.REFERENCE} "
+                 f"{also['reference']['perplexity']:.{digits}f}:"]
+        width = max(map(len, also["methods"]))
+        for name, rows in also["methods"].items():
+            values = [r["perplexity"] for r in rows]
+            interval = rows[0].get("perplexity_ratio_to_chosen_95")
+            note = (f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else
+                    f"[{interval[0]:.2f}-{interval[1]:.2f}x]" if interval else "")
+            lines.append(f"  {name:<{width}} {float(np.median(values)):12.{digits}f} {note}")
+        return lines
 
     @classmethod
     def own_fields(cls) -> list[str]:

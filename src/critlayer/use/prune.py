@@ -38,7 +38,8 @@ from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..models.loss import BATCH
 from ..train.finetune import TrainConfig, finetune, plan_finetune
-from .change import Bench, ChangeConfig, ChangeResult, gguf_check, open_bench, open_model, score_option, unsaved
+from .change import (Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, gguf_check, open_bench, open_model,
+                     plan_elsewhere, score_option, unsaved)
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
 from .llamacpp_check import llamacpp_text
 from .removal import BASELINES, angular_run, greedy, greedy_passes, last_blocks, random_blocks, run_distances
@@ -148,6 +149,7 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
         for name, blocks, ppl, spread, cost in rows:
             where = f"{cost.get('seconds', 0):.1f} s, {cost.get('forward_tokens', 0):,} forward tokens"
             lines.append(f"  {name:<{width}} {ppl:12.2f} {spread:>17}  {str(blocks):<28} {where}")
+        lines += self.elsewhere_lines(2)
         lines.append(f"tokens/s {speed['unpruned']:.0f} -> {speed['pruned']:.0f}")
         if self.healing:
             lines.append(f"healed {self.healing['steps']} steps: perplexity {self.healing['before']['perplexity']:.2f}"
@@ -201,6 +203,9 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     reference = evaluate_methods(methods, count, lambda choices: evaluate(
         lm, bench.text.heldout, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
         compute=bench.compute, progress=progress))
+    elsewhere = evaluate_elsewhere(bench, methods, count, lambda texts: lambda choices: evaluate(
+        lm, texts, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
+        compute=bench.compute, progress=progress))
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]
     pruned, kept, speed = _pruned_model(lm, removed, config.parts, bench.text.heldout, bench.compute)
@@ -212,6 +217,8 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
                 "count_rule": "a whole number is a count; a fraction of all blocks is rounded to the nearest count, "
                               "halves up", "eligible": eligible,
                 "single_block_rise": single_rise, "baselines": list(BASELINES) if config.baselines else []}
+    if elsewhere is not None:
+        settings["also_heldout"] = elsewhere
     correlations = {} if single_rise is None else lens_correlations(
         bench.scan.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
     source = gguf_file(lm.spec) if config.parts == "block" and not config.heal else None
@@ -236,6 +243,7 @@ def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
     if "angular" in runs:
         plan.add("angular", 1, calibration)
     plan.add("evaluation", 1 + sum(runs.values()) * longest, heldout, at_most=True)
+    plan_elsewhere(plan, bench, sum(runs.values()))
     warm_up = sum(sorted(map(len, bench.text.heldout), reverse=True)[:BATCH])  # tokens_per_second's first batch
     plan.add_tokens("speed", 4, 2 * (2 * heldout + warm_up))  # unpruned and pruned: a warm-up, two timed passes
     if config.heal:

@@ -37,7 +37,8 @@ from ..models.gguf import gguf_tensor_name, read_back_text, write_requantized_gg
 from ..models.loading import gguf_file
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
 from .blockwise import evaluate_plans, schedule
-from .change import Bench, ChangeConfig, ChangeResult, gguf_check, open_bench, open_model, score_option, unsaved
+from .change import (Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, gguf_check, open_bench, open_model,
+                     plan_elsewhere, score_option, unsaved)
 from .evaluation import Method, evaluate_methods
 from .llamacpp_check import llamacpp_text
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
@@ -136,6 +137,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         lines.append(f"  {'method':<{width}} {'bits':>7} {'perplexity':>11} {'range':>13} {'KL':>8}")
         for name, bits, ppl, spread, kl in rows:
             lines.append(f"  {name:<{width}} {bits:7.4f} {ppl:11.3f} {spread:>13} {kl:8.4f}")
+        lines += self.elsewhere_lines(3)
         lines += [f"at {budget} bits: {why}" for budget, why in s.get("degenerate", {}).items()]
         if self.sensitivity:
             cost = self.sensitivity["cost"]
@@ -217,6 +219,10 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
     reference = evaluate_methods(methods, config.bits, lambda plans: evaluate_plans(
         lm, bench.text.heldout, plans, weights, compute=bench.compute, progress=progress)[:2])
+    elsewhere = evaluate_elsewhere(bench, methods, config.bits, lambda texts: lambda plans: evaluate_plans(
+        lm, texts, plans, weights, compute=bench.compute, progress=progress)[:2])
+    if elsewhere is not None:
+        settings["also_heldout"] = elsewhere
     correlations = {}
     if sensitivity is not None:
         down = max(uniform_width(weights.costs, weights.budget(config.bits)) - 1, 0)
@@ -243,6 +249,7 @@ def _plan(bench: Bench, weights: BlockWeights, budgets: list[float]) -> Plan:
         passes = schedule(list(map(tuple, alone_plans(weights).values())), weights.blocks, bench.lm.num_layers).passes()
         plan.add_tokens(SENSITIVITY, math.ceil(passes), round(passes * sum(map(len, bench.calibration))))
     plan.add("evaluation", 1 + sum(runs.values()) * len(budgets), sum(map(len, bench.text.heldout)), at_most=True)
+    plan_elsewhere(plan, bench, sum(runs.values()))
     return plan
 
 
