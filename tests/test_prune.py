@@ -76,7 +76,7 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process_and_equals_skipping(tiny_f
     saved = json.loads((out / "prune.json").read_text())
     eligible = saved["eligible"]
     assert eligible == [1, 2, 3, 4] and saved["count"] == 2 and saved["context_tokens"] == 12
-    chosen = "block_influence, loss-checked among 1 with neighbours"  # a quarter of the four eligible blocks
+    chosen = "block_influence, loss-checked among 2 with neighbours"  # a quarter of four eligible blocks, at least 2
     assert list(saved["methods"]) == [chosen, "sleb", "last", "random", "block_influence", "angular"]
     assert saved["methods"][chosen]["cost"]["2"]["forward_tokens"] > saved["methods"]["block_influence"]["cost"]["2"][
         "forward_tokens"]  # the scan's cost, and the checks' on top
@@ -307,7 +307,7 @@ def test_candidates_take_turns_between_the_score_and_the_blocks_next_to_removed_
     assert checked_candidates(ranking, [], 4, neighbours=True) == [8, 9, 14, 16]  # nothing removed: no neighbours
     assert checked_candidates(ranking, [7, 8, 9, 14], 4, neighbours=True) == [16, 10, 2, 15]
     assert checked_candidates(ranking, [7, 8, 9, 14], 4) == [16, 2, 10, 4]
-    assert PruneConfig(candidates=0.25).checked(16) == 4 and PruneConfig(candidates=0.25).checked(2) == 1
+    assert PruneConfig(candidates=0.25).checked(16) == 4 and PruneConfig(candidates=0.25).checked(2) == 2
     assert PruneConfig(candidates=3).checked(16) == 3
     with pytest.raises(CritlayerError, match="whole number or a fraction"):
         PruneConfig(candidates=2.5)

@@ -272,6 +272,8 @@ def test_importance_weighted_groups_are_torchaos_storage_with_less_weighted_erro
         step = (levels[1:] - levels[:-1]).min()
         assert len(levels) <= 4 and torch.allclose((levels - levels[0]) / step, ((levels - levels[0]) / step).round(),
                                                    atol=1e-3)
+        if len(levels) == 4:  # every integer used: the step is the scale, stored in bfloat16
+            assert step == step.bfloat16().float()
     weighted = lambda v: float(((v - weight) ** 2 * importance).sum())  # noqa: E731
     assert weighted(values) < 0.8 * weighted(width("int2").roundtrip(weight))
     assert weighted(values) < weighted(weighted_groups(weight, torch.ones(256), 2, 64))

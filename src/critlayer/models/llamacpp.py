@@ -45,8 +45,9 @@ class LlamaCppModel:
                                        n_threads=threads or torch.get_num_threads() or os.cpu_count())
         except ValueError as exc:  # the binding's word for a file llama.cpp could not load
             raise CritlayerError(f"llama.cpp cannot load {path}: {exc}") from None
-        if self.llm.n_vocab() != vocabulary:
-            raise CritlayerError(f"{path} has {self.llm.n_vocab()} tokens in llama.cpp, the model {vocabulary}")
+        if (words := self.llm.n_vocab()) != vocabulary:
+            self.llm.close()
+            raise CritlayerError(f"{path} has {words} tokens in llama.cpp, the model {vocabulary}")
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SimpleNamespace:
         rows, width = input_ids.shape

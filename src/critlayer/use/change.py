@@ -120,6 +120,8 @@ def open_model(model: LanguageModel | str, config: ChangeConfig, *, out: str | P
     if out is not None:
         check_model_folder(Path(out), force)
     if config.llamacpp:
+        if out is None:
+            raise CritlayerError("--llamacpp runs the model.gguf written to the output folder: give one (out=...)")
         require_llamacpp()
     lm = change_model(model, config.dtype, device)
     if config.llamacpp and (gguf_file(lm.spec) is None or not lm.is_causal):

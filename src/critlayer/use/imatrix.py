@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import torch
 
+from ..common.errors import CritlayerError
 from ..models import LanguageModel, running
-from ..models.language_model import linear_types
 from ..models.loss import BATCH, text_batches
 
 STEPS = 24  # scales tried per group, from the range's own to a third narrower
 
 
 def input_importance(lm: LanguageModel, sequences: list[list[int]],
-                     modules: list[torch.nn.Module] | None = None) -> dict[torch.nn.Module, torch.Tensor]:
-    """Each linear layer's mean squared input per input channel (float32, on the CPU) over every real token of
-    ``sequences``; ``modules`` limits it to those layers (default: every linear layer of the blocks)."""
-    if modules is None:
-        modules = [m for block in lm.blocks for m in block.modules() if isinstance(m, linear_types())]
+                     modules: list[torch.nn.Module]) -> dict[torch.nn.Module, torch.Tensor]:
+    """Each of ``modules``' (linear layers of the blocks) mean squared input per input channel (float32, on the CPU)
+    over every real token of ``sequences``; a layer no token reached (an expert never routed to) weighs every
+    input alike."""
+    if not any(len(s) for s in sequences):
+        raise CritlayerError("an importance matrix needs calibration text: there is none")
     sums: dict[torch.nn.Module, torch.Tensor] = {}
     mask: list[torch.Tensor] = []
 
     def hook(module, args):
         x = args[0].detach().float()
         x = x[mask[0].to(x.device)] if x.shape[:2] == mask[0].shape else x.flatten(0, -2)
-        sums[module] = sums.get(module, 0) + x.square().sum(0).cpu()
+        sums[module] = sums.get(module, 0) + x.square().sum(0)
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     tokens = 0
@@ -44,7 +45,12 @@ def input_importance(lm: LanguageModel, sequences: list[list[int]],
     finally:
         for h in handles:
             h.remove()
-    return {m: s / tokens for m, s in sums.items()}
+    return {m: (sums[m] / tokens).cpu() if m in sums else torch.ones(_inputs(m)) for m in modules}
+
+
+def _inputs(module: torch.nn.Module) -> int:
+    """A linear layer's input channels (GPT-2's Conv1D stores its weight transposed)."""
+    return module.weight.shape[1 if isinstance(module, torch.nn.Linear) else 0]
 
 
 def weighted_groups(rows: torch.Tensor, importance: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -53,8 +59,9 @@ def weighted_groups(rows: torch.Tensor, importance: torch.Tensor, bits: int, gro
     integers, with the zero-point and scale refitted by weighted least squares and then stored (an integer
     zero-point, a bfloat16 scale), leave the least error weighted by ``importance`` (one weight per input channel)."""
     top = 2 ** bits - 1
-    w = rows.detach().float().cpu().reshape(rows.shape[0], -1, group)
-    a = importance.float().cpu().reshape(1, -1, group).expand_as(w) + 1e-8 * importance.float().mean() + 1e-30
+    w = rows.detach().float().reshape(rows.shape[0], -1, group)
+    importance = importance.to(w.device, torch.float32)
+    a = importance.reshape(1, -1, group).expand_as(w) + 1e-8 * importance.mean() + 1e-30
     lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
     span = (hi - lo).clamp(min=1e-12)
     best, best_error = None, None

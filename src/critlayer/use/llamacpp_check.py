@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..common.errors import CritlayerError
 from ..models import LanguageModel, running
 from ..models.llamacpp import LlamaCppModel, version
 from ..models.loss import text_batches
@@ -22,16 +23,20 @@ def check_in_llamacpp(lm: LanguageModel, sequences: list[list[int]], path: Path,
                       compute: Callable[[], AbstractContextManager] = nullcontext) -> dict:
     """``path`` run by llama.cpp on ``sequences`` against transformers on the same weights (``same_weights``, an
     evaluation variant; the loaded model without one): both perplexities, the paired 95% interval of their ratio
-    over texts, and per token the KL divergence from transformers' next-token distribution and top-1 agreement."""
+    over texts, and per token the KL divergence from transformers' next-token distribution and top-1 agreement; or,
+    where llama.cpp cannot run the file, why."""
     start = time.perf_counter()
     vocabulary = lm.model.get_output_embeddings().weight.shape[0]
-    engine = LlamaCppModel(path, max(map(len, sequences)), vocabulary)
+    try:
+        engine = LlamaCppModel(path, max(map(len, sequences)), vocabulary)
+    except CritlayerError as exc:  # the run's results stand; the file's failure in llama.cpp is one of them
+        return {"engine": version(), "file": path.name, "why": str(exc)}
     n = len(sequences)
     transformers, llamacpp = TextScores.empty(n), TextScores.empty(n)
     try:
-        with torch.inference_mode(), running.evaluating(lm):
+        with torch.inference_mode(), running.evaluating(lm), (same_weights or nullcontext)() as model:
             for chosen, batch in text_batches(sequences, logits_batch(lm, sequences), lm.device):
-                with (same_weights or nullcontext)() as model, compute():
+                with compute():
                     reference = Reference(next_token_log_probs(model or lm.model, batch), batch)
                 reference.record(transformers, chosen, reference.log_probs)
                 reference.record(llamacpp, chosen, next_token_log_probs(engine, batch))
@@ -47,6 +52,8 @@ def check_in_llamacpp(lm: LanguageModel, sequences: list[list[int]], path: Path,
 
 def llamacpp_text(check: dict) -> str:
     """One line for a command's table."""
+    if "why" in check:
+        return f"in llama.cpp: {check['file']} not run: {check['why']}"
     return (f"in llama.cpp: {check['file']} perplexity {check['perplexity']:.3f} against transformers' "
             f"{check['transformers_perplexity']:.3f} on the same weights (ratio {check['ratio_95'][0]:.3f}–"
             f"{check['ratio_95'][1]:.3f}); per token KL {check['kl']:.4f}, top-1 agreement {check['top1']:.3f}")

@@ -67,7 +67,8 @@ class PruneConfig(ChangeConfig):
     remove: float = option(0.25, "blocks to remove: a count, or a fraction of all blocks rounded to the nearest "
                                  "count", positive=True)
     candidates: float = option(0.25, "check each removal on the calibration loss among K candidates: a count, or a "
-                                    "fraction of the eligible blocks rounded half up (0: the score's order alone)",
+                                    "fraction of the eligible blocks rounded half up, at least 2 (0: the score's order "
+                                    "alone)",
                                minimum=0)
     neighbours: bool = option(True, "draw candidates only from the score's order, not also from the blocks next to "
                                     "removed ones", flag="--no-neighbours")
@@ -90,9 +91,9 @@ class PruneConfig(ChangeConfig):
 
     def checked(self, eligible: int) -> int:
         """Candidates per loss-checked step: ``candidates`` itself, or that fraction of the eligible blocks rounded
-        half up (at least one)."""
+        half up (at least two: one alone would only follow the score)."""
         return int(self.candidates) if self.candidates >= 1 or not self.candidates else \
-            max(1, math.floor(self.candidates * eligible + 0.5))
+            max(2, math.floor(self.candidates * eligible + 0.5))
 
     def method(self, eligible: int) -> str:
         """The chosen method's name in results: the score, and how many candidates the loss checked."""
@@ -200,12 +201,11 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     _plan(bench, len(eligible), longest).announce(progress)
     with bench.compute():
         methods, single_rise = choose(bench, eligible, longest, progress)
-    reference = evaluate_methods(methods, count, lambda choices: evaluate(
-        lm, bench.text.heldout, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
-        compute=bench.compute, progress=progress))
-    elsewhere = evaluate_elsewhere(bench, methods, count, lambda texts: lambda choices: evaluate(
+    run_on = lambda texts: lambda choices: evaluate(  # noqa: E731
         lm, texts, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
-        compute=bench.compute, progress=progress))
+        compute=bench.compute, progress=progress)
+    reference = evaluate_methods(methods, count, run_on(bench.text.heldout))
+    elsewhere = evaluate_elsewhere(bench, methods, count, run_on)
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]
     pruned, kept, speed = _pruned_model(lm, removed, config.parts, bench.text.heldout, bench.compute)
@@ -258,7 +258,7 @@ def methods_run(config: PruneConfig, scan: ScanResult, eligible: int) -> dict[st
     runs = {config.method(eligible): 1}
     if config.baselines:
         runs |= {"sleb": 1, "last": 1, "random": config.draws}
-        if runs.keys() != {"block_influence"} and "block_influence" in scan.scores:
+        if "block_influence" not in runs and "block_influence" in scan.scores:
             runs["block_influence"] = 1
         if config.parts == "block":
             runs["angular"] = 1

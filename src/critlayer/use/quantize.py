@@ -217,10 +217,10 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     if MEASURED_PLAN in methods_run(config, bench.scan):
         sensitivity = measure_sensitivity(lm, weights, bench.calibration, bench.compute, progress)
     methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
-    reference = evaluate_methods(methods, config.bits, lambda plans: evaluate_plans(
-        lm, bench.text.heldout, plans, weights, compute=bench.compute, progress=progress)[:2])
-    elsewhere = evaluate_elsewhere(bench, methods, config.bits, lambda texts: lambda plans: evaluate_plans(
-        lm, texts, plans, weights, compute=bench.compute, progress=progress)[:2])
+    run_on = lambda texts: lambda plans: evaluate_plans(  # noqa: E731
+        lm, texts, plans, weights, compute=bench.compute, progress=progress)[:2]
+    reference = evaluate_methods(methods, config.bits, run_on(bench.text.heldout))
+    elsewhere = evaluate_elsewhere(bench, methods, config.bits, run_on)
     if elsewhere is not None:
         settings["also_heldout"] = elsewhere
     correlations = {}
