@@ -318,5 +318,6 @@ def test_a_second_held_out_source_evaluates_every_methods_plan_again(tiny_folder
     assert list(also["methods"]) == list(result.methods) and len(also["methods"]["random"]) == 2
     assert "perplexity_ratio_to_chosen_95" in also["methods"]["uniform"][0]
     assert f"held-out perplexity on {other}" in result.table()
+    assert f"On {other} too" in (out / "quantize.html").read_text()
     with pytest.raises(CritlayerError, match="is --data itself"):
         critlayer.quantize(str(tiny_folder), data=str(prompt_file), also_data=str(prompt_file))

@@ -42,6 +42,21 @@ def lens_rows(rows: dict) -> str:
                    + "</tr>" for name, r in rows.items())
 
 
+def elsewhere_section(result, digits: int) -> str:
+    """``--also-data``'s table for a change's page (empty without it)."""
+    rows = result.elsewhere_rows(digits)
+    if not rows:
+        return ""
+    also, esc = result.settings["also_heldout"], html.escape
+    body = "".join(f"<tr><th>{esc(name)}</th><td>{ppl:.{digits}f}</td><td>{esc(note)}</td></tr>"
+                   for name, ppl, note in rows)
+    return (f"<h2>On {esc(also['source'])} too</h2><p>Every method's choice again on {also['n_heldout']} held-out "
+            f"texts of a second source ({also['heldout_tokens']:,} tokens); {result.REFERENCE} "
+            f"{also['reference']['perplexity']:.{digits}f}. The last column: random's range, else the paired 95% "
+            f"interval of perplexity ÷ the chosen method's.</p><table><tr><th>method</th><th>perplexity</th>"
+            f"<th>range or ratio</th></tr>{body}</table>")
+
+
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'

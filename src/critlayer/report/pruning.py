@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .html import _STYLE, _image, lens_rows  # noqa: E402
+from .engines import llamacpp_text  # noqa: E402
+from .html import _STYLE, _image, elsewhere_section, lens_rows  # noqa: E402
 from .plots import plot_methods, save_perplexity_curve  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def write_prune_report(result, folder: Path) -> None:
     healing = "" if not result.healing else (
         f"<p>Healed {result.healing['steps']} steps: perplexity {result.healing['before']['perplexity']:.2f} → "
         f"{result.healing['after']['perplexity']:.2f}.</p>")
+    llamacpp = f"<p>{esc(llamacpp_text(result.gguf['llamacpp']))}.</p>" if "llamacpp" in result.gguf else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>critlayer prune</title>
 <style>{_STYLE}</style></head><body><h1>Pruning {esc(s['model']['name'])}</h1>
 <p>Removed {result.count} of {s['model']['num_layers']} ({esc(s['parts'])}) by <code>{esc(s['method'])}</code>:
@@ -59,6 +61,7 @@ text). Random: median and range of {s['config']['draws']} draws.</p>
 <p>{'' if lens else 'Not measured: the lenses are correlated with the first step of sleb, which runs with the baselines. '}Spearman of each scan score with the calibration loss rise of removing each block alone: all blocks | eligible
 blocks | depth regressed out. A useful score correlates positively where high means critical, negatively where low
 does.</p><table>{lens_rows(lens)}</table>
-<p>GGUF: {esc(str(result.gguf.get('file') or result.gguf.get('why')))}</p>
+{elsewhere_section(result, 2)}
+<p>GGUF: {esc(str(result.gguf.get('file') or result.gguf.get('why')))}</p>{llamacpp}
 </body></html>"""
     (folder / "prune.html").write_text(page, encoding="utf-8")

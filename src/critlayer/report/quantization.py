@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from .html import _STYLE, _image, lens_rows  # noqa: E402
+from .engines import llamacpp_text  # noqa: E402
+from .html import _STYLE, _image, elsewhere_section, lens_rows  # noqa: E402
 from .plots import plot_methods, save_perplexity_curve  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def write_quantize_report(result, folder: Path) -> None:
     lens = result.correlations.get("quantization_damage", {})
     exports = "".join(f"<li>{esc(kind)}: {esc(str(e.get('file') or e.get('why')))}</li>"
                       for kind, e in result.exports.items())
+    if "llamacpp" in result.exports.get("gguf", {}):
+        exports += f"<li>{esc(llamacpp_text(result.exports['gguf']['llamacpp']))}</li>"
     sensitivity = result.sensitivity
     cost = "" if not sensitivity else (
         f"<p>Measuring sensitivity ({len(sensitivity['widths'])} widths × {len(result.plan)} blocks on "
@@ -75,5 +78,5 @@ interval over texts: an interval that holds 1 is a difference within the noise. 
 {esc(str((sensitivity or {}).get('correlated_width', '-')))}: all blocks | interior blocks | depth regressed out
 (quantize.json also holds the same against the loss rise). A useful score correlates positively where high means
 critical, negatively where low does.</p>
-<table>{lens_rows(lens)}</table><h2>Exports</h2><ul>{exports}</ul></body></html>"""
+<table>{lens_rows(lens)}</table>{elsewhere_section(result, 3)}<h2>Exports</h2><ul>{exports}</ul></body></html>"""
     (folder / "quantize.html").write_text(page, encoding="utf-8")

@@ -226,22 +226,28 @@ class ChangeResult(SavedResult):
         return (f"held-out perplexity on {s['data']['source']} ({s['data']['n_heldout']} texts, context "
                 f"{s['context_tokens']} tokens), {self.REFERENCE} {self.reference['perplexity']:.{digits}f}:")
 
-    def elsewhere_lines(self, digits: int) -> list[str]:
-        """The table's lines for ``--also-data``: every method at the point asked for on the second source (random
-        by its median and range; single choices with their paired interval against the chosen one's)."""
-        also = self.settings.get("also_heldout")
-        if not also:
-            return []
-        lines = [f"held-out perplexity on {also['source']} ({also['n_heldout']} texts), {self.REFERENCE} "
-                 f"{also['reference']['perplexity']:.{digits}f}:"]
-        width = max(map(len, also["methods"]))
-        for name, rows in also["methods"].items():
-            values = [r["perplexity"] for r in rows]
-            interval = rows[0].get("perplexity_ratio_to_chosen_95")
+    def elsewhere_rows(self, digits: int) -> list[tuple[str, float, str]]:
+        """(method, perplexity, note) of every method at the point asked for on ``--also-data``'s source: random by
+        its median, its draws' range the note; a single choice with its paired interval against the chosen one's."""
+        rows = []
+        for name, summaries in self.settings.get("also_heldout", {}).get("methods", {}).items():
+            values = [r["perplexity"] for r in summaries]
+            interval = summaries[0].get("perplexity_ratio_to_chosen_95")
             note = (f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else
                     f"[{interval[0]:.2f}-{interval[1]:.2f}x]" if interval else "")
-            lines.append(f"  {name:<{width}} {float(np.median(values)):12.{digits}f} {note}")
-        return lines
+            rows.append((name, float(np.median(values)), note))
+        return rows
+
+    def elsewhere_lines(self, digits: int) -> list[str]:
+        """The table's lines for ``--also-data`` (none without it)."""
+        rows = self.elsewhere_rows(digits)
+        if not rows:
+            return []
+        also = self.settings["also_heldout"]
+        width = max(len(name) for name, *_ in rows)
+        return [f"held-out perplexity on {also['source']} ({also['n_heldout']} texts), {self.REFERENCE} "
+                f"{also['reference']['perplexity']:.{digits}f}:",
+                *(f"  {name:<{width}} {ppl:12.{digits}f} {note}" for name, ppl, note in rows)]
 
     @classmethod
     def own_fields(cls) -> list[str]:

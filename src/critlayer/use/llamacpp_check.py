@@ -48,12 +48,3 @@ def check_in_llamacpp(lm: LanguageModel, sequences: list[list[int]], path: Path,
             "perplexity": round(llamacpp.perplexity, 4), "transformers_perplexity": round(transformers.perplexity, 4),
             "ratio_95": [round(low, 4), round(high, 4)], "kl": round(float(llamacpp.kl.sum() / tokens), 5),
             "top1": round(float(llamacpp.agree.sum() / tokens), 5), "seconds": round(time.perf_counter() - start, 1)}
-
-
-def llamacpp_text(check: dict) -> str:
-    """One line for a command's table."""
-    if "why" in check:
-        return f"in llama.cpp: {check['file']} not run: {check['why']}"
-    return (f"in llama.cpp: {check['file']} perplexity {check['perplexity']:.3f} against transformers' "
-            f"{check['transformers_perplexity']:.3f} on the same weights (ratio {check['ratio_95'][0]:.3f}–"
-            f"{check['ratio_95'][1]:.3f}); per token KL {check['kl']:.4f}, top-1 agreement {check['top1']:.3f}")

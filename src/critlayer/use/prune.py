@@ -37,11 +37,11 @@ from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, read_back_text, wr
 from ..models.loading import gguf_file
 from ..models.surgery import sublayer, taken_out
 from ..models.loss import BATCH
+from ..report.engines import llamacpp_text
 from ..train.finetune import TrainConfig, finetune, plan_finetune
 from .change import (Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, gguf_check, open_bench, open_model,
                      plan_elsewhere, score_option, unsaved)
 from .evaluation import Method, evaluate, evaluate_methods, parameter_count, tokens_per_second
-from .llamacpp_check import llamacpp_text
 from .removal import BASELINES, angular_run, greedy, greedy_passes, last_blocks, random_blocks, run_distances
 
 CURVE_FRACTION = 1 / 3  # the curve runs from no block removed to a third of the model

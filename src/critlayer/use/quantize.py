@@ -35,12 +35,12 @@ from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, read_back_text, write_requantized_gguf
 from ..models.loading import gguf_file
+from ..report.engines import llamacpp_text
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
 from .blockwise import evaluate_plans, schedule
 from .change import (Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, gguf_check, open_bench, open_model,
                      plan_elsewhere, score_option, unsaved)
 from .evaluation import Method, evaluate_methods
-from .llamacpp_check import llamacpp_text
 from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
 from .weights import BlockWeights
 
