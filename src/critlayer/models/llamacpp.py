@@ -8,7 +8,6 @@ checking a written GGUF in llama.cpp measures.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,12 +36,11 @@ class LlamaCppModel:
     """``path`` loaded in llama.cpp for texts of up to ``context`` tokens; calling it with a right-padded batch
     returns float32 logits of the batch's shape (zeros on padding), each text run alone from an empty cache."""
 
-    def __init__(self, path: str | Path, context: int, vocabulary: int, threads: int | None = None):
+    def __init__(self, path: str | Path, context: int, vocabulary: int):
         llama_cpp = require()
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context,
-                                       logits_all=True, verbose=False,
-                                       n_threads=threads or torch.get_num_threads() or os.cpu_count())
+                                       logits_all=True, verbose=False, n_threads=torch.get_num_threads())
         except ValueError as exc:  # the binding's word for a file llama.cpp could not load
             raise CritlayerError(f"llama.cpp cannot load {path}: {exc}") from None
         if (words := self.llm.n_vocab()) != vocabulary:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np

@@ -22,8 +22,7 @@ STEPS = 24  # scales tried per group, from the range's own to a third narrower
 def input_importance(lm: LanguageModel, sequences: list[list[int]],
                      modules: list[torch.nn.Module]) -> dict[torch.nn.Module, torch.Tensor]:
     """Each of ``modules``' (linear layers of the blocks) mean squared input per input channel (float32, on the CPU)
-    over every real token of ``sequences``; a layer no token reached (an expert never routed to) weighs every
-    input alike."""
+    over every real token of ``sequences``; a layer no token reached (an expert never routed to) is left out."""
     if not any(len(s) for s in sequences):
         raise CritlayerError("an importance matrix needs calibration text: there is none")
     sums: dict[torch.nn.Module, torch.Tensor] = {}
@@ -45,12 +44,7 @@ def input_importance(lm: LanguageModel, sequences: list[list[int]],
     finally:
         for h in handles:
             h.remove()
-    return {m: (sums[m] / tokens).cpu() if m in sums else torch.ones(_inputs(m)) for m in modules}
-
-
-def _inputs(module: torch.nn.Module) -> int:
-    """A linear layer's input channels (GPT-2's Conv1D stores its weight transposed)."""
-    return module.weight.shape[1 if isinstance(module, torch.nn.Linear) else 0]
+    return {m: (s / tokens).cpu() for m, s in sums.items()}
 
 
 def weighted_groups(rows: torch.Tensor, importance: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -64,17 +58,14 @@ def weighted_groups(rows: torch.Tensor, importance: torch.Tensor, bits: int, gro
     a = importance.reshape(1, -1, group).expand_as(w) + 1e-8 * importance.mean() + 1e-30
     lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
     span = (hi - lo).clamp(min=1e-12)
-    best, best_error = None, None
+    best, best_error = w, torch.full_like(span, float("inf"))
     for t in torch.linspace(0, top / 2, STEPS):
         scale = span / (top + t)
         zero = (top / 2 - (lo + hi) / 2 / scale).round().clamp(0, top)  # a narrower grid centred on the range
         values = _stored(w, a, scale, zero, top)
         error = (a * (values - w).square()).sum(-1, keepdim=True)
-        if best is None:
-            best, best_error = values, error
-        else:
-            better = error < best_error
-            best, best_error = torch.where(better, values, best), torch.minimum(error, best_error)
+        better = error < best_error
+        best, best_error = torch.where(better, values, best), torch.where(better, error, best_error)
     return best.reshape(rows.shape)
 
 

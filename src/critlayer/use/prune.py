@@ -67,9 +67,8 @@ class PruneConfig(ChangeConfig):
     remove: float = option(0.25, "blocks to remove: a count, or a fraction of all blocks rounded to the nearest "
                                  "count", positive=True)
     candidates: float = option(0.25, "check each removal on the calibration loss among K candidates: a count, or a "
-                                    "fraction of the eligible blocks rounded half up, at least 2 (0: the score's order "
-                                    "alone)",
-                               minimum=0)
+                                    "fraction of the eligible blocks rounded half up, at least 2 (0: the score's "
+                                    "order alone)", minimum=0)
     neighbours: bool = option(True, "draw candidates only from the score's order, not also from the blocks next to "
                                     "removed ones", flag="--no-neighbours")
     parts: str = option("block", "remove whole blocks, or the attention or MLP sublayer of each",

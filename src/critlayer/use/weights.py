@@ -55,7 +55,10 @@ class BlockWeights:
         """Every linear layer's importance on ``sequences`` (calibration text), one pass of the loaded model."""
         from .imatrix import input_importance
 
-        self.importance = input_importance(self.lm, sequences, [m for layers in self.linears for _, m in layers])
+        modules = [m for layers in self.linears for _, m in layers]
+        measured = input_importance(self.lm, sequences, modules)
+        # a layer no calibration token reached (an expert never routed to) weighs every input alike
+        self.importance = {m: measured[m] if m in measured else torch.ones(self._rows(m).shape[1]) for m in modules}
 
     @property
     def weights(self) -> int:
