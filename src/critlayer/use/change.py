@@ -172,7 +172,7 @@ def evaluate_elsewhere(bench: Bench, methods: dict[str, Method], point: float,
     if bench.also is None:
         return None
     at_point = {name: Method(name, {point: m.choices[point]}) for name, m in methods.items() if point in m.choices}
-    reference = evaluate_methods(at_point, point, run_on(bench.also.heldout))
+    reference = evaluate_methods(at_point, run_on(bench.also.heldout))
     return {"source": bench.also.source, "n_heldout": len(bench.also.heldout),
             "heldout_tokens": sum(map(len, bench.also.heldout)), "reference": reference.summary(),
             "methods": {name: m.summary[point] for name, m in at_point.items()}}

@@ -110,9 +110,9 @@ class Method:
 Run = Callable[[dict[str, Choice]], tuple[TextScores, dict[str, TextScores]]]
 
 
-def evaluate_methods(methods: dict[str, Method], point: float, run: Run) -> TextScores:
+def evaluate_methods(methods: dict[str, Method], run: Run) -> TextScores:
     """Evaluate every distinct choice once (methods often agree) with ``run`` (named choices to the unchanged
-    model's scores and each choice's) and fill in each method's figures; at ``point``, each single choice gets a
+    model's scores and each choice's) and fill in each method's figures; at every point, each single choice gets a
     paired 95% interval of its perplexity over the first (chosen) method's. Returns the unchanged model's scores."""
     keys: dict[tuple, str] = {}
     for m in methods.values():
@@ -127,9 +127,10 @@ def evaluate_methods(methods: dict[str, Method], point: float, run: Run) -> Text
             m.perplexity[n] = [s["perplexity"] for s in m.summary[n]]
     chosen = next(iter(methods.values()))
     for other in methods.values():  # paired over the same texts: is the difference larger than the noise?
-        if other is not chosen and len(other.choices.get(point, [])) == 1:
-            low, high = of(other.choices[point][0]).perplexity_ratio_interval(of(chosen.choices[point][0]))
-            other.summary[point][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
+        for n in chosen.choices:
+            if other is not chosen and len(other.choices.get(n, [])) == 1:
+                low, high = of(other.choices[n][0]).perplexity_ratio_interval(of(chosen.choices[n][0]))
+                other.summary[n][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
     return reference
 
 
@@ -155,12 +156,13 @@ class Reference:
         self.mask = batch["labels"][:, 1:] != -100
 
     def record(self, into: TextScores, rows: list[int], log_probs: torch.Tensor) -> None:
+        """Add each row's figures of ``log_probs`` (this batch, or a run of its positions) to its text's in ``into``."""
         nll = -log_probs.gather(-1, self.targets).squeeze(-1)
         kl = (self.probs * (self.log_probs - log_probs)).sum(-1)
         agree = (log_probs.argmax(-1) == self.top).float()
         for array, values in ((into.loss, nll), (into.tokens, torch.ones_like(nll)), (into.kl, kl),
                               (into.agree, agree)):
-            array[rows] = (values * self.mask).sum(1).double().cpu().numpy()
+            array[rows] += (values * self.mask).sum(1).double().cpu().numpy()
 
 
 def tokens_per_second(model: torch.nn.Module, sequences: list[list[int]], *, batch_size: int = BATCH,

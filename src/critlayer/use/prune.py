@@ -203,7 +203,7 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
     run_on = lambda texts: lambda choices: evaluate(  # noqa: E731
         lm, texts, {name: _removing(lm, blocks, config.parts) for name, blocks in choices.items()},
         compute=bench.compute, progress=progress)
-    reference = evaluate_methods(methods, count, run_on(bench.text.heldout))
+    reference = evaluate_methods(methods, run_on(bench.text.heldout))
     elsewhere = evaluate_elsewhere(bench, methods, count, run_on)
     chosen = next(iter(methods.values()))
     removed = chosen.choices[count][0]

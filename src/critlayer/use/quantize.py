@@ -219,7 +219,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     methods = plan_methods(weights, bench.scan, sensitivity, budgets, config)
     run_on = lambda texts: lambda plans: evaluate_plans(  # noqa: E731
         lm, texts, plans, weights, compute=bench.compute, progress=progress)[:2]
-    reference = evaluate_methods(methods, config.bits, run_on(bench.text.heldout))
+    reference = evaluate_methods(methods, run_on(bench.text.heldout))
     elsewhere = evaluate_elsewhere(bench, methods, config.bits, run_on)
     if elsewhere is not None:
         settings["also_heldout"] = elsewhere
