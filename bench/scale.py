@@ -9,6 +9,8 @@ machine:
              with the whole model loaded, and block by block (``--stream``: the only command on larger shapes)
   prune      two blocks, the default score checked by the loss, no baselines
   quantize   4.5 bits, no baselines, no curve, with all six llama.cpp widths and with three of them
+  kv         3 bits, the measured KV plan (every layer's keys and values alone at 2, 4 and 8 bits) and uniform,
+             no curve, on 2 documents of 512 tokens
 
     python bench/scale.py --shapes llama-3.2-1b --out bench-results/scale
 
@@ -53,6 +55,8 @@ COMMANDS = {
     "quantize, 3 widths": ["quantize", "{model}", "--scan", "{scan}", "--bits", "4.5", "--widths", "Q4_0,Q5_0,Q8_0",
                            "--no-baselines", "--no-curve", "--n-eval", "4", "--calibration", "4", "--max-tokens",
                            "64"],
+    "kv": ["kv", "{model}", "--scan", "{scan}", "--bits", "3", "--no-baselines", "--no-curve", "--n-eval", "2",
+           "--calibration", "2", "--max-tokens", "512"],
 }
 
 

@@ -159,14 +159,20 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
                      lambda out: critlayer.quantize(str(tiny_folder), data=str(prompt_file), scan=scanned, n_eval=4,
                                                     calibration=4, draws=2, max_tokens=10, curve=False, out=out,
                                                     progress=False)),
+        "kv": (["kv", str(tiny_folder), "--data", str(prompt_file), "--scan", scanned, "--bits", "5.5", "--n-eval",
+                "2", "--calibration", "2", "--draws", "2", "--max-tokens", "64", "--group", "16", "--residual", "8",
+                "--chunk", "8", "--no-curve", "--quiet"],
+               lambda out: critlayer.kv(str(tiny_folder), bits=5.5, data=str(prompt_file), scan=scanned, n_eval=2,
+                                        calibration=2, draws=2, max_tokens=64, group=16, residual=8, chunk=8,
+                                        curve=False, out=out, progress=False)),
         "compare": (["compare", scanned, str(tmp_path / "api-scan")],
                     lambda out: critlayer.compare([scanned, str(tmp_path / "api-scan")], out=out)),
     }
     reloads = {"tune": critlayer.TuneResult, "tune-compare": critlayer.TuneComparison,
                "validate": critlayer.Validation, "defend": critlayer.DefendResult, "prune": critlayer.PruneResult,
-               "quantize": critlayer.QuantizeResult}
+               "quantize": critlayer.QuantizeResult, "kv": critlayer.KVResult}
     for name, (argv, call) in runs.items():
-        extra = {"compare": [], "prune": [], "quantize": [],
+        extra = {"compare": [], "prune": [], "quantize": [], "kv": [],
                  "defend": [f.replace("--max-tokens", "--turn-tokens") for f in flags]}.get(name, flags)
         assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
         result = call(tmp_path / f"api-{name}")

@@ -1,5 +1,5 @@
 """The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
-``prune``, ``quantize``, ``models``.
+``prune``, ``quantize``, ``kv``, ``models``.
 
 Each command is a thin wrapper over the Python function of the same name, and its flags are built, not written: a
 config's fields carry their help, limits and defaults (``common.options``), and a function's own keyword parameters
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from . import (DefendConfig, PruneConfig, QuantizeConfig, ScanConfig, TrainConfig, compare, defend, export, prune,
-               quantize, scan, tune, validate)
+from . import (DefendConfig, KVConfig, PruneConfig, QuantizeConfig, ScanConfig, TrainConfig, compare, defend, export,
+               kv, prune, quantize, scan, tune, validate)
 from .common.distributed import finish, is_main
 from .common.errors import CritlayerError
 from .common.options import DTYPE_HELP, SEED_HELP, flag_of
@@ -133,6 +133,8 @@ COMMANDS = {
                      PruneConfig, ("model", "scan", "device"), out="critlayer-pruned"),
     "quantize": Command(quantize, "give each block a width at a fixed average of bits, compare with baselines",
                         QuantizeConfig, ("model", "scan", "device"), out="critlayer-quantized"),
+    "kv": Command(kv, "give each layer's KV cache key and value widths at a fixed average of bits, compare with "
+                      "baselines", KVConfig, ("model", "scan", "device"), skips=("llamacpp",), out="critlayer-kv"),
 }
 
 

@@ -84,3 +84,27 @@ def sample_texts(lm: LanguageModel, source: str, n: int, max_tokens: int, seed: 
     pool = np.random.default_rng(SPLIT_SEED).permutation(len(texts))[len(texts) // 2:]
     chosen = sorted(np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False))
     return tokenize(lm, [texts[i] for i in chosen], max_tokens)
+
+
+def long_texts(lm: LanguageModel, source: str, n: int, length: int, *, heldout: bool, seed: int = 0) -> list[list[int]]:
+    """``n`` documents of exactly ``length`` tokens, each ``source``'s texts joined by blank lines until long enough:
+    what long-context evaluation reads. Held-out documents come from the front half of the fixed split order (as
+    ``load_data``'s held-out texts do), the others from the back half drawn with ``seed`` (as ``sample_texts``), so
+    the two never share a text."""
+    texts = load_texts(source)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
+    half = len(texts) // 2
+    pool = order[:half] if heldout else np.random.default_rng(seed).permutation(order[half:])
+    documents, joined = [], []
+    for i in pool:
+        joined.append(texts[i])
+        if sum(map(len, joined)) < 2 * length:  # under two characters a token: too short to be worth tokenising
+            continue
+        ids = tokenize(lm, ["\n\n".join(joined)], length)[0]
+        if len(ids) == length:
+            documents.append(ids)
+            joined = []
+            if len(documents) == n:
+                return documents
+    raise CritlayerError(f"{source} holds {len(documents)} {'held-out' if heldout else 'calibration'} "
+                         f"document(s) of {length} tokens; {n} are needed: give a shorter context or more text")
