@@ -116,3 +116,23 @@ def test_quantized_default_model_gguf_reloads_with_the_plans_values(smollm2, tmp
     for i, kind in result.plan.items():
         names = [f"model.layers.{i}.{n}.weight" for n, _ in weights.linears[int(i)]]
         assert all(torch.equal(tensors[n], q) for n, q in zip(names, weights.quantized(int(i), index[kind])))
+
+
+def test_kv_plan_of_the_default_model_reads_its_own_cache_and_generates(smollm2, tmp_path):
+    import torch
+
+    from critlayer.use.kvcache import cache_keyword
+
+    scanned = critlayer.scan(smollm2, probes="wiki", n=16, max_tokens=32, progress=False, measures="influence")
+    out = tmp_path / "kv"
+    result = critlayer.kv(smollm2, bits=3, score="block_influence", scan=scanned, baselines=False, curve=False,
+                          n_eval=2, max_tokens=384, group=32, residual=32, out=out, progress=False)
+    uniform = result.methods["uniform"].summary[3][0]
+    assert result.bits_per_element <= 3 and uniform["kl"] > 0.01  # KV2 throughout moves every continuation
+    assert result.reference["perplexity"] < uniform["perplexity"]
+    assert result.cache["full_precision_mb"] > result.methods["uniform"].cost[3]["cache_mb"]
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        text = smollm2.model.generate(ids, max_new_tokens=8, do_sample=False,
+                                      **{cache_keyword(smollm2.model): critlayer.kv_cache(smollm2, out)})
+    assert text.shape[1] == ids.shape[1] + 8

@@ -51,11 +51,12 @@ def write_kv_report(result, folder: Path) -> None:
     s = result.settings
     chosen = next(iter(result.methods))
     rows = ""
-    for name, bits, ppl, spread, kl, mb in result.rows():
+    for name, bits, ppl, spread, kl, measured in result.rows():
         interval = result.methods[name].summary[s["bits"]][0].get("perplexity_ratio_to_chosen_95")
         ratio = "" if interval is None or spread else f"{interval[0]:.3f}-{interval[1]:.3f}"
+        mb = result.methods[name].cost[s["bits"]]["cache_mb"]
         rows += (f"<tr><th>{esc(name)}</th><td>{bits:.4f}</td><td>{ppl:.3f}</td><td>{esc(spread)}</td>"
-                 f"<td>{kl:.4f}</td><td>{mb:.2f}</td><td>{ratio}</td></tr>")
+                 f"<td>{kl:.4f}</td><td>{measured:.3f}</td><td>{mb:.2f}</td><td>{ratio}</td></tr>")
     layers = "".join(f"<th>{i}</th>" for i in result.plan)
     plan = "".join(f"<td>{esc(p)}</td>" for p in result.plan.values())
     sensitivity = result.sensitivity
@@ -73,9 +74,10 @@ continuations of {s['data']['n_heldout']} {esc(s['data']['source'])} documents (
 full-precision cache {result.reference['perplexity']:.3f}. Cache: {esc(s['backend'])}.</p>
 {_image(folder / 'kv.png')}
 <h2>At {s['bits']:g} bits</h2><table><tr><th>method</th><th>bits</th><th>perplexity</th><th>range</th><th>KL</th>
-<th>cache MB</th><th>perplexity ÷ {esc(chosen)}, 95%</th></tr>{rows}</table>
-<p>Cache MB: measured on one sequence of {s['context_tokens']} tokens (full precision
-{result.cache['full_precision_mb']:.2f} MB), the full-precision window of newest tokens included. KL: mean per token
+<th>measured bits</th><th>cache MB</th><th>perplexity ÷ {esc(chosen)}, 95%</th></tr>{rows}</table>
+<p>Bits: the budget's count (scales and shifts included). Measured bits and cache MB: the cache of one sequence of
+{s['context_tokens']} tokens as held (full precision {result.cache['full_precision_mb']:.2f} MB), its newest tokens
+in full precision included. KL: mean per token
 to the full-precision cache's next-token distribution. The last column is a paired bootstrap interval over
 documents: an interval that holds 1 is a difference within the noise. Random: median and range of
 {s['config']['draws']} orders. Ranked plans: {esc(s['ranked_rule'])}.</p>{cost}

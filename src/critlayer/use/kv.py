@@ -32,7 +32,7 @@ from ..find.result import ScanResult
 from ..find.scan import scan_of
 from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
-from ..models.loading import load, resolve_dtype
+from ..models.loading import default_device, load, resolve_dtype
 from ..models.loss import require_causal
 from .bitplan import cheapest_plan, ranked_plan, uniform_width
 from .change import Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, plan_elsewhere, score_option
@@ -107,11 +107,11 @@ class KVResult(ChangeResult, file="kv.json", kind="KV cache plan", reference="fu
         return [parse_pair(name) for name in self.plan.values()]
 
     def rows(self) -> list[tuple[str, float, float, str, float, float]]:
-        """(method, bits per element, perplexity, range, KL, measured cache MB per sequence) at the budget asked
-        for; random as its median and range."""
+        """(method, bits per element, perplexity, range, KL, the cache's measured bits per element, full-precision
+        window included) at the budget asked for; random as its median and range."""
         budget = self.point
         return [(name, m.cost[budget]["bits_per_element"], ppl, spread,
-                 float(np.median([s["kl"] for s in m.summary[budget]])), m.cost[budget].get("cache_mb", math.nan))
+                 float(np.median([s["kl"] for s in m.summary[budget]])), m.cost[budget]["cache_bits"])
                 for name, m, ppl, spread in self.point_rows()]
 
     def table(self) -> str:
@@ -121,11 +121,12 @@ class KVResult(ChangeResult, file="kv.json", kind="KV cache plan", reference="fu
                  f"{s['bits']:g}) by {s['score']}: {pairs}", f"read as: {s['reading']}", self.heading(3)]
         rows = self.rows()
         width = max(len(r[0]) for r in rows)
-        lines.append(f"  {'method':<{width}} {'bits':>7} {'perplexity':>11} {'range':>13} {'KL':>8} {'cache MB':>9}")
-        for name, bits, ppl, spread, kl, mb in rows:
-            lines.append(f"  {name:<{width}} {bits:7.4f} {ppl:11.3f} {spread:>13} {kl:8.4f} {mb:9.2f}")
-        lines.append(f"full-precision cache: {self.cache['full_precision_mb']:.2f} MB per sequence of "
-                     f"{s['context_tokens']} tokens")
+        lines.append(f"  {'method':<{width}} {'bits':>7} {'perplexity':>11} {'range':>13} {'KL':>8} {'measured':>9}")
+        for name, bits, ppl, spread, kl, measured in rows:
+            lines.append(f"  {name:<{width}} {bits:7.4f} {ppl:11.3f} {spread:>13} {kl:8.4f} {measured:9.3f}")
+        lines.append(f"measured: bits per element of the cache of one sequence of {s['context_tokens']} tokens, its "
+                     f"newest tokens in full precision included (full precision: {self.cache['full_precision_mb']:.2f}"
+                     " MB)")
         lines += self.elsewhere_lines(3)
         if self.sensitivity:
             cost = self.sensitivity["cost"]
@@ -195,9 +196,11 @@ def kv(model: LanguageModel | str = DEFAULT_MODEL, config: KVConfig | None = Non
         return run
 
     reference = evaluate_methods(methods, run_on(bench.text.heldout))
+    full_bits = torch.finfo(bench.dtype).bits  # what the full-precision cache holds an element in
     for m in methods.values():
         for b, choices in m.choices.items():
-            m.cost[b]["cache_mb"] = round(cache_mb[tuple(choices[0])], 4)
+            mb = cache_mb[tuple(choices[0])]
+            m.cost[b] |= {"cache_mb": round(mb, 4), "cache_bits": round(full_bits * mb / cache_mb[("full",)], 3)}
     settings = {**bench.settings(), "bits": config.bits, "budgets": budgets, "reading": config.reading.describe(
         config.max_tokens), "widths": {p.name: p.bits(group) for p in pairs}, "sizes": sizes.tolist(),
         "backend": "optimum-quanto (transformers' quanto cache layer): keys per channel, values per token",
@@ -206,24 +209,27 @@ def kv(model: LanguageModel | str = DEFAULT_MODEL, config: KVConfig | None = Non
     elsewhere = evaluate_elsewhere(bench, methods, config.bits, run_on)
     if elsewhere is not None:
         settings["also_heldout"] = elsewhere
-    correlations = {}
-    if sensitivity is not None:
-        damage = np.array(sensitivity["kl"])  # layers x kinds x bits
-        narrow = 0
-        correlations = lens_correlations(bench.scan.scores, {
-            "kv_damage": damage[:, :, narrow].sum(1), "key_damage": damage[:, 0, narrow],
-            "value_damage": damage[:, 1, narrow]}, eligible_blocks(lm.num_layers, 1))
-        sensitivity["correlated_bits"] = sensitivity["bits"][narrow]
+    correlations = {} if sensitivity is None else _lenses(bench, sensitivity)
     settings["baselines"] = list(methods)[1:]
-    chosen = next(iter(methods.values())).choices[config.bits][0]
+    chosen = next(iter(methods.values()))
     result = KVResult(settings, methods, reference.summary(), correlations,
-                      {str(i): pairs[k].name for i, k in enumerate(chosen)},
-                      float(costs[np.arange(len(chosen)), chosen].sum() / (sizes.sum() * group)), sensitivity,
+                      {str(i): pairs[k].name for i, k in enumerate(chosen.choices[config.bits][0])},
+                      chosen.cost[config.bits]["bits_per_element"], sensitivity,
                       {"group": group, "residual": config.residual, "full_precision_mb": round(cache_mb[("full",)], 4),
                        "measured_at": f"one sequence of {config.max_tokens} tokens"})
     if out is not None:
         result.save(out, force=force)
     return result
+
+
+def _lenses(bench: Bench, sensitivity: dict) -> dict:
+    """Every scan score against each layer's measured damage at the narrowest width: keys and values together and
+    apart."""
+    damage = np.array(sensitivity["kl"])[:, :, 0]  # layers x (keys, values), at the narrowest width
+    sensitivity["correlated_bits"] = sensitivity["bits"][0]
+    return lens_correlations(bench.scan.scores, {"kv_damage": damage.sum(1), "key_damage": damage[:, 0],
+                                                 "value_damage": damage[:, 1]},
+                             eligible_blocks(bench.lm.num_layers, 1))
 
 
 def _open(model: LanguageModel | str, config: KVConfig, device: str | None) -> LanguageModel:
@@ -232,8 +238,6 @@ def _open(model: LanguageModel | str, config: KVConfig, device: str | None) -> L
     if isinstance(model, LanguageModel):
         lm = model
     else:
-        from ..models.loading import default_device
-
         device = device or default_device()
         lm = load(model, dtype=str(resolve_dtype(config.dtype, device)).removeprefix("torch."), device=device)
     require_causal(lm, "critlayer kv")
