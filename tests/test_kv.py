@@ -183,3 +183,15 @@ def test_cache_bytes_count_packed_data_and_scales():
         lm.model(input_ids=torch.tensor(_documents(1, 32)), **{cache_keyword(lm.model): cache})
     elements = 6 * 2 * 32 * lm.model.config.num_key_value_heads * 16
     assert cache_bytes(cache) == pytest.approx(elements * Pair(4, 4).bits(8) / 8, rel=0.01)
+
+
+def test_a_second_source_evaluates_every_methods_plan_again(prompt_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(" ".join(f"w{(i * 7 + j * 3) % 60}" for j in range(13)) for i in range(60)))
+    lm = _lm()
+    result = critlayer.kv(lm, bits=5.5, data=str(prompt_file), also_data=str(other), score="delta",
+                          scan=critlayer.scan(lm, probes=str(prompt_file), n=16, max_tokens=10, progress=False),
+                          **SMALL)
+    also = result.settings["also_heldout"]
+    assert also["source"] == str(other) and set(also["methods"]) == set(result.methods)
+    assert any(name == "uniform" for name, *_ in result.elsewhere_rows(3)) and "other.txt" in result.table()

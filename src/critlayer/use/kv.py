@@ -102,6 +102,11 @@ class KVResult(ChangeResult, file="kv.json", kind="KV cache plan", reference="fu
     def point(self) -> float:
         return self.settings["bits"]
 
+    def heading(self, digits: int) -> str:
+        s = self.settings
+        return (f"held-out perplexity of the continuations of {s['data']['n_heldout']} {s['data']['source']} documents "
+                f"of {s['context_tokens']} tokens, full-precision cache {self.reference['perplexity']:.{digits}f}:")
+
     def pairs(self) -> list[Pair]:
         """The plan as one pair per decoder layer, in order."""
         return [parse_pair(name) for name in self.plan.values()]
