@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from safetensors.torch import load_file
 
 import critlayer
@@ -351,3 +352,24 @@ def test_a_second_held_out_source_evaluates_every_methods_blocks_again(tiny_fold
     assert also["source"] == str(other) and list(also["methods"]) == list(result.methods)
     assert "perplexity_ratio_to_chosen_95" in also["methods"]["last"][0]
     assert f"held-out perplexity on {other}" in result.table()
+
+
+def test_the_kept_blocks_are_a_mergekit_passthrough_that_rebuilds_the_checkpoint(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "p"
+    result = critlayer.prune(str(tiny_folder), remove=2, score="delta", candidates=0, baselines=False,
+                             data=str(prompt_file), n_eval=4, calibration=4, max_tokens=10, out=out, progress=False,
+                             scan=critlayer.scan(str(tiny_folder), probes=str(prompt_file), n=16, max_tokens=10,
+                                                 progress=False))
+    config = yaml.safe_load((out / "mergekit.yml").read_text())
+    ranges = [s["sources"][0]["layer_range"] for s in config["slices"]]
+    assert config["merge_method"] == "passthrough" and [i for a, b in ranges for i in range(a, b)] == result.kept
+    assert {s["sources"][0]["model"] for s in config["slices"]} == {str(tiny_folder)}
+    assert critlayer.PruneResult.load(out).mergekit == result.mergekit
+    pytest.importorskip("mergekit")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "merged"),
+              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)

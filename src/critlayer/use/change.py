@@ -266,7 +266,8 @@ class ChangeResult(SavedResult):
         taken = {cls.REFERENCE, "methods", "correlations", *cls.own_fields()}
         return cls(settings={k: v for k, v in data.items() if k not in taken}, reference=data[cls.REFERENCE],
                    methods={k: Method.from_json(k, m) for k, m in data["methods"].items()},
-                   correlations=data["correlations"], **{name: data[name] for name in cls.own_fields()})
+                   correlations=data["correlations"],
+                   **{name: data[name] for name in cls.own_fields() if name in data})  # newer fields take defaults
 
 
 def unsaved():

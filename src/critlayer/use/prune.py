@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -34,7 +34,8 @@ from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.checkpoint import save_checkpoint, without_blocks, without_sublayers
 from ..models.gguf import PATTERN_MOVES, keeps_layer_pattern, read_back_text, write_pruned_gguf
-from ..models.loading import gguf_file
+from ..models.loading import gguf_file, model_folder
+from ..models.mergekit import PASSTHROUGH_USE, passthrough
 from ..models.surgery import sublayer, taken_out
 from ..models.loss import BATCH
 from ..report.engines import llamacpp_text
@@ -121,6 +122,7 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
     speed: dict
     healing: dict | None
     gguf: dict
+    mergekit: dict = field(default_factory=dict)  # the kept blocks as a mergekit passthrough, or why not
     model: object = unsaved()  # the pruned model: its folder holds it as a checkpoint
     tokenizer: object = unsaved()
     gguf_source: Path | None = unsaved()
@@ -155,6 +157,8 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
             lines.append(f"healed {self.healing['steps']} steps: perplexity {self.healing['before']['perplexity']:.2f}"
                          f" -> {self.healing['after']['perplexity']:.2f}")
         lines.append(f"GGUF: {self.gguf.get('file') or self.gguf.get('why')}{read_back_text(self.gguf)}")
+        if self.mergekit:
+            lines.append(f"mergekit: {self.mergekit.get('file') or self.mergekit.get('why')}")
         if "llamacpp" in self.gguf:
             lines.append(llamacpp_text(self.gguf["llamacpp"]))
         return "\n".join(lines)
@@ -164,6 +168,9 @@ class PruneResult(ChangeResult, file="prune.json", kind="pruning", reference="un
 
         if self.model is not None:
             save_checkpoint(self.model, self.tokenizer, folder)
+        if self.mergekit.get("file"):
+            (folder / self.mergekit["file"]).write_text(passthrough(self.mergekit["source"], self.kept,
+                                                                    self.mergekit["dtype"]))
         if self.gguf.get("file") and self.gguf_source is not None:
             self.gguf |= write_pruned_gguf(self.gguf_source, folder / self.gguf["file"], self.kept,
                                            self.gguf.get("layer_types"))
@@ -222,8 +229,9 @@ def prune(model: LanguageModel | str = DEFAULT_MODEL, config: PruneConfig | None
         bench.scan.scores, {"pruning_damage": np.array(single_rise["values"])}, eligible)
     source = gguf_file(lm.spec) if config.parts == "block" and not config.heal else None
     return _finish(PruneResult(settings, methods, reference.summary(), correlations, removed, kept, count, speed,
-                               healing, _gguf_plan(lm, source, kept, config), pruned, lm.tokenizer, source,
-                               gguf_check(bench, _removing(lm, removed, config.parts))), out, force)
+                               healing, _gguf_plan(lm, source, kept, config), _mergekit_plan(lm, config), pruned,
+                               lm.tokenizer, source, gguf_check(bench, _removing(lm, removed, config.parts))), out,
+                   force)
 
 
 def _plan(bench: Bench, eligible: int, longest: int) -> Plan:
@@ -308,7 +316,8 @@ def _prune_encoder(bench: Bench, eligible: list[int], count: int) -> PruneResult
     speed = {"parameters_unpruned": parameter_count(lm.model), "parameters_pruned": parameter_count(pruned)}
     method = Method(config.score, {count: [removed]})
     return PruneResult(settings, {config.score: method}, {}, {}, removed, kept, count, speed, None,
-                       {"file": None, "why": "encoders are written as safetensors only"}, pruned, lm.tokenizer)
+                       {"file": None, "why": "encoders are written as safetensors only"},
+                       {"file": None, "why": "mergekit merges decoder language models"}, pruned, lm.tokenizer)
 
 
 def _finish(result: PruneResult, out, force: bool) -> PruneResult:
@@ -381,6 +390,17 @@ def _healing_config(config: PruneConfig) -> TrainConfig:
     """How healing fine-tunes: ``heal`` steps (LoRA with ``heal_lora``), the held-out loss five times along."""
     return TrainConfig(steps=config.heal, lora=config.heal_lora, seed=config.seed, dtype=config.dtype,
                        max_tokens=config.max_tokens, n_eval=config.n_eval, eval_every=max(1, config.heal // 5))
+
+
+def _mergekit_plan(lm: LanguageModel, config: PruneConfig) -> dict:
+    """Where the kept blocks go as a mergekit passthrough (whole blocks of a model loaded by name, unhealed), or why
+    not."""
+    if config.parts != "block" or config.heal:
+        return {"file": None, "why": "a passthrough merge keeps whole blocks of the source as they are"}
+    if lm.spec is None:
+        return {"file": None, "why": "the model was handed over in memory: mergekit needs its folder"}
+    return {"file": "mergekit.yml", "source": str(model_folder(lm.spec)[1]),
+            "dtype": str(lm.dtype).removeprefix("torch."), "use": PASSTHROUGH_USE}
 
 
 def _gguf_plan(lm: LanguageModel, source: Path | None, kept: list[int], config: PruneConfig) -> dict:
