@@ -1,7 +1,7 @@
 """critlayer: find the critical layers of any Hugging Face language model, without task data, and put them to work.
 
 One call per command of the CLI: ``load``, ``scan``, ``compare``, ``export``, ``tune``, ``validate``, ``defend``,
-``prune``, ``quantize``, ``kv`` (and ``kv_cache``, a planned cache for ``generate``).
+``prune``, ``quantize``, ``kv`` (and ``kv_cache``, a planned cache for ``generate``), ``merge``.
 """
 
 import logging
@@ -21,12 +21,14 @@ from .train.finetune import TrainConfig
 from .use.defend import DefendConfig, DefendResult, defend
 from .use.export import export
 from .use.kv import KVConfig, KVResult, kv, kv_cache
+from .use.merge import MergeConfig, MergeResult, merge
 from .use.prune import PruneConfig, PruneResult, prune
 from .use.quantize import QuantizeConfig, QuantizeResult, quantize
 from .use.tune import TuneComparison, TuneResult, tune
 from .version import __version__
 
 __all__ = ["Comparison", "CritlayerError", "DefendConfig", "DefendResult", "KVConfig", "KVResult", "LanguageModel",
-           "Probes", "PruneConfig", "PruneResult", "QuantizeConfig", "QuantizeResult", "ScanConfig", "ScanResult",
-           "TrainConfig", "TuneComparison", "TuneResult", "Validation", "__version__", "compare", "defend", "export",
-           "kv", "kv_cache", "load", "make_probes", "prune", "quantize", "scan", "tune", "validate"]
+           "MergeConfig", "MergeResult", "Probes", "PruneConfig", "PruneResult", "QuantizeConfig", "QuantizeResult",
+           "ScanConfig", "ScanResult", "TrainConfig", "TuneComparison", "TuneResult", "Validation", "__version__",
+           "compare", "defend", "export", "kv", "kv_cache", "load", "make_probes", "merge", "prune", "quantize", "scan",
+           "tune", "validate"]

@@ -1,5 +1,5 @@
 """The ``critlayer`` command: ``scan``, ``measures``, ``export``, ``compare``, ``tune``, ``validate``, ``defend``,
-``prune``, ``quantize``, ``kv``, ``models``.
+``prune``, ``quantize``, ``kv``, ``merge``, ``models``.
 
 Each command is a thin wrapper over the Python function of the same name, and its flags are built, not written: a
 config's fields carry their help, limits and defaults (``common.options``), and a function's own keyword parameters
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from . import (DefendConfig, KVConfig, PruneConfig, QuantizeConfig, ScanConfig, TrainConfig, compare, defend, export,
-               kv, prune, quantize, scan, tune, validate)
+from . import (DefendConfig, KVConfig, MergeConfig, PruneConfig, QuantizeConfig, ScanConfig, TrainConfig, compare,
+               defend, export, kv, merge, prune, quantize, scan, tune, validate)
 from .common.distributed import finish, is_main
 from .common.errors import CritlayerError
 from .common.options import DTYPE_HELP, SEED_HELP, flag_of
@@ -135,6 +135,13 @@ COMMANDS = {
                         QuantizeConfig, ("model", "scan", "device"), out="critlayer-quantized"),
     "kv": Command(kv, "give each layer's KV cache key and value widths at a fixed average of bits, compare with "
                       "baselines", KVConfig, ("model", "scan", "device"), skips=("llamacpp",), out="critlayer-kv"),
+    "merge": Command(merge, "merge a fine-tune back into its base with the update scaled block by block, compare rules",
+                     MergeConfig, ("base", "tuned", "scan", "device"),
+                     helps={"base": Parameter("the base model: built-in name, model folder, .gguf file or hub id",
+                                              positional=True),
+                            "tuned": Parameter("the fine-tuned model's folder (tune writes it to OUT/model)",
+                                               positional=True)},
+                     out="critlayer-merged"),
 }
 
 
