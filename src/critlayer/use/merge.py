@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common.cost import Plan
 from ..common.errors import CritlayerError
 from ..common.folders import SavedResult, check_model_folder
 from ..common.options import DTYPE_HELP, check_options, option
@@ -130,9 +131,14 @@ def merge(base: str, tuned: str, config: MergeConfig | None = None, *, scan: Sca
     variants = {name: _merged(lm, base_weights, update, s) for name, s in scales.items()}
     compute = lambda: computing_in(lm.model, resolve_dtype(config.dtype, str(lm.device)))  # noqa: E731
     figures: dict[str, dict[str, dict]] = {"base": {}, **{name: {} for name in scales}}
-    for source in (config.data, config.also_data):
-        text = load_data(lm, source, n_eval=config.n_eval, max_tokens=config.max_tokens)
-        reference, scores = evaluate(lm, text.heldout, variants, compute=compute, progress=progress)
+    texts = {source: load_data(lm, source, n_eval=config.n_eval, max_tokens=config.max_tokens).heldout
+             for source in (config.data, config.also_data)}
+    plan = Plan(f"merge of {lm.name}")
+    for source, heldout in texts.items():
+        plan.add(f"evaluation on {source}", 1 + len(variants), sum(map(len, heldout)))
+    plan.announce(progress)
+    for source, heldout in texts.items():
+        reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
         figures["base"][source] = reference.summary()
         for name, score in scores.items():
             figures[name][source] = score.summary()
