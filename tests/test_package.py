@@ -232,13 +232,16 @@ def test_an_error_in_work_done_on_the_main_process_ends_both(tmp_path):
     """What the main process does once (a scan for ``critical:K``) may fail there alone: the other process hears it
     and stops with the same line instead of waiting for a result that never comes."""
     script = tmp_path / "fails_on_main.py"
-    script.write_text("from critlayer.common.distributed import is_main, on_main\n"
+    script.write_text("import sys\n"
+                      "from critlayer.common.distributed import is_main, on_main\n"
                       "def work():\n"
                       "    raise ValueError('no scan here')\n"
                       "try:\n"
                       "    on_main(work)\n"
                       "except Exception as error:\n"
-                      "    print('main' if is_main() else 'other', 'stopped:', error, flush=True)\n"
+                      "    line = f\"{'main' if is_main() else 'other'} stopped: {error}\\n\"\n"
+                      "    sys.stdout.write(line)\n"  # one write: two processes share the pipe
+                      "    sys.stdout.flush()\n"
                       "    raise SystemExit(2)\n")
     done = _launch_two(str(script), cwd=tmp_path)
     assert done.returncode != 0
