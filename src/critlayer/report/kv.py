@@ -12,10 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .html import _STYLE, _image, elsewhere_section, lens_rows  # noqa: E402
-from .plots import plot_methods, save_perplexity_curve  # noqa: E402
+from .plots import plot_budget_curve, save_perplexity_curve  # noqa: E402
 
 
 def plot_kv(result, path: Path) -> None:
@@ -25,12 +24,7 @@ def plot_kv(result, path: Path) -> None:
     sensitivity = result.sensitivity
     fig, axes = plt.subplots(1, 2 if sensitivity else 1, figsize=(12 if sensitivity else 8, 4.8), squeeze=False)
     ax = axes[0, 0]
-    plot_methods(ax, result.methods, lambda method, budget: method.cost[budget]["bits_per_element"])
-    ax.axhline(result.reference["perplexity"], color="grey", ls="--", lw=1, label="full precision")
-    ax.axvline(result.settings["bits"], color="grey", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    plot_budget_curve(ax, result, "bits_per_element", "full precision")
     if sensitivity:
         kl = np.array(sensitivity["kl"])[:, :, 0]
         layers = np.arange(len(kl))

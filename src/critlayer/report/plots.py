@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 CRITICAL_COLOR = "#d62728"
@@ -144,6 +145,17 @@ def plot_methods(ax, methods: dict, x_of, start: tuple[float, float] | None = No
             low = [y_ - min(method.perplexity[p]) for y_, p in zip(y, points)]
             high = [max(method.perplexity[p]) - y_ for y_, p in zip(y, points)]
             ax.errorbar(x, y, yerr=[low, high], fmt="none", color=f"C{colour}", capsize=3)
+
+
+def plot_budget_curve(ax, result, cost_key: str, reference: str) -> None:
+    """A change's methods along its budgets of bits (``cost_key`` places each point), perplexity on a log scale,
+    the unchanged model (``reference``) dashed and the budget asked for dotted."""
+    plot_methods(ax, result.methods, lambda method, budget: method.cost[budget][cost_key])
+    ax.axhline(result.reference["perplexity"], color="grey", ls="--", lw=1, label=reference)
+    ax.axvline(result.settings["bits"], color="grey", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def save_perplexity_curve(fig, ax, path: Path, settings: dict, xlabel: str, legend: str) -> None:

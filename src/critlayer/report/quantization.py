@@ -10,23 +10,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .engines import llamacpp_text  # noqa: E402
 from .html import _STYLE, _image, elsewhere_section, lens_rows  # noqa: E402
-from .plots import plot_methods, save_perplexity_curve  # noqa: E402
+from .plots import plot_budget_curve, save_perplexity_curve  # noqa: E402
 
 
 def plot_quantization(result, path: Path) -> None:
     """Perplexity (log scale) against bits per block weight, one line per method along the budgets; random as its
     median with the range of its draws as bars; the unquantized model as a dashed line."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    plot_methods(ax, result.methods, lambda method, budget: method.cost[budget]["bits_per_weight"])
-    ax.axhline(result.reference["perplexity"], color="grey", ls="--", lw=1, label="unquantized")
-    ax.axvline(result.settings["bits"], color="grey", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    plot_budget_curve(ax, result, "bits_per_weight", "unquantized")
     save_perplexity_curve(fig, ax, path, result.settings,
                           f"bits per block weight, {result.settings.get('family', result.settings.get('format'))} widths (scales and zero-points counted)",
                           "upper right")
