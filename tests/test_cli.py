@@ -212,7 +212,7 @@ def _flags(parser) -> dict[str, dict[str, tuple]]:
 
 # Flags whose text names what the command itself reads or writes: the same kind of value, said in its own words.
 CONTEXTUAL = {"--data", "--score", "--scan", "--measures", "--edges", "--batch-size", "--out", "--bits", "--widths",
-              "--no-curve", "--also-data"}
+              "--no-curve", "--also-data", "--by"}
 
 
 def test_one_flag_one_meaning_across_commands():

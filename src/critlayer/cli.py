@@ -101,7 +101,7 @@ def _show_scan(result) -> str:
     return f"{result.table()}\n\n{result.answer()}; {result.timing['total']:.1f} s"
 
 
-WHOLE_BLOCKS = ("lora", "lora_r")  # validate and defend fine-tune whole blocks
+WHOLE_BLOCKS = ("lora", "lora_r", "embeddings", "every")  # validate and defend fine-tune fixed, whole blocks
 COMMANDS = {
     "scan": Command(scan, "find a model's critical layers without task data", ScanConfig,
                     ("model", "dtype", "device", "device_map", "stream", "trust_remote_code"), out="critlayer-scan",
@@ -115,9 +115,17 @@ COMMANDS = {
                               "score": Parameter("the score whose profiles are compared")},
                        out="critlayer-compare"),
     "tune": Command(tune, "fine-tune chosen blocks only (full or LoRA), or compare layer choices", TrainConfig,
-                    ("model", "data", "layers", "compare", "seeds", "scan", "score", "validation", "device"),
-                    helps={"compare": Parameter("comma list of layer specs run side by side", none="one run",
-                                                const=TUNE_COMPARE)},
+                    ("model", "data", "layers", "sample", "by", "compare", "seeds", "scan", "score", "validation",
+                     "device"),
+                    helps={"layers": Parameter(f"a layer spec: {SPEC}; sample:K[:critical|:noncritical] draws K blocks "
+                                               "at a time; lora:SPEC is SPEC with LoRA", none="critical:4"),
+                           "compare": Parameter("comma list of layer specs run side by side", none="one run",
+                                                const=TUNE_COMPARE),
+                           "sample": Parameter("train K blocks at a time, re-drawn every --every steps (LISA): "
+                                               "--layers sample:K[:BY]", type=int, none="a fixed set of blocks"),
+                           "by": Parameter("what weights --sample's draws: uniform (LISA), the critical or noncritical "
+                                           "blocks of the lens (--score, --from-validation), or a scan score (toward "
+                                           "its critical blocks)")},
                     out="critlayer-tune"),
     "validate": Command(validate, "do the scan's critical layers predict what fine-tuning changes?", TrainConfig,
                         ("model", "data", "tuned", "seeds", "scan", "restore_window", "measures", "permutations",

@@ -1,7 +1,8 @@
 """Causal-LM fine-tuning of chosen blocks only (full weights or LoRA), on accelerate, with held-out loss.
 
 Frozen parameters never require gradients and the optimizer is built from trainable parameters
-only, so frozen blocks hold neither gradients nor optimizer state. The loop runs through
+only, so frozen blocks hold neither gradients nor optimizer state; a sampled run (``LayerSchedule``) switches
+its blocks as it goes, keeping state for the active ones only (see ``sampling``). The loop runs through
 accelerate: under ``accelerate launch`` every process takes its share of each batch (the batch
 size is global, split as evenly as it goes) and the loss stays the mean over the batch's tokens
 across processes, so N processes train as one process on the same batches would. Every process
@@ -30,7 +31,8 @@ from ..models import LanguageModel
 from ..models.loading import DTYPES, resolve_dtype
 from ..models.loss import batch_losses, collate, sequence_losses
 from ..models.running import computing_in
-from .targets import LORA_R, freeze_except, lora_config
+from .sampling import LayerSchedule, switch_blocks
+from .targets import LORA_R, block_parameters, freeze_except, lora_config
 
 DEFAULT_LR = 3e-5
 DEFAULT_LORA_LR = 1e-3
@@ -63,6 +65,9 @@ class TrainConfig:
     eval_every: int = option(20, "steps between held-out evaluations", minimum=1)
     seed: int = option(0, SEED_HELP, minimum=0)
     lora: bool = option(False, "train LoRA adapters (PEFT) on the chosen blocks")
+    embeddings: bool = option(False, "also train what lies outside the blocks (embeddings, final norm, output "
+                                     "head), as LISA does; full weights only")
+    every: int = option(10, "steps between re-draws of a sampled spec (sample:K)", minimum=1)
     lora_r: int = option(LORA_R, "LoRA rank", minimum=1)
     warmup: float = option(0.1, "share of the steps the rate rises over", minimum=0, below=1)
     schedule: str = option("cosine", "the rate after warm-up: cosine or linear decay to zero, or constant",
@@ -96,6 +101,7 @@ class TrainRun:
     texts_seen: list[list[int]] | None = None  # per process, with several: the training texts each one took
     replicas_identical: bool | None = None  # with several: whether every process ended with the same weights
     loss_drop_interval: tuple[float, float] | None = None  # 95% bootstrap over held-out texts, paired
+    draws: list[list[int]] | None = None  # a sampled run's blocks, draw after draw (``layers``: all it drew)
 
     @property
     def loss_before(self) -> float:
@@ -123,7 +129,7 @@ class TrainRun:
         return cls(d["layers"], d["trainable_parameters"], [tuple(x) for x in d["train_loss"]],
                    [tuple(x) for x in d["heldout_loss"]], d["seconds_per_step"], d["peak_memory_mb"],
                    d["compute_dtype"], d["processes"], d.get("texts_seen"), d.get("replicas_identical"),
-                   None if interval is None else tuple(interval))
+                   None if interval is None else tuple(interval), d.get("draws"))
 
     def as_dict(self) -> dict:
         out = {"layers": self.layers, "trainable_parameters": self.trainable_parameters,
@@ -134,6 +140,8 @@ class TrainRun:
                "compute_dtype": self.compute_dtype, "processes": self.processes}
         if self.processes > 1:
             out |= {"texts_seen": self.texts_seen, "replicas_identical": self.replicas_identical}
+        if self.draws is not None:
+            out["draws"] = self.draws
         return out
 
 
@@ -158,28 +166,35 @@ def prepare(lm: LanguageModel, model: torch.nn.Module, layers: list[int], config
 
         model.requires_grad_(False)
         return get_peft_model(model, lora_config(lm, layers, r=config.lora_r))
-    freeze_except(model, lm, layers)
+    freeze_except(model, lm, layers, outside=config.embeddings)
     return model
 
 
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only: frozen ones never get optimizer state."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+def make_optimizer(model: torch.nn.Module, lr: float, also: list[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters and those ``also`` names (a sampled run's blocks that wait their turn):
+    a parameter gets state at its first gradient, so frozen ones never hold any."""
+    waiting = {id(p) for p in also}
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad or id(p) in waiting], lr=lr,
+                             weight_decay=0.0)
 
 
-def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data: TextData,
+def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int] | LayerSchedule, data: TextData,
              config: TrainConfig, *, progress: bool = True, label: str = "") -> tuple[torch.nn.Module, TrainRun]:
-    """Fine-tune ``model`` (a copy of ``lm.model``) on ``data.train``; returns it and its run record."""
+    """Fine-tune ``model`` (a copy of ``lm.model``) on ``data.train``, the blocks ``layers`` names or, for a
+    ``LayerSchedule``, those of each draw in turn; returns it and its run record."""
     acc = accelerator()
     processes, rank = acc.num_processes, acc.process_index
     if config.batch_size < processes:
         raise CritlayerError(f"--batch-size {config.batch_size} is smaller than the {processes} processes")
     torch.manual_seed(config.seed)  # LoRA initialisation and dropout, like the data order, follow the seed
-    model = prepare(lm, model, layers, config)
+    schedule = layers if isinstance(layers, LayerSchedule) else None
+    model = prepare(lm, model, schedule.active(1) if schedule else layers, config)
+    groups = block_parameters(model, lm, schedule.blocks) if schedule else {}
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = resolve_dtype(config.dtype, str(lm.device))
-    run = TrainRun(layers, sum(p.numel() for p in params), compute_dtype=str(dtype).removeprefix("torch."),
-                   processes=processes)
+    run = TrainRun(schedule.blocks if schedule else layers, _most_trainable(params, groups, schedule),
+                   compute_dtype=str(dtype).removeprefix("torch."), processes=processes,
+                   draws=schedule.draws if schedule else None)
 
     before: list[np.ndarray] = []  # each held-out text's summed loss before any step
 
@@ -195,13 +210,13 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
     evaluate(0)
     if not params:
         return model, run
-    optimizer = make_optimizer(model, config.learning_rate)
-    schedule = get_scheduler(_SCHEDULE_NAMES[config.schedule], optimizer,
-                             num_warmup_steps=round(config.warmup * config.steps), num_training_steps=config.steps)
+    adamw = make_optimizer(model, config.learning_rate, [p for block in groups.values() for p in block])
+    rate = get_scheduler(_SCHEDULE_NAMES[config.schedule], adamw,
+                         num_warmup_steps=round(config.warmup * config.steps), num_training_steps=config.steps)
     # on one process the model stays where it was loaded (--device); on several, accelerate puts each process's
     # copy on that process's device, as its DDP wrapper needs
     placement = [False, False] if processes == 1 else None
-    trained, optimizer = acc.prepare(model, optimizer, device_placement=placement)
+    trained, optimizer = acc.prepare(model, adamw, device_placement=placement)
     order = _data_order(len(data.train), config.steps * config.batch_size, config.seed)
     starts = data.train_starts or [0] * len(data.train)
     seen: list[int] = []
@@ -212,6 +227,12 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
                disable=not (progress and is_main()))
     with PeakMemory(device) as peak:
         for step in bar:
+            if schedule and schedule.redraws_at(step):
+                switch_blocks(adamw, groups, schedule.active(step))
+                if processes > 1:  # DDP reduces the gradients of the parameters trainable when it wrapped the model
+                    del trained, optimizer
+                    acc.free_memory()
+                    trained, optimizer = acc.prepare(model, adamw, device_placement=placement)
             rows = order[(step - 1) * config.batch_size:step * config.batch_size]
             tokens = sum(_predicted(data.train[i], starts[i]) for i in rows)  # the whole batch's, on every process
             mine = np.array_split(rows, processes)[rank]
@@ -222,7 +243,7 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int], data:
                 loss = batch_losses(trained, batch)[0].sum() / tokens
             acc.backward(loss * processes)  # gradients are averaged over processes: undo it, the sum is the mean
             optimizer.step()
-            schedule.step()
+            rate.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -249,6 +270,17 @@ def plan_finetune(plan: Plan, data: TextData, config: TrainConfig) -> Plan:
     evaluations = 1 + config.steps // config.eval_every + (config.steps % config.eval_every != 0)
     plan.add_tokens("training", config.steps, int(sum(len(data.train[i]) for i in order)), unit="step")
     return plan.add("held-out loss", evaluations, sum(map(len, data.heldout)))
+
+
+def _most_trainable(params: list[torch.nn.Parameter], groups: dict[int, list[torch.nn.Parameter]],
+                    schedule: LayerSchedule | None) -> int:
+    """The most parameters trainable at once: for a sampled run, those outside its blocks with its largest draw."""
+    if schedule is None:
+        return sum(p.numel() for p in params)
+    sizes = {block: sum(p.numel() for p in block_params) for block, block_params in groups.items()}
+    drawn = {id(p) for block_params in groups.values() for p in block_params}
+    outside = sum(p.numel() for p in params if id(p) not in drawn)
+    return outside + max(sum(sizes[b] for b in draw) for draw in schedule.draws)
 
 
 def _predicted(sequence: list[int], start: int) -> int:

@@ -24,15 +24,24 @@ def block_prefixes(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:
     return [f"{_describe(lm)['blocks']}.{i}." for i in blocks]
 
 
-def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> list[str]:
-    """Make only the given blocks trainable; returns the names of the trainable parameters."""
+def freeze_except(model: nn.Module, lm: LanguageModel, blocks: list[int], *, outside: bool = False) -> list[str]:
+    """Make only the given blocks trainable, and with ``outside`` all that lies outside the blocks too (embeddings,
+    final norm, output head); returns the names of the trainable parameters."""
     prefixes = tuple(block_prefixes(lm, blocks))
+    any_block = f"{lm.blocks_path}."
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(prefixes))
+        param.requires_grad_(name.startswith(prefixes) or (outside and not name.startswith(any_block)))
         if param.requires_grad:
             trainable.append(name)
     return trainable
+
+
+def block_parameters(model: nn.Module, lm: LanguageModel, blocks: list[int]) -> dict[int, list[nn.Parameter]]:
+    """Each given block's parameters."""
+    named = list(model.named_parameters())
+    return {block: [p for name, p in named if name.startswith(prefix)]
+            for block, prefix in zip(blocks, block_prefixes(lm, blocks))}
 
 
 def lora_targets(lm: LanguageModel | dict, blocks: list[int]) -> list[str]:

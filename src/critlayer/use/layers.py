@@ -2,13 +2,16 @@
 
 Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (ranked by a ``Lens``: a scan's score, the
 one it selects with or another, or the lens a validation found best), ``random:K`` (seeded), or explicit
-indices such as ``3,7-9``. A ranked spec without a scan or validation scans the model first, once. A validation is
+indices such as ``3,7-9``; for tune, ``sample:K`` (K blocks at a time, re-drawn as training goes: uniformly, or
+``sample:K:critical`` / ``sample:K:noncritical`` weighted by the lens's ranking) and ``lora:SPEC`` (LoRA on SPEC's
+blocks, beside full fine-tunes in one comparison). A ranked spec without a scan or validation scans the model first, once. A validation is
 read from its saved JSON: using its lens needs none of the validation pipeline.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from ..models.language_model import shape_difference
 
 _RANKED = re.compile(r"^(critical|noncritical|random):(-?\d+)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_SAMPLED = re.compile(r"^sample:(-?\d+)(?::(uniform|critical|noncritical))?$")
+SAMPLE_WAYS = ("uniform", "critical", "noncritical")
 
 
 def parse_layers(spec: str, num_layers: int, *, ranking: list[int] | None = None, eligible: int | None = None,
@@ -67,8 +72,42 @@ def parse_layers(spec: str, num_layers: int, *, ranking: list[int] | None = None
     return sorted(blocks)
 
 
+def sampled(spec: str, num_layers: int) -> tuple[int, str] | None:
+    """``(K, how)`` for a sampled spec (``sample:K``, ``sample:K:critical``, ...), None for any other."""
+    match = _SAMPLED.match(spec.strip())
+    if not match:
+        if spec.strip().startswith("sample:"):
+            raise CritlayerError(f"bad layer spec {spec!r}: use sample:K, sample:K:critical or sample:K:noncritical")
+        return None
+    k = int(match.group(1))
+    if not 1 <= k <= num_layers:
+        raise CritlayerError(f"{spec}: K must be between 1 and the {num_layers} blocks")
+    return k, match.group(2) or "uniform"
+
+
+def lora_spec(spec: str) -> str | None:
+    """The blocks' spec of ``lora:SPEC``, None for a spec without that prefix."""
+    return spec.strip()[len("lora:"):] if spec.strip().startswith("lora:") else None
+
+
+def check_spec(spec: str, num_layers: int) -> None:
+    """Refuse, in one line, a spec that names no set of blocks (a ranked one is checked against any order)."""
+    parse_layers(spec, num_layers, ranking=list(range(num_layers)))
+
+
+def check_tune_spec(spec: str, num_layers: int) -> None:
+    """``check_spec``, also taking what only tune trains: ``sample:K...`` and ``lora:SPEC``."""
+    spec = lora_spec(spec) or spec
+    if sampled(spec, num_layers) is None:
+        check_spec(spec, num_layers)
+
+
 def needs_ranking(spec: str) -> bool:
-    return spec.strip().startswith(("critical:", "noncritical:"))
+    """Does the spec rank blocks by a lens (``critical:K``, ``noncritical:K``, ``sample:K:critical``, ...)?"""
+    spec = lora_spec(spec) or spec.strip()
+    if spec.startswith("sample:"):
+        return spec.endswith((":critical", ":noncritical"))
+    return spec.startswith(("critical:", "noncritical:"))
 
 
 VALIDATION_FILE = "validate.json"
@@ -128,11 +167,12 @@ def validation_lens(validation, model: dict | None) -> Lens:
 
 
 def ranked_by(lm: LanguageModel, specs: list[str], *, scan: ScanResult | str | Path | None = None, validation=None,
-              score: str | None = None, progress: bool = True) -> tuple[ScanResult | None, Lens | None]:
+              score: str | None = None, progress: bool = True,
+              check: Callable[[str, int], None] = check_spec) -> tuple[ScanResult | None, Lens | None]:
     """The scan (None where no spec is ranked and none is given, or a validation ranks) and the lens that rank
-    ``specs`` on ``lm``. Every spec is checked first, so a bad one costs no scan."""
+    ``specs`` on ``lm``. Every spec is checked first (by ``check``), so a bad one costs no scan."""
     for spec in specs:
-        parse_layers(spec, lm.num_layers, ranking=list(range(lm.num_layers)))
+        check(spec, lm.num_layers)
     if validation is not None:
         return None, choose_lens(None, validation, score, model=lm.describe())
     wanted = scan is not None or any(needs_ranking(spec) for spec in specs)

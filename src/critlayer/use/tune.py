@@ -21,8 +21,9 @@ from ..find.result import ScanResult
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.loading import float32_model
 from ..train.finetune import TrainConfig, TrainRun, finetune, plan_finetune
+from ..train.sampling import LayerSchedule, draw_weights
 from ..train.targets import lora_config
-from .layers import Lens, ranked_by, resolve_layers
+from .layers import Lens, SAMPLE_WAYS, check_tune_spec, lora_spec, needs_ranking, ranked_by, resolve_layers, sampled
 
 DEFAULT_COMPARE = "critical:4,noncritical:4,random:4"
 
@@ -52,10 +53,12 @@ class TuneResult(SavedResult, file="tune.json", kind="fine-tune"):
 
     def table(self) -> str:
         run, lens = self.run, self.settings["lens"]
-        lines = [f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters): held-out loss "
-                 f"{run.loss_before:.4f} -> {run.loss_after:.4f}; {run.seconds_per_step:.2f} s/step; "
-                 f"peak {run.peak_memory_mb:.0f} MB above the loaded model"]
-        if lens and self.spec.startswith(("critical:", "noncritical:")):
+        trained = (f"tuned blocks {run.layers} ({run.trainable_parameters:,} parameters)" if run.draws is None else
+                   f"tuned {len(run.draws)} draws of blocks, one every {self.settings['train']['every']} steps, "
+                   f"{run.layers} in all (at most {run.trainable_parameters:,} parameters at once)")
+        lines = [f"{trained}: held-out loss {run.loss_before:.4f} -> {run.loss_after:.4f}; "
+                 f"{run.seconds_per_step:.2f} s/step; peak {run.peak_memory_mb:.0f} MB above the loaded model"]
+        if lens and needs_ranking(self.spec):
             lines.append(f"blocks ranked by {lens['score']}: {lens['reason']}")
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
@@ -159,8 +162,8 @@ def _warnings(runs: dict[str, list[TrainRun]], seeds: list[int]) -> list[str]:
             if (problem := run.did_not_help())]
 
 
-def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str = "critical:4", *,
-         compare: str | list[str] | bool | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
+def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str | None = None, *,
+         sample: int | None = None, by: str = "uniform", compare: str | list[str] | bool | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
          score: str | None = None, validation=None,
          config: TrainConfig | None = None, out: str | Path | None = None,
          force: bool = False, progress: bool = True, device: str | None = None,
@@ -170,7 +173,11 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     seeds.
 
     ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
-    spec (``critical:K``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``), ranked by ``score`` of
+    spec (``critical:K``, the default ``critical:4``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``; ``sample:K``
+    trains K blocks at a time, re-drawn every ``every`` steps, uniformly like LISA, ``sample:K:critical`` weighted toward
+    the critical blocks, ``sample:K:noncritical`` toward the others; ``sample`` and ``by`` say the same: ``by``
+    uniform, critical, noncritical or a scan score to weight toward the critical blocks of; ``lora:SPEC`` trains LoRA on SPEC's blocks, for a
+    comparison beside full fine-tunes), ranked by ``score`` of
     ``scan`` (a result or its folder) or of a default scan run now, or with ``validation`` (a ``Validation`` or its
     folder) by the lens it found best. ``config`` is a ``TrainConfig``, its fields also taken as keywords
     (``steps=20``, ``lora=True``, ...). A run that does not lower the held-out loss beyond its noise is flagged in
@@ -183,6 +190,7 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     config = replace(config, **options) if config is not None else TrainConfig(**options)
     compare = DEFAULT_COMPARE if compare is True else compare
     specs = [s.strip() for s in compare.split(",") if s.strip()] if isinstance(compare, str) else compare
+    layers, score = _one_spec(layers, sample, by, score, specs)
     if seeds < 1:
         raise CritlayerError(f"--seeds must be at least 1, got {seeds}")
     if seeds > 1 and not specs:
@@ -195,7 +203,7 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     lm = float32_model(model, device)
     text = load_data(lm, data, n_eval=config.n_eval, n_train=config.n_train, max_tokens=config.max_tokens)
     scan_result, lens = ranked_by(lm, specs or [layers], scan=scan, validation=validation, score=score,
-                                  progress=progress)
+                                  progress=progress, check=check_tune_spec)
     plan = Plan(f"tune of {lm.name}")
     for run_config in [replace(config, seed=config.seed + i) for i in range(seeds)] * len(specs or [layers]):
         plan_finetune(plan, text, run_config)
@@ -209,6 +217,26 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     return result
 
 
+def _one_spec(layers: str | None, sample: int | None, by: str, score: str | None,
+              specs: list[str] | None) -> tuple[str, str | None]:
+    """The spec of a single run, from ``layers`` or from ``sample`` and ``by``, and the score that ranks: ``by`` a
+    scan score is ``sample:K:critical`` ranked by that score. Both ways at once are refused, and ``sample`` beside a
+    comparison."""
+    if sample is None:
+        if by != "uniform":
+            raise CritlayerError("--by says how --sample draws: give --sample K too")
+        return layers or "critical:4", score
+    if specs is not None:
+        raise CritlayerError("--sample makes one run; in --compare write sample:K or sample:K:critical")
+    if layers is not None:
+        raise CritlayerError("give --layers or --sample, not both")
+    if by in SAMPLE_WAYS:
+        return f"sample:{sample}:{by}", score
+    if score is not None and score != by:
+        raise CritlayerError(f"--by {by} ranks by a score: give it or --score, not both")
+    return f"sample:{sample}:critical", by
+
+
 def _settings(lm: LanguageModel, data: TextData, config: TrainConfig, scan_result: ScanResult | None,
               lens: Lens | None) -> dict:
     return {"model": lm.describe(), "data": data.describe(), "train": config.describe(),
@@ -216,18 +244,33 @@ def _settings(lm: LanguageModel, data: TextData, config: TrainConfig, scan_resul
             "lens": None if lens is None else lens.to_json()}
 
 
-def _trained_layers(lm: LanguageModel, spec: str, lens: Lens | None, config: TrainConfig) -> list[int]:
+def _trained_layers(lm: LanguageModel, spec: str, lens: Lens | None,
+                    config: TrainConfig) -> tuple[list[int] | LayerSchedule, TrainConfig]:
+    """The blocks a spec trains (for ``sample:K``, its draws) and the config it trains with (``lora:SPEC`` is SPEC
+    with LoRA), refusing in one line what cannot train."""
+    if (inner := lora_spec(spec)) is not None:
+        spec, config = inner, replace(config, lora=True)
+    if config.lora and config.embeddings:
+        raise CritlayerError("--embeddings trains whole weights: it does not go with LoRA")
+    if (drawn := sampled(spec, lm.num_layers)) is not None:
+        k, toward = drawn
+        if config.lora:
+            raise CritlayerError(f"{spec} switches whole blocks as it trains: it does not go with LoRA")
+        if toward != "uniform" and lens is None:
+            raise CritlayerError(f"{spec} needs a scan or a validation")
+        weights = draw_weights(lm.num_layers, toward, lens)
+        return LayerSchedule.drawn(weights, k, config.every, config.steps, config.seed), config
     layers = resolve_layers(lm.num_layers, spec, lens, seed=config.seed)
     if not layers:
         raise CritlayerError(f"{spec} names no block to train")
     if config.lora:
         lora_config(lm, layers)  # fails early, in one line, where a block has no linear layer
-    return layers
+    return layers, config
 
 
 def _tune_one(lm: LanguageModel, data: TextData, spec: str, config: TrainConfig, scan_result: ScanResult | None,
               lens: Lens | None, progress: bool) -> TuneResult:
-    layers = _trained_layers(lm, spec, lens, config)
+    layers, config = _trained_layers(lm, spec, lens, config)
     model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, config, progress=progress, label=spec)
     return TuneResult(spec, _settings(lm, data, config, scan_result, lens), run, model, lm.tokenizer)
 
@@ -241,8 +284,7 @@ def _tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: T
     runs: dict[str, list[TrainRun]] = {spec: [] for spec in specs}
     for seed in seed_list:
         for spec in specs:
-            run_config = replace(config, seed=seed)
-            layers = _trained_layers(lm, spec, lens, run_config)
+            layers, run_config = _trained_layers(lm, spec, lens, replace(config, seed=seed))
             model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, run_config, progress=progress,
                                   label=f"{spec} seed {seed}")
             del model
