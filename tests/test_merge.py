@@ -45,6 +45,9 @@ def test_the_merge_is_the_base_plus_each_blocks_scaled_update(tiny_folder, tuned
         torch.testing.assert_close(value, base[name] + scale * (tuned[name] - base[name]))
     assert set(result.figures) == {"base", "depth", "uniform", "fine-tune"}
     assert result.figures["base"][str(prompt_file)]["kl"] == 0 and result.figures["fine-tune"]["wiki"]["kl"] > 0
+    low, high = result.figures["uniform"]["wiki"]["ratio_to_chosen"]  # paired over the texts, against depth's
+    ratio = result.figures["uniform"]["wiki"]["perplexity"] / result.figures["depth"]["wiki"]["perplexity"]
+    assert low <= ratio * 1.0001 and ratio <= high * 1.0001 and "ratio_to_chosen" not in result.figures["depth"]["wiki"]
     assert critlayer.MergeResult.load(out).table() == result.table()
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration

@@ -141,6 +141,14 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
         "tune-compare": (["tune", str(tiny_folder), "--data", str(prompt_file), "--compare", "1,random:2", "--lora"],
                          lambda out: critlayer.tune(str(tiny_folder), str(prompt_file), compare="1,random:2",
                                                     lora=True, out=out, progress=False, **train)),
+        "tune-sample": (["tune", str(tiny_folder), "--data", str(prompt_file), "--sample", "2", "--every", "5"],
+                        lambda out: critlayer.tune(str(tiny_folder), str(prompt_file), sample=2, every=5, out=out,
+                                                   progress=False, **train)),
+        "merge": (["merge", str(tiny_folder), str(tmp_path / "cli-tune" / "model"), "--lens", "depth", "--data",
+                   str(prompt_file), "--n-eval", "4", "--max-tokens", "10", "--quiet"],
+                  lambda out: critlayer.merge(str(tiny_folder), str(tmp_path / "cli-tune" / "model"), lens="depth",
+                                              data=str(prompt_file), n_eval=4, max_tokens=10, out=out,
+                                              progress=False)),
         "validate": (["validate", str(tiny_folder), "--data", str(prompt_file), "--scan", scanned,
                       "--permutations", "50"],
                      lambda out: critlayer.validate(str(tiny_folder), str(prompt_file), scan=scanned, permutations=50,
@@ -170,9 +178,10 @@ def test_each_python_call_writes_what_its_command_writes(tiny_folder, prompt_fil
     }
     reloads = {"tune": critlayer.TuneResult, "tune-compare": critlayer.TuneComparison,
                "validate": critlayer.Validation, "defend": critlayer.DefendResult, "prune": critlayer.PruneResult,
-               "quantize": critlayer.QuantizeResult, "kv": critlayer.KVResult}
+               "quantize": critlayer.QuantizeResult, "kv": critlayer.KVResult, "merge": critlayer.MergeResult,
+               "tune-sample": critlayer.TuneResult}
     for name, (argv, call) in runs.items():
-        extra = {"compare": [], "prune": [], "quantize": [], "kv": [],
+        extra = {"compare": [], "prune": [], "quantize": [], "kv": [], "merge": [],
                  "defend": [f.replace("--max-tokens", "--turn-tokens") for f in flags]}.get(name, flags)
         assert main([*argv, *extra, "--out", str(tmp_path / f"cli-{name}")]) == 0, name
         result = call(tmp_path / f"api-{name}")

@@ -84,11 +84,13 @@ class MergeResult(SavedResult, file="merge.json", kind="merge"):
         s = self.settings
         sources = [s["data"], s["also_data"]]
         lines = [f"merged {s['tuned']} into {s['base']} by {s['by']} (mean scale {s['mean_scale']:.3f}); held-out "
-                 f"perplexity ({s['n_eval']} texts each, KL to the base):",
-                 f"  {'merge':<16} {sources[0] + ' (gain)':>18} {sources[1] + ' (forgetting)':>24}"]
+                 f"perplexity ({s['n_eval']} texts each), KL to the base, and the perplexity over {s['by']}'s "
+                 "(95% paired interval):",
+                 f"  {'merge':<16} {sources[0] + ' (gain)':>34} {sources[1] + ' (forgetting)':>34}"]
         for name, figures in self.figures.items():
-            cells = [f"{figures[src]['perplexity']:>10.3f} {figures[src]['kl']:7.4f}" for src in sources]
-            lines.append(f"  {name:<16} {cells[0]:>18} {cells[1]:>24}")
+            cells = [f"{figures[src]['perplexity']:>9.3f} {figures[src]['kl']:7.4f} {_ratio(figures[src]):>15}"
+                     for src in sources]
+            lines.append(f"  {name:<16} {cells[0]:>34} {cells[1]:>34}")
         return "\n".join(lines)
 
     def write_files(self, folder: Path) -> None:
@@ -101,6 +103,12 @@ class MergeResult(SavedResult, file="merge.json", kind="merge"):
                                                                  self.scales[self.settings["by"]],
                                                                  self.settings["saved_dtype"]))
         plot_merge(self, folder / "merge.png")
+
+
+def _ratio(figures: dict) -> str:
+    """A merge's perplexity over the chosen rule's, as its interval (the chosen rule itself: nothing)."""
+    interval = figures.get("ratio_to_chosen")
+    return "" if interval is None else f"x{interval[0]:.3f}-{interval[1]:.3f}"
 
 
 def merge(base: str, tuned: str, config: MergeConfig | None = None, *, scan: ScanResult | str | Path | None = None,
@@ -139,9 +147,11 @@ def merge(base: str, tuned: str, config: MergeConfig | None = None, *, scan: Sca
     plan.announce(progress)
     for source, heldout in texts.items():
         reference, scores = evaluate(lm, heldout, variants, compute=compute, progress=progress)
-        figures["base"][source] = reference.summary()
-        for name, score in scores.items():
+        for name, score in {"base": reference, **scores}.items():
             figures[name][source] = score.summary()
+            if name != config.by:  # paired over the same texts: is the chosen rule better beyond the noise?
+                interval = score.perplexity_ratio_interval(scores[config.by])
+                figures[name][source]["ratio_to_chosen"] = [round(x, 4) for x in interval]
     settings = {"base": lm.name, "tuned": str(tuned), "base_folder": str(model_folder(lm.spec)[1]),
                 "tuned_folder": str(model_folder(str(tuned))[1]), "by": config.by, "config": asdict(config),
                 "mean_scale": round(mean, 6), "data": config.data, "also_data": config.also_data,
