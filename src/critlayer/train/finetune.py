@@ -210,7 +210,8 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int] | Laye
     evaluate(0)
     if not params:
         return model, run
-    adamw = make_optimizer(model, config.learning_rate, [p for block in groups.values() for p in block])
+    waiting = [p for block in groups.values() for p in block if not p.requires_grad]  # a sampled run's later draws
+    adamw = make_optimizer(model, config.learning_rate, waiting)
     rate = get_scheduler(_SCHEDULE_NAMES[config.schedule], adamw,
                          num_warmup_steps=round(config.warmup * config.steps), num_training_steps=config.steps)
     # on one process the model stays where it was loaded (--device); on several, accelerate puts each process's
@@ -259,7 +260,7 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int] | Laye
     run.peak_memory_mb = peak.megabytes
     if processes > 1:
         run.texts_seen = gather(seen)
-        run.replicas_identical = len(set(gather(_digest(params)))) == 1
+        run.replicas_identical = len(set(gather(_digest(params + waiting)))) == 1
     return model, run
 
 
