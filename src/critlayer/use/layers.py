@@ -4,8 +4,8 @@ Specs: ``all``, ``none``, ``critical:K`` and ``noncritical:K`` (ranked by a ``Le
 one it selects with or another, or the lens a validation found best), ``random:K`` (seeded), or explicit
 indices such as ``3,7-9``; for tune, ``sample:K`` (K blocks at a time, re-drawn as training goes: uniformly, or
 ``sample:K:critical`` / ``sample:K:noncritical`` weighted by the lens's ranking) and ``lora:SPEC`` (LoRA on SPEC's
-blocks, beside full fine-tunes in one comparison). A ranked spec without a scan or validation scans the model first, once. A validation is
-read from its saved JSON: using its lens needs none of the validation pipeline.
+blocks, beside full fine-tunes in one comparison). A ranked spec without a scan or validation scans the model
+first, once. A validation is read from its saved JSON: using its lens needs none of the validation pipeline.
 """
 
 from __future__ import annotations

@@ -163,8 +163,8 @@ def _warnings(runs: dict[str, list[TrainRun]], seeds: list[int]) -> list[str]:
 
 
 def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: str | None = None, *,
-         sample: int | None = None, by: str = "uniform", compare: str | list[str] | bool | None = None, seeds: int = 1, scan: ScanResult | str | Path | None = None,
-         score: str | None = None, validation=None,
+         sample: int | None = None, by: str = "uniform", compare: str | list[str] | bool | None = None,
+         seeds: int = 1, scan: ScanResult | str | Path | None = None, score: str | None = None, validation=None,
          config: TrainConfig | None = None, out: str | Path | None = None,
          force: bool = False, progress: bool = True, device: str | None = None,
          **options) -> TuneResult | TuneComparison:
@@ -173,11 +173,11 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     seeds.
 
     ``model`` and ``data`` (wiki, bbc, sharegpt or a .txt/.jsonl file) as for the CLI; ``layers``: a layer
-    spec (``critical:K``, the default ``critical:4``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``; ``sample:K``
-    trains K blocks at a time, re-drawn every ``every`` steps, uniformly like LISA, ``sample:K:critical`` weighted toward
-    the critical blocks, ``sample:K:noncritical`` toward the others; ``sample`` and ``by`` say the same: ``by``
-    uniform, critical, noncritical or a scan score to weight toward the critical blocks of; ``lora:SPEC`` trains LoRA on SPEC's blocks, for a
-    comparison beside full fine-tunes), ranked by ``score`` of
+    spec (``critical:K``, the default ``critical:4``, ``noncritical:K``, ``random:K``, ``all``, ``3,7-9``;
+    ``sample:K`` trains K blocks at a time, re-drawn every ``every`` steps, uniformly like LISA, ``sample:K:critical``
+    weighted toward the critical blocks, ``sample:K:noncritical`` toward the others, as ``sample=K`` with ``by``
+    uniform, critical, noncritical or a scan score (toward its critical blocks) also says; ``lora:SPEC`` trains LoRA
+    on SPEC's blocks, for a comparison beside full fine-tunes), ranked by ``score`` of
     ``scan`` (a result or its folder) or of a default scan run now, or with ``validation`` (a ``Validation`` or its
     folder) by the lens it found best. ``config`` is a ``TrainConfig``, its fields also taken as keywords
     (``steps=20``, ``lora=True``, ...). A run that does not lower the held-out loss beyond its noise is flagged in
