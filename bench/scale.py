@@ -57,6 +57,10 @@ COMMANDS = {
                            "64"],
     "kv": ["kv", "{model}", "--scan", "{scan}", "--bits", "3", "--no-baselines", "--no-curve", "--n-eval", "2",
            "--calibration", "2", "--max-tokens", "512"],
+    "tune, 4 fixed blocks": ["tune", "{model}", "--data", "wiki", "--layers", "6-9", "--steps", "10", "--batch-size",
+                             "2", "--max-tokens", "64", "--n-eval", "4", "--eval-every", "10"],
+    "tune, sample:4": ["tune", "{model}", "--data", "wiki", "--sample", "4", "--every", "2", "--steps", "10",
+                       "--batch-size", "2", "--max-tokens", "64", "--n-eval", "4", "--eval-every", "10"],
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..common.cost import Plan
 from ..common.errors import CritlayerError
@@ -208,8 +209,9 @@ def tune(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", layers: 
     for run_config in [replace(config, seed=config.seed + i) for i in range(seeds)] * len(specs or [layers]):
         plan_finetune(plan, text, run_config)
     plan.announce(progress)
-    if specs is None:
-        result = _tune_one(lm, text, layers, config, scan_result, lens, progress)
+    if specs is None:  # one run trains a model tune loaded itself in place: no second copy of the weights
+        trained = copy.deepcopy(lm.model) if isinstance(model, LanguageModel) else lm.model
+        result = _tune_one(lm, trained, text, layers, config, scan_result, lens, progress)
     else:
         result = _tune_compare(lm, text, specs, config, seeds, scan_result, lens, progress)
     if out is not None:
@@ -268,10 +270,10 @@ def _trained_layers(lm: LanguageModel, spec: str, lens: Lens | None,
     return layers, config
 
 
-def _tune_one(lm: LanguageModel, data: TextData, spec: str, config: TrainConfig, scan_result: ScanResult | None,
-              lens: Lens | None, progress: bool) -> TuneResult:
+def _tune_one(lm: LanguageModel, trained: torch.nn.Module, data: TextData, spec: str, config: TrainConfig,
+              scan_result: ScanResult | None, lens: Lens | None, progress: bool) -> TuneResult:
     layers, config = _trained_layers(lm, spec, lens, config)
-    model, run = finetune(lm, copy.deepcopy(lm.model), layers, data, config, progress=progress, label=spec)
+    model, run = finetune(lm, trained, layers, data, config, progress=progress, label=spec)
     return TuneResult(spec, _settings(lm, data, config, scan_result, lens), run, model, lm.tokenizer)
 
 
