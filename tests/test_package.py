@@ -231,7 +231,7 @@ def test_tune_on_two_processes_equals_one_process_on_the_same_batches(data, laye
     one, two = (load_file(tmp_path / "runs" / name / "model" / "model.safetensors") for name in ("one", "two"))
     original = load_file(tiny_folder / "model.safetensors")
     trained = tuple(f"model.layers.{block}." for block in run["layers"])
-    assert layers != "sample:2" or len(run["draws"]) == 2
+    assert layers != "sample:2" or run["draws"][0] != run["draws"][1]  # the blocks switch: DDP is wrapped again
     for key, value in original.items():  # Adam's steps are about 1e-4 here: it amplifies gradients' rounding near 0
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
         assert torch.equal(two[key], value) != key.startswith(trained), key  # the trained blocks alone changed

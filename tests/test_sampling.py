@@ -95,6 +95,8 @@ def test_embeddings_train_beside_the_draws_and_lora_runs_in_a_comparison(lm, pro
     assert runs["lora:all"].trainable_parameters < runs["sample:2"].trainable_parameters < runs[
         "all"].trainable_parameters
     assert runs["sample:2"].draws and runs["all"].draws is None and "sample:2" in comparison.table()
+    assert comparison.settings["train_by_spec"]["lora:all"]["lora"] and set(comparison.settings["train_by_spec"]) == {
+        "lora:all"}
     comparison.save(tmp_path / "cmp")
     again = type(comparison).load(tmp_path / "cmp")
     assert again.runs["sample:2"][0].draws == runs["sample:2"].draws
@@ -125,6 +127,8 @@ def test_bad_sampling_is_refused_in_one_line(lm, prompt_file, call, message):
         critlayer.tune(lm, str(prompt_file), config=FAST, progress=False, **call)
 
 
-def test_a_sampled_spec_is_refused_where_blocks_stay_fixed(lm, prompt_file):
-    with pytest.raises(CritlayerError, match="bad layer spec"):
-        critlayer.defend(lm, freeze="sample:2", progress=False)
+def test_commands_that_train_fixed_whole_blocks_refuse_embeddings(lm, prompt_file):
+    with pytest.raises(CritlayerError, match="drop embeddings"):
+        critlayer.validate(lm, str(prompt_file), config=replace(FAST, embeddings=True), progress=False)
+    with pytest.raises(CritlayerError, match="drop embeddings"):
+        critlayer.DefendConfig(embeddings=True)

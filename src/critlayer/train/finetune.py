@@ -228,12 +228,15 @@ def finetune(lm: LanguageModel, model: torch.nn.Module, layers: list[int] | Laye
                disable=not (progress and is_main()))
     with PeakMemory(device) as peak:
         for step in bar:
-            if schedule and schedule.redraws_at(step):
+            if schedule and schedule.redraws_at(step):  # part of the step's time: on several processes, a new wrap
+                switched = time.perf_counter()
                 switch_blocks(adamw, groups, schedule.active(step))
                 if processes > 1:  # DDP reduces the gradients of the parameters trainable when it wrapped the model
+                    model = acc.unwrap_model(trained, keep_fp32_wrapper=False)  # no wrapper on top of the last one
                     del trained, optimizer
                     acc.free_memory()
                     trained, optimizer = acc.prepare(model, adamw, device_placement=placement)
+                elapsed += time.perf_counter() - switched
             rows = order[(step - 1) * config.batch_size:step * config.batch_size]
             tokens = sum(_predicted(data.train[i], starts[i]) for i in rows)  # the whole batch's, on every process
             mine = np.array_split(rows, processes)[rank]

@@ -53,9 +53,9 @@ def draw_weights(num_layers: int, toward: str, lens=None) -> np.ndarray:
     blocks reversed, then the rest)."""
     if toward == "uniform":
         return np.full(num_layers, 1 / num_layers)
-    ranking, eligible = lens.ranking, lens.eligible
+    ranking, eligible = lens.ranking, lens.eligible or len(lens.ranking)
     order = ranking if toward == "critical" else ranking[:eligible][::-1] + ranking[eligible:]
-    weights = np.empty(num_layers)
+    weights = np.zeros(num_layers)
     weights[order] = np.arange(num_layers, 0, -1)
     return weights / weights.sum()
 

@@ -273,8 +273,9 @@ def _trained_layers(lm: LanguageModel, spec: str, lens: Lens | None,
 def _tune_one(lm: LanguageModel, trained: torch.nn.Module, data: TextData, spec: str, config: TrainConfig,
               scan_result: ScanResult | None, lens: Lens | None, progress: bool) -> TuneResult:
     layers, config = _trained_layers(lm, spec, lens, config)
+    settings = _settings(lm, data, config, scan_result, lens)  # before training: LoRA changes the model it wraps
     model, run = finetune(lm, trained, layers, data, config, progress=progress, label=spec)
-    return TuneResult(spec, _settings(lm, data, config, scan_result, lens), run, model, lm.tokenizer)
+    return TuneResult(spec, settings, run, model, lm.tokenizer)
 
 
 def _tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: TrainConfig, seeds: int,
@@ -291,4 +292,8 @@ def _tune_compare(lm: LanguageModel, data: TextData, specs: list[str], config: T
                                   label=f"{spec} seed {seed}")
             del model
             runs[spec].append(run)
-    return TuneComparison(specs, seed_list, _settings(lm, data, config, scan_result, lens), runs)
+    settings = _settings(lm, data, config, scan_result, lens)
+    trained_otherwise = {spec: _trained_layers(lm, spec, lens, config)[1].describe() for spec in specs}
+    settings["train_by_spec"] = {spec: train for spec, train in trained_otherwise.items()
+                                 if train != settings["train"]}  # lora:SPEC: LoRA, at its own rate
+    return TuneComparison(specs, seed_list, settings, runs)
