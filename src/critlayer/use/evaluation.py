@@ -126,9 +126,9 @@ def evaluate_methods(methods: dict[str, Method], run: Run) -> TextScores:
             m.summary[n] = [of(c).summary() for c in choices]
             m.perplexity[n] = [s["perplexity"] for s in m.summary[n]]
     chosen = next(iter(methods.values()))
-    for other in methods.values():  # paired over the same texts: is the difference larger than the noise?
+    for other in [m for m in methods.values() if m is not chosen]:  # paired over the same texts: beyond the noise?
         for n in chosen.choices:
-            if other is not chosen and len(other.choices.get(n, [])) == 1:
+            if len(other.choices.get(n, [])) == 1:
                 low, high = of(other.choices[n][0]).perplexity_ratio_interval(of(chosen.choices[n][0]))
                 other.summary[n][0]["perplexity_ratio_to_chosen_95"] = [round(low, 4), round(high, 4)]
     return reference

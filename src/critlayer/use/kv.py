@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -121,7 +122,7 @@ class KVResult(ChangeResult, file="kv.json", kind="KV cache plan", reference="fu
 
     def table(self) -> str:
         s = self.settings
-        pairs = ", ".join(f"{p}: {n}" for p, n in sorted(_counts(self.plan.values()).items()))
+        pairs = ", ".join(f"{p}: {n}" for p, n in sorted(Counter(self.plan.values()).items()))
         lines = [f"KV cache of {s['model']['name']} at {self.bits_per_element:.4f} bits per element (budget "
                  f"{s['bits']:g}) by {s['score']}: {pairs}", f"read as: {s['reading']}", self.heading(3)]
         rows = self.rows()
@@ -143,13 +144,6 @@ class KVResult(ChangeResult, file="kv.json", kind="KV cache plan", reference="fu
         from ..report.kv import write_kv_report
 
         write_kv_report(self, folder)
-
-
-def _counts(names) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name in names:
-        out[name] = out.get(name, 0) + 1
-    return out
 
 
 def kv(model: LanguageModel | str = DEFAULT_MODEL, config: KVConfig | None = None, *,
