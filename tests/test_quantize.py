@@ -86,7 +86,7 @@ def test_widths_store_what_their_format_says():
     with pytest.raises(CritlayerError, match="not a int format"):
         parse_widths("Q4_0,int3", "int")
     with pytest.raises(CritlayerError, match="unknown width"):
-        parse_widths("Q3_K,Q4_0", "gguf")
+        parse_widths("Q3_X,Q4_0", "gguf")
 
 
 @pytest.mark.parametrize("arch", [a for a in TINY if a != "bert"])
@@ -243,6 +243,36 @@ def test_per_kind_plans_give_attention_and_mlp_their_own_widths(tiny_folder, pro
         block, tensor = re.match(r"\^blk\\\.(\d+)\\\.(\w+)\\\.weight\$", pattern).groups()
         assert kind == result.plan[f"{block}.{'attn' if tensor.startswith('attn') else 'mlp'}"].lower()
     assert set(result.correlations["quantization_damage"]["block_influence"]) >= {"all", "partial"}
+
+
+def test_llama_cpp_types_name_their_importance_and_their_fallback():
+    w = width("Q3_K-imatrix/MXFP4")
+    assert (w.for_row(512).name, w.for_row(576).name, w.llama_type, w.for_row(576).llama_type) == (
+        "Q3_K-imatrix", "MXFP4", "Q3_K", "MXFP4")
+    assert w.needs_importance and w.needs_llamacpp and w.group == 256 and float(w.bits) == 3.4375
+    assert not width("Q4_0").needs_llamacpp and width("Q4_0-imatrix").needs_llamacpp
+    assert width("MXFP4/Q2_K").for_row(576).name == "MXFP4"  # the fallback is for rows the first cannot hold
+    for bad, message in [("IQ2_XS", "only with an importance matrix: name it IQ2_XS-imatrix"),
+                         ("Q4_0-hqq", "unknown width"), ("Q2_K/Q3_K/Q4_0", "one width of Q2_K's family"),
+                         ("Q2_K/int3", "one width of Q2_K's family")]:
+        with pytest.raises(CritlayerError, match=re.escape(message)):
+            width(bad)
+
+
+def test_a_width_with_a_fallback_is_counted_tensor_by_tensor_on_the_model():
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    torch.manual_seed(0)
+    lm = LanguageModel.wrap(transformers.LlamaForCausalLM(config).eval(), tiny_tokenizer(), name="rows-64-and-256")
+    weights = BlockWeights(lm, parse_widths("Q2_K/Q8_0,Q4_0", "gguf"))
+    down, rest = 256 * 64, 2 * 64 * 64 + 2 * 32 * 64 + 2 * 256 * 64  # rows of 256 (down) and of 64 (the others)
+    assert [w.name for w in weights.widths] == ["Q4_0", "Q2_K/Q8_0"]  # 2.625 bits by name, 7.5 on this model
+    assert weights.width_bits(1) == pytest.approx((down * 2.625 + rest * 8.5) / (down + rest))
+    assert weights.held_as(1) == {"Q8_0": 12, "Q2_K": 2} and weights.held_as(0) == {"Q4_0": 14}
+    with pytest.raises(CritlayerError, match=r"rows of 64 weights; Q2_K stores groups of 256.*Q2_K/MXFP4"):
+        BlockWeights(lm, parse_widths("Q2_K,Q4_0", "gguf"))
 
 
 def test_hqq_scales_are_an_int_width_of_the_same_size_with_less_error_at_two_bits():

@@ -11,7 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from ..common.errors import CritlayerError, first_line
 from ..common.fetch import home, sha256_file
@@ -97,11 +101,13 @@ def write_pruned_gguf(source: Path, out: Path, kept: list[int], layer_types: lis
     return _rewrite(reader, out, value, [t for t in tensors if t[0] is not None])
 
 
-def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> dict:
-    """Copy the GGUF file ``source`` with each tensor named in ``types`` dequantised and quantised again to its type
-    (a llama.cpp type gguf can write: Q4_0 ... Q8_0, MXFP4, F16), atomically; the file type becomes that of the type
-    holding the most of those weights (MXFP4 has none for dense models). Returns what the file was read back to hold
-    (``read_back``)."""
+def write_requantized_gguf(source: Path, out: Path, types: dict[str, str],
+                           encoders: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> dict:
+    """Copy the GGUF file ``source`` with each tensor named in ``types`` dequantised and quantised again to its type,
+    atomically: by ``encoders[name]`` (its float rows to the bytes of its type: llama.cpp's own quantizer, for the
+    types only it writes or an importance matrix) where given, else by the gguf package (Q4_0 ... Q8_0, MXFP4, F16).
+    The file type becomes that of the type holding the most of those weights (MXFP4 has none for dense models).
+    Returns what the file was read back to hold (``read_back``)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -123,7 +129,8 @@ def write_requantized_gguf(source: Path, out: Path, types: dict[str, str]) -> di
         if t.name in types:
             kind = gguf.GGMLQuantizationType[types[t.name]]
             rows = gguf.quants.dequantize(t.data, t.tensor_type)
-            tensors.append((t.name, gguf.quants.quantize(rows, kind), kind))
+            encode = (encoders or {}).get(t.name) or partial(gguf.quants.quantize, qtype=kind)
+            tensors.append((t.name, encode(rows), kind))
         else:
             tensors.append((t.name, t.data, t.tensor_type))
     return _rewrite(reader, out, value, tensors)

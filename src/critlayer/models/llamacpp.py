@@ -1,5 +1,7 @@
-"""llama.cpp as an engine: a GGUF file run by llama.cpp itself (the optional ``llamacpp`` extra, its Python
-binding), called like a transformers model so that critlayer's evaluation scores it on the same token ids.
+"""llama.cpp as an engine (the optional ``llamacpp`` extra, its Python binding): a GGUF file run by llama.cpp itself,
+called like a transformers model so that critlayer's evaluation scores it on the same token ids; and llama.cpp's own
+quantizer (the call llama-quantize makes), for the types only it writes (K-quants, IQ types) and for any type weighted
+by an importance matrix.
 
 llama.cpp computes with the quantized blocks as stored (its own dot products, activations rounded where its kernels
 do), transformers with them dequantized to floats: the two agree closely but not bit for bit, which is what
@@ -8,6 +10,8 @@ checking a written GGUF in llama.cpp measures.
 
 from __future__ import annotations
 
+import ctypes
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +34,38 @@ def require():
 
 def version() -> str:
     return f"llama-cpp-python {require().__version__}"
+
+
+@cache
+def _ggml():
+    """llama.cpp's tensor library as the binding ships it (loaded by the binding's own loader, for any platform),
+    with the quantizer's signature declared."""
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    lib = load_shared_library("ggml-base", Path(require().__file__).parent / "lib")
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def quantize_rows(rows: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` (outputs over inputs) stored as llama.cpp's type ``kind`` by llama.cpp's own quantizer
+    (``ggml_quantize_chunk``, what llama-quantize calls), weighted by ``importance`` (one value per input: an
+    importance matrix's diagonal) where given; the bytes as gguf holds them, one row of blocks per row."""
+    import gguf
+
+    kind_id = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[kind_id]
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, width = rows.shape
+    out = np.empty((n, width // block * size), dtype=np.uint8)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    written = _ggml().ggml_quantize_chunk(int(kind_id), rows.ctypes.data, out.ctypes.data, 0, n, width,
+                                          None if weights is None else weights.ctypes.data)
+    if written != out.nbytes:
+        raise CritlayerError(f"llama.cpp wrote {written} bytes of {kind} for {out.nbytes} expected")
+    return out
 
 
 class LlamaCppModel:

@@ -34,6 +34,7 @@ from ..find.result import ScanResult
 from ..find.select import eligible_blocks
 from ..models import DEFAULT_MODEL, LanguageModel
 from ..models.gguf import gguf_tensor_name, read_back_text, write_requantized_gguf
+from ..models.llamacpp import require as require_llamacpp
 from ..models.loading import gguf_file
 from ..report.engines import llamacpp_text
 from .bitplan import UP_SHARE, cheapest_plan, llama_cpp_order, ranked_plan, uniform_width
@@ -41,7 +42,7 @@ from .blockwise import evaluate_plans, schedule
 from .change import (Bench, ChangeConfig, ChangeResult, evaluate_elsewhere, gguf_check, open_bench, open_model,
                      plan_elsewhere, score_option, unsaved)
 from .evaluation import Method, evaluate_methods
-from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths
+from .quantizers import FAMILIES, GGUF_WIDTHS, INT_WIDTHS, parse_widths, width
 from .weights import BlockWeights
 
 SENSITIVITY = "sensitivity"
@@ -56,9 +57,9 @@ class QuantizeConfig(ChangeConfig):
 
     ``bits``: the average bits per block weight, everything a group is stored with counted (the embedding and head
     are held as loaded and reported apart). ``family``: ``gguf`` (llama.cpp's types), ``int`` (torchao's groups of
-    ``group_size``) or ``auto`` (gguf from 4.25 bits up). ``widths``: the candidate widths, a comma list (default
-    the family's). ``score`` makes the plan. ``curve`` off evaluates at ``bits`` only.
-    ``per_kind`` gives each block's attention and MLP a width apart.
+    ``group_size``) or ``auto`` (the first listed width's; without a list gguf from 4.25 bits up). ``widths``: the
+    candidate widths, a comma list (default the family's). ``score`` makes the plan. ``curve`` off evaluates at
+    ``bits`` only. ``per_kind`` gives each block's attention and MLP a width apart.
     """
 
     MEASURED: ClassVar[str] = SENSITIVITY
@@ -69,10 +70,14 @@ class QuantizeConfig(ChangeConfig):
     bits: float = option(4.5, "average bits per block weight, scales and zero-points counted", positive=True,
                          below=64)
     family: str = option("auto", "the widths' family: gguf (llama.cpp's types), int (torchao's integer groups), "
-                                 "auto: gguf from 4.25 bits", choices=FAMILY_CHOICES, old_flag="--format")
-    widths: str | None = option(None, f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)} or "
+                                 "auto: the first listed width's, without a list gguf from 4.25 bits",
+                         choices=FAMILY_CHOICES, old_flag="--format")
+    widths: str | None = option(None, f"candidate widths, a comma list of {', '.join(GGUF_WIDTHS)}, llama.cpp's "
+                                      "K- and IQ-types (Q3_K, IQ3_S...; the llamacpp extra) or "
                                       f"{', '.join(INT_WIDTHS)}, int ones in groups of G as int3g32, with HQQ "
-                                      "scales as int2-hqq, importance-weighted as int2-imatrix (default: the family's)")
+                                      "scales as int2-hqq, importance-weighted as int2-imatrix or Q4_0-imatrix, "
+                                      "A/B for A where a tensor's rows hold A's groups, else B: Q3_K/MXFP4 "
+                                      "(default: the family's)")
     group_size: int = option(64, "weights per group of an int width", minimum=1)
     curve: bool = option(True, "evaluate at --bits only, not also at every inner width's uniform point",
                          flag="--no-curve")
@@ -88,9 +93,12 @@ class QuantizeConfig(ChangeConfig):
 
     @property
     def widths_family(self) -> str:
-        """The family the widths come from: ``family``, or for ``auto`` gguf from 4.25 bits up, else int."""
+        """The family the widths come from: ``family``, or for ``auto`` the first listed width's, without a list gguf
+        from 4.25 bits up, else int."""
         if self.family != "auto":
             return self.family
+        if self.widths and self.widths.strip(", "):
+            return width(self.widths.strip(", ").split(",")[0].strip()).family
         return "gguf" if self.bits >= SMALLEST_GGUF_BITS else "int"
 
 
@@ -107,6 +115,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
     gguf_types: dict | None = unsaved()
     torchao_config: dict | None = unsaved()
     gguf_check: Callable[[Path], dict] | None = unsaved()  # with --llamacpp: runs the written GGUF in llama.cpp
+    gguf_encoders: dict | None = unsaved()  # the tensors llama.cpp's quantizer writes: GGUF name -> rows -> bytes
 
     @property
     def point(self) -> float:
@@ -129,6 +138,10 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         widths = ", ".join(f"{w}: {n}" for w, n in Counter(self.plan.values()).items())
         lines = [f"quantized {s['model']['name']} at {self.bits_per_weight:.4f} bits per block weight (budget "
                  f"{s['bits']:g}) by {s['score']}: {widths}", f"embedding and head: {self.held_fixed['text']}"]
+        if any("/" in w for w in self.plan.values()):
+            stored = self.exports["tensor_types"].get("types", {})
+            lines.append("block tensors stored as " + ", ".join(f"{k} {n}" for k, n in stored.items())
+                         + " (a width A/B stores B where a tensor's rows do not hold A's groups)")
         if not self.reference:
             return "\n".join([*lines, f"not evaluated ({s['evaluation']})"])
         lines.append(self.heading(3))
@@ -154,7 +167,7 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
             (folder / self.exports["tensor_types"]["file"]).write_text(tensor_type_lines(self.gguf_types))
         if self.exports.get("gguf", {}).get("file") and self.gguf_source is not None:
             self.exports["gguf"] |= write_requantized_gguf(self.gguf_source, folder / self.exports["gguf"]["file"],
-                                                           self.gguf_types)
+                                                           self.gguf_types, self.gguf_encoders)
             if self.gguf_check is not None:
                 self.exports["gguf"]["llamacpp"] = self.gguf_check(folder / self.exports["gguf"]["file"])
         if self.torchao_config is not None:
@@ -185,9 +198,10 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     """
     config = replace(config, **options) if config is not None else QuantizeConfig(**options)
     widths = parse_widths(config.widths, config.widths_family, config.group_size)
-    if not widths[0].bits <= config.bits <= widths[-1].bits:
-        raise CritlayerError(f"--bits {config.bits:g} lies outside the widths' {float(widths[0].bits):g} "
-                             f"({widths[0].name}) to {float(widths[-1].bits):g} ({widths[-1].name}) bits per weight")
+    parts = [(float(p.bits), w.name) for w in widths for p in (w, w.fallback) if p is not None]
+    _check_bits(config.bits, min(parts), max(parts))
+    if any(w.needs_llamacpp for w in widths):
+        require_llamacpp()
     if config.llamacpp and config.widths_family != "gguf":
         raise CritlayerError("--llamacpp runs the written model.gguf, which holds llama.cpp's widths only: choose "
                              "--family gguf")
@@ -196,10 +210,14 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
         raise CritlayerError(f"{lm.architecture} has no LM head: sensitivity needs a next-token loss; plan by a "
                              "scan score")
     weights = BlockWeights(lm, widths, per_kind=config.per_kind)
+    _check_bits(config.bits, (weights.width_bits(0), weights.widths[0].name),
+                (weights.width_bits(-1), weights.widths[-1].name))
     bench = open_bench(lm, config, scan, progress=progress)
     budgets = _budgets(config, weights)
     settings = {**bench.settings(), "bits": config.bits, "family": config.widths_family,
-                "widths": {w.name: {"bits": float(w.bits), "group": w.group} for w in widths}, "budgets": budgets,
+                "widths": {w.name: {"bits": round(weights.width_bits(k), 6), "group": w.group}
+                           | ({"holds": weights.held_as(k)} if w.fallback else {})
+                           for k, w in enumerate(weights.widths)}, "budgets": budgets,
                 "ranked_rule": f"the first {UP_SHARE:.0%} of the weights in the order one width up, the last ones "
                                "one width down until the plan fits"}
     if bench.text is None:
@@ -226,7 +244,7 @@ def quantize(model: LanguageModel | str = DEFAULT_MODEL, config: QuantizeConfig 
     correlations = {}
     if sensitivity is not None:
         down = max(uniform_width(weights.costs, weights.budget(config.bits)) - 1, 0)
-        sensitivity["correlated_width"] = widths[down].name
+        sensitivity["correlated_width"] = weights.widths[down].name
         correlations = lens_correlations(bench.scan.scores, {
             "quantization_damage": weights.per_block(np.array(sensitivity["kl"])[:, down]),
             "loss_rise": weights.per_block(np.array(sensitivity["loss_rise"])[:, down])},
@@ -344,8 +362,15 @@ def _budgets(config: QuantizeConfig, weights: BlockWeights) -> list[float]:
     """The budget asked for first; with the curve, also the uniform point of every inner candidate width but the
     one uniform takes at that budget."""
     asked = uniform_width(weights.costs, weights.budget(config.bits))
-    inner = [float(w.bits) for k, w in enumerate(weights.widths[1:-1], 1) if k != asked] if config.curve else []
+    inner = [weights.width_bits(k) for k in range(1, len(weights.widths) - 1) if k != asked] if config.curve else []
     return [config.bits, *sorted(inner)]
+
+
+def _check_bits(bits: float, lowest: tuple[float, str], highest: tuple[float, str]) -> None:
+    """Refuse a budget outside the widths' (bits per weight, name) ``lowest`` to ``highest``."""
+    if not lowest[0] <= bits <= highest[0]:
+        raise CritlayerError(f"--bits {bits:g} lies outside the widths' {lowest[0]:g} ({lowest[1]}) to "
+                             f"{highest[0]:g} ({highest[1]}) bits per weight")
 
 
 def _cost(weights: BlockWeights, plan: list[int], cost: dict) -> dict:
@@ -356,11 +381,13 @@ def _finish(lm: LanguageModel, weights: BlockWeights, plan: list[int], settings:
             out, force: bool, check: Callable[[Path], dict] | None = None) -> QuantizeResult:
     named = {weights.labels[u]: weights.widths[k].name for u, k in enumerate(plan)}
     source, architecture, held = _source(lm)
-    exports, types, torchao_config = _exports(lm, weights, plan, source, architecture, config.widths_family)
+    exports, types, encoders, torchao_config = _exports(lm, weights, plan, source, architecture,
+                                                        config.widths_family)
     if types and source is not None:
         settings["degenerate"] = _degenerate({held.get(name) for name in types}, weights, settings["budgets"])
     result = QuantizeResult(settings, methods, unquantized, correlations, named, weights.bits_per_weight(plan),
-                            sensitivity, _held_fixed(lm, held), exports, source, types, torchao_config, check)
+                            sensitivity, _held_fixed(lm, held), exports, source, types, torchao_config, check,
+                            encoders)
     if out is not None:
         result.save(out, force=force)
     return result
@@ -380,12 +407,13 @@ def _source(lm: LanguageModel) -> tuple[Path | None, str, dict[str, str]]:
 
 
 def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: Path | None, architecture: str,
-             family: str) -> tuple[dict, dict | None, dict | None]:
+             family: str) -> tuple[dict, dict | None, dict | None, dict | None]:
     """Where the plan goes: llama.cpp (a ``--tensor-type-file`` and, from a GGUF source, a mixed GGUF) for gguf
-    widths; a torchao per-module configuration for integer widths. Returns what to say, the GGUF tensor types
-    and the torchao configuration."""
-    modules = {f"{lm.blocks_path}.{weights.blocks[u]}.{name}": weights.widths[plan[u]]
-               for u, layers in enumerate(weights.linears) for name, _ in layers}
+    widths; a torchao per-module configuration for integer widths. Returns what to say, the GGUF tensor types, how
+    to encode the tensors only llama.cpp's quantizer makes (GGUF name: rows -> bytes) and the torchao
+    configuration."""
+    modules = {f"{lm.blocks_path}.{weights.blocks[u]}.{name}": (weights.widths[plan[u]].for_row(weights.row(m)), m)
+               for u, layers in enumerate(weights.linears) for name, m in layers}
     if family == "int":
         from torchao.core.config import config_to_dict
 
@@ -393,24 +421,31 @@ def _exports(lm: LanguageModel, weights: BlockWeights, plan: list[int], source: 
 
         why = "a llama.cpp file holds none of torchao's integer widths: use the gguf format for one"
         exports = {"tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}
-        if any(w.needs_importance for w in modules.values()):
+        if any(w.needs_importance for w, _ in modules.values()):
             why = ("scales chosen by an importance matrix are calibration data, which a torchao configuration "
                    "cannot carry")
-            return {"torchao": {"file": None, "why": why}} | exports, None, None
-        config = config_to_dict(torchao().FqnToConfig({m: w.torchao_config() for m, w in modules.items()}))
+            return {"torchao": {"file": None, "why": why}} | exports, None, None, None
+        config = config_to_dict(torchao().FqnToConfig({m: w.torchao_config() for m, (w, _) in modules.items()}))
         return ({"torchao": {"file": "torchao_config.json",
                              "use": "transformers.TorchAoConfig(quant_type=torchao.core.config.config_from_dict(...))"}}
-                | exports, None, config)
-    types = {gguf_tensor_name(architecture, lm.num_layers, m): w.name for m, w in modules.items()}
-    if None in types:
+                | exports, None, None, config)
+    named = {gguf_tensor_name(architecture, lm.num_layers, m): held for m, held in modules.items()}
+    if None in named:
         why = f"gguf has no tensor names for {lm.architecture}"
-        return {"tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, None
+        return {"tensor_types": {"file": None, "why": why}, "gguf": {"file": None, "why": why}}, None, None, None
+    types = {name: w.llama_type for name, (w, _) in named.items()}
+    encoders = {name: partial(w.encode, importance=weights.importance.get(m))
+                for name, (w, m) in named.items() if w.needs_llamacpp}
     exports = {"tensor_types": {"file": "llama-quantize-tensor-types.txt",
                                 "use": "llama-quantize --tensor-type-file llama-quantize-tensor-types.txt IN.gguf "
-                                       "OUT.gguf TYPE (the embedding and head take TYPE's rule)"}}
+                                       "OUT.gguf TYPE (the embedding and head take TYPE's rule"
+                                       + ("; add --imatrix FILE for the importance-weighted types: model.gguf was "
+                                          "weighted by critlayer's calibration text)"
+                                          if any(w.needs_importance for w, _ in named.values()) else ")"),
+                                "types": dict(Counter(types.values()))}}
     exports["gguf"] = ({"file": "model.gguf", "source": str(source)} if source is not None else
                        {"file": None, "why": "the model was not loaded from a GGUF file: use the tensor types file"})
-    return exports, types, None
+    return exports, types, encoders, None
 
 
 def _degenerate(held: set[str], weights: BlockWeights, budgets: list[float]) -> dict:

@@ -6,6 +6,7 @@ A unit is what a plan gives one width: a whole block, or with ``per_kind`` its a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,14 +26,14 @@ class BlockWeights:
     importance-weighted widths quantize by: ``measure_importance`` fills it where a width needs it."""
 
     def __init__(self, lm: LanguageModel, widths: list[Width], *, per_kind: bool = False):
-        self.lm, self.widths = lm, widths
+        self.lm = lm
         self.importance: dict[torch.nn.Module, torch.Tensor] = {}
         self.labels, self.blocks, self.linears = [], [], []
         for i, block in enumerate(lm.blocks):
             layers = [(name, module) for name, module in block.named_modules() if isinstance(module, linear_types())]
             for name, module in layers:
                 for w in widths:
-                    w.check_rows(f"block {i} {name}", self._rows(module).shape[1])
+                    w.check_rows(f"block {i} {name}", self.row(module))
             if per_kind:
                 attention = {id(m) for m in sublayer(block, "attn").modules()}
                 kinds = {"attn": [x for x in layers if id(x[1]) in attention],
@@ -44,8 +45,10 @@ class BlockWeights:
                 self.blocks.append(i)
                 self.linears.append(group)
         self.sizes = np.array([sum(m.weight.numel() for _, m in layers) for layers in self.linears], dtype=np.int64)
-        self.costs = np.array([[sum(_groups(m, w) * w.group_bits for _, m in layers) for w in widths]
-                               for layers in self.linears], dtype=np.int64)
+        costs = np.array([[sum(self._bits(m, w) for _, m in layers) for w in widths] for layers in self.linears],
+                         dtype=np.int64)
+        order = np.argsort(costs.sum(0), kind="stable")  # a width with a fallback is as wide as this model makes it
+        self.widths, self.costs = [widths[k] for k in order], costs[:, order]
 
     @property
     def needs_importance(self) -> bool:
@@ -58,11 +61,21 @@ class BlockWeights:
         modules = [m for layers in self.linears for _, m in layers]
         measured = input_importance(self.lm, sequences, modules)
         # a layer no calibration token reached (an expert never routed to) weighs every input alike
-        self.importance = {m: measured[m] if m in measured else torch.ones(self._rows(m).shape[1]) for m in modules}
+        self.importance = {m: measured[m] if m in measured else torch.ones(self.row(m)) for m in modules}
 
     @property
     def weights(self) -> int:
         return int(self.sizes.sum())
+
+    def width_bits(self, k: int) -> float:
+        """Width ``k``'s bits per block weight on this model, every unit at it."""
+        return float(self.costs[:, k].sum() / self.weights)
+
+    def held_as(self, k: int) -> dict[str, int]:
+        """What width ``k`` stores this model's block tensors as: each width's name and its count of tensors (more
+        than one name where rows send some to the fallback)."""
+        held = [self.widths[k].for_row(self.row(m)).name for layers in self.linears for _, m in layers]
+        return dict(Counter(held))
 
     def bits_per_weight(self, plan: list[int]) -> float:
         return float(sum(self.costs[i][k] for i, k in enumerate(plan)) / self.weights)
@@ -102,6 +115,17 @@ class BlockWeights:
                     module.weight.data = weight
             torch.clear_autocast_cache()
 
+    @classmethod
+    def _bits(cls, module: torch.nn.Module, width: Width) -> int:
+        """The bits ``module``'s weight takes at ``width`` (its fallback's where its rows ask for it)."""
+        held = width.for_row(cls.row(module))
+        return module.weight.numel() // held.group * held.group_bits
+
+    @classmethod
+    def row(cls, module: torch.nn.Module) -> int:
+        """How many weights a row of ``module``'s weight holds (its inputs): what a width's groups must divide."""
+        return cls._rows(module).shape[1]
+
     @staticmethod
     def _rows(module: torch.nn.Module) -> torch.Tensor:
         """The weight as rows over the layer's inputs (GPT-2's Conv1D stores it transposed)."""
@@ -111,7 +135,3 @@ class BlockWeights:
     def _back(module: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
         rows = rows if isinstance(module, torch.nn.Linear) else rows.T
         return rows.to(dtype=module.weight.dtype, device=module.weight.device).contiguous()
-
-
-def _groups(module: torch.nn.Module, width: Width) -> int:
-    return module.weight.numel() // width.group
