@@ -39,6 +39,15 @@ def test_without_the_extra_llama_cpps_own_types_end_in_one_line_naming_it(monkey
     assert not (tmp_path / "q").exists()
 
 
+def test_llama_cpps_quantizer_is_never_called_on_what_it_would_write_past_or_abort_on():
+    with pytest.raises(CritlayerError, match="blocks of 256"):
+        quantize_rows(np.zeros((2, 576)), "Q2_K")
+    with pytest.raises(CritlayerError, match="importance matrix of shape"):
+        quantize_rows(np.zeros((2, 512)), "Q2_K", np.ones(256))
+    with pytest.raises(CritlayerError, match="only with an importance matrix"):
+        quantize_rows(np.zeros((2, 512)), "IQ2_XS")
+
+
 @pytest.mark.llamacpp
 @needs_llamacpp
 def test_llama_cpps_quantizer_stores_what_its_types_say():

@@ -254,18 +254,24 @@ def test_llama_cpp_types_name_their_importance_and_their_fallback():
     assert width("MXFP4/Q2_K").for_row(576).name == "MXFP4"  # the fallback is for rows the first cannot hold
     for bad, message in [("IQ2_XS", "only with an importance matrix: name it IQ2_XS-imatrix"),
                          ("Q4_0-hqq", "unknown width"), ("Q2_K/Q3_K/Q4_0", "one width of Q2_K's family"),
+                         ("Q8_0-imatrix", "does not weight Q8_0 by an importance matrix"),
                          ("Q2_K/int3", "one width of Q2_K's family")]:
         with pytest.raises(CritlayerError, match=re.escape(message)):
             width(bad)
 
 
-def test_a_width_with_a_fallback_is_counted_tensor_by_tensor_on_the_model():
+def _rows_of_64_and_256() -> LanguageModel:
+    """A tiny Llama whose MLP down projection has rows of 256 and every other matrix rows of 64."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     torch.manual_seed(0)
-    lm = LanguageModel.wrap(transformers.LlamaForCausalLM(config).eval(), tiny_tokenizer(), name="rows-64-and-256")
+    return LanguageModel.wrap(transformers.LlamaForCausalLM(config).eval(), tiny_tokenizer(), name="rows-64-and-256")
+
+
+def test_a_width_with_a_fallback_is_counted_tensor_by_tensor_on_the_model():
+    lm = _rows_of_64_and_256()
     weights = BlockWeights(lm, parse_widths("Q2_K/Q8_0,Q4_0", "gguf"))
     down, rest = 256 * 64, 2 * 64 * 64 + 2 * 32 * 64 + 2 * 256 * 64  # rows of 256 (down) and of 64 (the others)
     assert [w.name for w in weights.widths] == ["Q4_0", "Q2_K/Q8_0"]  # 2.625 bits by name, 7.5 on this model
@@ -273,6 +279,9 @@ def test_a_width_with_a_fallback_is_counted_tensor_by_tensor_on_the_model():
     assert weights.held_as(1) == {"Q8_0": 12, "Q2_K": 2} and weights.held_as(0) == {"Q4_0": 14}
     with pytest.raises(CritlayerError, match=r"rows of 64 weights; Q2_K stores groups of 256.*Q2_K/MXFP4"):
         BlockWeights(lm, parse_widths("Q2_K,Q4_0", "gguf"))
+    # Q2_K/Q5_1 is narrower than Q5_0 over the model and in the MLP (its down projection at Q2_K), wider in attention
+    with pytest.raises(CritlayerError, match="Q5_0 is narrower than Q2_K/Q5_1 in unit 0.attn"):
+        BlockWeights(lm, parse_widths("Q5_0,Q2_K/Q5_1", "gguf"), per_kind=True)
 
 
 def test_hqq_scales_are_an_int_width_of_the_same_size_with_less_error_at_two_bits():

@@ -60,6 +60,8 @@ def cached_gguf_folder(gguf: Path) -> Path:
     return folder
 
 
+K_FILE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # the file types named after these
+
 PATTERN_MOVES = ("a pruned GGUF cannot say which blocks use full attention: llama.cpp and transformers derive them "
                  "from a fixed pattern, which would move them; use the safetensors checkpoint instead")
 
@@ -117,6 +119,7 @@ def write_requantized_gguf(source: Path, out: Path, types: dict[str, str],
         raise CritlayerError(f"{source} has no tensor {missing[0]} (of {len(missing)} the plan names)")
     weights: dict[str, int] = {}
     for name, kind in types.items():
+        kind = K_FILE_TYPES.get(kind, kind)
         if f"MOSTLY_{kind}" in gguf.LlamaFileType.__members__:
             weights[kind] = weights.get(kind, 0) + int(by_name[name].n_elements)
     file_type = gguf.LlamaFileType[f"MOSTLY_{max(weights, key=weights.get)}"] if weights else gguf.LlamaFileType.GUESSED

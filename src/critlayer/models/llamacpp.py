@@ -20,6 +20,7 @@ import torch
 
 from ..common.errors import CritlayerError
 
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M")  # llama.cpp aborts quantizing these without one
 INSTALL = "pip install 'critlayer[llamacpp]' (it builds llama.cpp from source; `make test-llamacpp` as tested)"
 
 
@@ -58,9 +59,15 @@ def quantize_rows(rows: np.ndarray, kind: str, importance: np.ndarray | None = N
     kind_id = gguf.GGMLQuantizationType[kind]
     block, size = gguf.GGML_QUANT_SIZES[kind_id]
     rows = np.ascontiguousarray(rows, dtype=np.float32)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] % block:  # llama.cpp would write past the buffer
+        raise CritlayerError(f"{kind} stores rows in blocks of {block}; got rows of shape {rows.shape}")
+    if weights is not None and weights.shape != (rows.shape[1],):
+        raise CritlayerError(f"an importance matrix of shape {weights.shape} for rows of {rows.shape[1]} weights")
+    if weights is None and kind in NEEDS_IMATRIX:  # llama.cpp would abort the process
+        raise CritlayerError(f"llama.cpp quantizes {kind} only with an importance matrix")
     n, width = rows.shape
     out = np.empty((n, width // block * size), dtype=np.uint8)
-    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
     written = _ggml().ggml_quantize_chunk(int(kind_id), rows.ctypes.data, out.ctypes.data, 0, n, width,
                                           None if weights is None else weights.ctypes.data)
     if written != out.nbytes:

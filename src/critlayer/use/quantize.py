@@ -138,8 +138,8 @@ class QuantizeResult(ChangeResult, file="quantize.json", kind="quantization", re
         widths = ", ".join(f"{w}: {n}" for w, n in Counter(self.plan.values()).items())
         lines = [f"quantized {s['model']['name']} at {self.bits_per_weight:.4f} bits per block weight (budget "
                  f"{s['bits']:g}) by {s['score']}: {widths}", f"embedding and head: {self.held_fixed['text']}"]
-        if any("/" in w for w in self.plan.values()):
-            stored = self.exports["tensor_types"].get("types", {})
+        stored = self.exports.get("tensor_types", {}).get("types")
+        if stored and any("/" in w for w in self.plan.values()):
             lines.append("block tensors stored as " + ", ".join(f"{k} {n}" for k, n in stored.items())
                          + " (a width A/B stores B where a tensor's rows do not hold A's groups)")
         if not self.reference:
@@ -454,7 +454,7 @@ def _degenerate(held: set[str], weights: BlockWeights, budgets: list[float]) -> 
     out = {}
     for budget in budgets:
         name = weights.widths[uniform_width(weights.costs, weights.budget(budget))].name
-        if held == {name}:
+        if held == {name} and name in GGUF_WIDTHS:  # their quantizers give a tensor of their type back exactly
             out[str(budget)] = f"the source holds every block tensor as {name}: uniform {name} is exact"
     return out
 

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from ..common.errors import CritlayerError
+from ..models.llamacpp import NEEDS_IMATRIX
 
 FAMILIES = ("gguf", "int")
 GGUF_WIDTHS = ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # the gguf package writes these itself
 LLAMACPP_WIDTHS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_K", "Q5_K",
                    "Q6_K")  # only llama.cpp's quantizer writes these
-NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS")  # llama.cpp refuses to quantize these without an importance matrix
+IGNORE_IMATRIX = ("MXFP4", "Q8_0")  # llama.cpp's quantizer does not weight these by an importance matrix
 INT_WIDTHS = ("int2", "int3", "int4", "int5", "int6", "int8")
 DEFAULT_WIDTHS = {"gguf": ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q8_0"), "int": ("int2", "int3", "int4", "int6")}
 SCALE_BITS = 16  # torchao's scale, kept in bfloat16
@@ -69,7 +70,8 @@ class Width:
         """Refuse a tensor whose rows do not split into whole groups (llama.cpp would fall back to another type)."""
         held = self.for_row(row)
         if row % held.group:
-            other = f", or name one for such rows: {self.name}/MXFP4" if self.family == "gguf" and held is self else ""
+            other = (f", or name one for such rows: {self.name}/MXFP4" if self.family == "gguf" and held is self
+                     and row % 32 == 0 else "")
             raise CritlayerError(f"{tensor} has rows of {row} weights; {held.name} stores groups of {held.group}: "
                                  f"choose widths whose group divides {row}{other}")
 
@@ -101,13 +103,12 @@ class Width:
         held = self.for_row(weight.shape[1])
         if held is not self:
             return held.roundtrip(weight, importance)
-        if self.needs_importance and importance is None:
-            raise CritlayerError(f"{self.name} weights its scales by an importance matrix: measure one first")
         if self.family == "gguf":
             import gguf
 
             kind = gguf.GGMLQuantizationType[self.llama_type]
             return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(self.encode(weight, importance), kind)))
+        self._check_importance(importance)
         if self.needs_importance:
             from .imatrix import weighted_groups
 
@@ -122,6 +123,7 @@ class Width:
         package where it writes the type bit-exactly as llama.cpp does, else by llama.cpp's own quantizer."""
         import gguf
 
+        self._check_importance(importance)
         rows = weight.detach().float().cpu().numpy() if isinstance(weight, torch.Tensor) else weight
         if not self.needs_llamacpp:
             return gguf.quants.quantize(rows, gguf.GGMLQuantizationType[self.llama_type])
@@ -129,6 +131,10 @@ class Width:
 
         weights = importance.float().cpu().numpy() if isinstance(importance, torch.Tensor) else importance
         return quantize_rows(rows, self.llama_type, weights if self.needs_importance else None)
+
+    def _check_importance(self, importance) -> None:
+        if self.needs_importance and importance is None:
+            raise CritlayerError(f"{self.name} weights its scales by an importance matrix: measure one first")
 
     def torchao_config(self):
         """The torchao configuration that quantizes a linear layer to this width (none holds scales chosen from
@@ -174,6 +180,8 @@ def width(name: str, group: int = 64) -> Width:
     if base in GGUF_WIDTHS + LLAMACPP_WIDTHS and suffix != HQQ:
         if base in NEEDS_IMATRIX and not suffix:
             raise CritlayerError(f"llama.cpp quantizes {base} only with an importance matrix: name it {base}{IMATRIX}")
+        if base in IGNORE_IMATRIX and suffix:
+            raise CritlayerError(f"llama.cpp's quantizer does not weight {base} by an importance matrix: name it {base}")
         import gguf
 
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]]

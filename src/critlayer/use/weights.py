@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..common.errors import CritlayerError
 from ..models import LanguageModel
 from ..models.language_model import linear_types
 from ..models.surgery import sublayer
@@ -49,6 +50,12 @@ class BlockWeights:
                          dtype=np.int64)
         order = np.argsort(costs.sum(0), kind="stable")  # a width with a fallback is as wide as this model makes it
         self.widths, self.costs = [widths[k] for k in order], costs[:, order]
+        for u, unit in enumerate(self.costs):  # plans move units one width up or down: the order must hold in each
+            if (np.diff(unit) < 0).any():
+                k = int(np.argmax(np.diff(unit) < 0))
+                raise CritlayerError(f"{self.widths[k + 1].name} is narrower than {self.widths[k].name} in unit "
+                                     f"{self.labels[u]} and wider over the model: choose widths of one order in "
+                                     "every unit")
 
     @property
     def needs_importance(self) -> bool:
@@ -82,7 +89,8 @@ class BlockWeights:
 
     def budget(self, bits: float) -> int:
         """A budget of ``bits`` per block weight, in whole bits."""
-        return int(np.floor(bits * self.weights + 1e-6))
+        total = bits * self.weights
+        return int(np.floor(total + max(1e-6, 1e-12 * total)))  # a width's own point, however the float rounded
 
     def units_of(self, blocks: list[int]) -> list[int]:
         """The units of ``blocks``, in that order."""
