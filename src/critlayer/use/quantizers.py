@@ -5,8 +5,8 @@ round-to-nearest over each group's range, with the ``-hqq`` suffix by HQQ's opti
 or with the ``-imatrix`` suffix to the least error weighted by each input's mean square on calibration text
 (llama.cpp's importance matrix, ``imatrix``): the same storage, less error at 2 and 3 bits.
 
-llama.cpp's K-quants and IQ types, and any llama.cpp type with the ``-imatrix`` suffix (weighted by the importance
-matrix, as ``llama-quantize --imatrix`` does), are made by llama.cpp's own quantizer (the ``llamacpp`` extra). K-quants
+llama.cpp's K-quants and IQ types, and llama.cpp's types with the ``-imatrix`` suffix (weighted by the importance
+matrix, as ``llama-quantize --imatrix`` does; Q8_0 and MXFP4 take none), are made by llama.cpp's own quantizer (the ``llamacpp`` extra). K-quants
 and most IQ types store blocks of 256 weights, which rows of 576 or 640 cannot hold: ``Q2_K/MXFP4`` names the width
 that stores a tensor as Q2_K where its rows allow and as MXFP4 where they do not, in the open, where llama.cpp would
 fall back silently; its bits are counted tensor by tensor on the model (``BlockWeights``).
@@ -29,8 +29,8 @@ from ..models.llamacpp import NEEDS_IMATRIX
 
 FAMILIES = ("gguf", "int")
 GGUF_WIDTHS = ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # the gguf package writes these itself
-LLAMACPP_WIDTHS = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "IQ4_NL", "Q4_K", "Q5_K",
-                   "Q6_K")  # only llama.cpp's quantizer writes these
+LLAMACPP_WIDTHS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS",
+                   "IQ4_NL", "Q4_K", "Q5_K", "Q6_K")  # only llama.cpp's quantizer writes these
 IGNORE_IMATRIX = ("MXFP4", "Q8_0")  # llama.cpp's quantizer does not weight these by an importance matrix
 INT_WIDTHS = ("int2", "int3", "int4", "int5", "int6", "int8")
 DEFAULT_WIDTHS = {"gguf": ("MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q8_0"), "int": ("int2", "int3", "int4", "int6")}
