@@ -212,9 +212,7 @@ def validate(model: LanguageModel | str = DEFAULT_MODEL, data: str = "bbc", *,
         raise CritlayerError("--seeds repeats the fine-tune; a given --tuned checkpoint is one fine-tune")
     if out is not None:
         check_output_folder(out, Validation.FILE, force)
-    if config.lora or config.embeddings:
-        raise CritlayerError("validate fine-tunes whole blocks: their weight change is what it measures; drop "
-                             f"{'lora' if config.lora else 'embeddings'}")
+    config.require_whole_blocks("validate fine-tunes whole blocks: their weight change is what it measures")
     if restore_window < 1:
         raise CritlayerError(f"--restore-window must be at least 1, got {restore_window}")
     if permutations < 10:

@@ -85,6 +85,12 @@ class TrainConfig:
     def describe(self) -> dict:
         return {**{name: getattr(self, name) for name in self.__dataclass_fields__}, "lr": self.learning_rate}
 
+    def require_whole_blocks(self, why: str) -> None:
+        """Refuse, saying ``why``, what trains other than whole blocks (LoRA, or the weights outside the blocks)."""
+        for flag in ("lora", "embeddings"):
+            if getattr(self, flag):
+                raise CritlayerError(f"{why}; drop {flag}")
+
 
 @dataclass
 class TrainRun:

@@ -56,9 +56,7 @@ class DefendConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lora or self.embeddings:
-            raise CritlayerError("defend fine-tunes the blocks it does not freeze, whole; drop "
-                                 f"{'lora' if self.lora else 'embeddings'}")
+        self.require_whole_blocks("defend fine-tunes the blocks it does not freeze, whole")
         self.attack  # checked now, before any work
 
     @property
